@@ -1,0 +1,31 @@
+"""``jaxserve generate``: complete a prompt with the model."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxserve._cli_args import add_model_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt (greedy by default).")
+  p.add_argument("prompt", nargs="?", default="Once upon a time", help="the prompt text")
+  add_model_args(p)
+  p.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate at most")
+  p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+  from jaxserve.generate import generate
+  from jaxserve.loaders import load_model
+  m = load_model(args.model, args.dtype, args.tokenizer)
+  if m.tokenizer is None:
+    raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
+  prompt = m.tokenizer.encode(args.prompt, add_bos=True)
+  out = generate(m.params, m.cfg, [prompt], args.max_tokens, args.temperature, args.top_p, args.seed,
+                 eos_id=m.tokenizer.eos_id)[0]
+  print(args.prompt + m.tokenizer.decode(prompt[-1:] + out)[len(m.tokenizer.decode(prompt[-1:])):])
+  return 0

@@ -1,0 +1,287 @@
+"""Flax LLaMA-family decoder (LLaMA, Mistral, Qwen2) with pluggable attention backends.
+
+The parameters are a plain nested dict (Flax linen names mirroring Hugging Face):
+``params['layers_0']['self_attn']['q_proj']['kernel']`` has shape ``[hidden, heads * head_dim]``
+(kernels are ``(in, out)``). ``forward`` runs the whole stack; the attention backend decides
+whether keys and values come from the current tokens only (``CausalAttention``), from a
+contiguous per-sequence cache (``ContiguousKVCache``) or from a paged pool (``jaxserve.engine``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+_MASK_VALUE = -1e30
+
+
+class AttentionBackend(Protocol):
+  """Per-layer attention: ``(layer, q, k, v, layer_kv, meta) -> (out, new_layer_kv)``.
+
+  Shapes: q ``[B, T, H, D]``, k and v ``[B, T, KVH, D]`` (q and k already rotated);
+  out ``[B, T, H, D]``. Implementations are hashable (static under ``jit``) and apply
+  the ``1/sqrt(D)`` softmax scale themselves.
+  """
+
+  def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_kv: Any, meta: Any) -> tuple[Array, Any]:
+    ...
+
+
+class ModelOutput(NamedTuple):
+  logits: Array  # [B, T or K, V] float32
+  kv: list[Any] | None  # one entry per layer, as the backend keeps it
+  layer_inputs: list[Array] | None  # hidden states entering each block, [B, T, hidden]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query softmax attention, the specification every backend must match.
+
+  Args:
+    q: ``[B, T, H, D]`` queries.
+    k: ``[B, S, KVH, D]`` keys; query head ``h`` reads KV head ``h // (H // KVH)``.
+    v: ``[B, S, KVH, D]`` values.
+    mask: ``[B, T, S]`` bool, True where query ``t`` may attend to key ``s``.
+
+  Returns:
+    ``[B, T, H, D]`` in q's dtype; scores and softmax are computed in float32.
+  """
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _window_mask(q_pos: Array, k_pos: Array, sliding_window: int | None) -> Array:
+  """[B, T, S] causal (and sliding-window) mask from query and key positions."""
+  mask = k_pos[:, None, :] <= q_pos[:, :, None]
+  if sliding_window is not None:
+    mask &= k_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalAttention:
+  """Full causal attention over the current tokens; keeps no cache (``layer_kv`` stays None).
+
+  ``meta`` may be None or a dict with ``positions`` ``[B, T]`` (absolute positions; the
+  mask is ``k_pos <= q_pos``) so that right-padded batches stay exact.
+  """
+
+  sliding_window: int | None = None
+
+  def __call__(self, layer, q, k, v, layer_kv, meta):
+    del layer
+    b, t = q.shape[:2]
+    pos = meta["positions"] if meta else jnp.broadcast_to(jnp.arange(t), (b, t))
+    return dot_product_attention(q, k, v, _window_mask(pos, pos, self.sliding_window)), layer_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class ContiguousKVCache:
+  """A cache reserved per sequence: ``layer_kv = (k [B, S, KVH, D], v [B, S, KVH, D])``.
+
+  New keys and values are written at their absolute positions (``meta['positions']``,
+  ``[B, T]``); a query at position p attends to cache slots ``0..p``. Right-padded
+  prompts are exact: stale slots past a sequence's position are masked and overwritten.
+  """
+
+  sliding_window: int | None = None
+
+  def __call__(self, layer, q, k, v, layer_kv, meta):
+    del layer
+    k_cache, v_cache = layer_kv
+    pos = meta["positions"]
+    rows = jnp.arange(q.shape[0])[:, None]
+    k_cache = k_cache.at[rows, pos].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, pos].set(v.astype(v_cache.dtype), mode="drop")
+    k_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (q.shape[0], k_cache.shape[1]))
+    out = dot_product_attention(q, k_cache, v_cache, _window_mask(pos, k_pos, self.sliding_window))
+    return out, (k_cache, v_cache)
+
+  @staticmethod
+  def init(cfg: ModelConfig, batch: int, max_len: int) -> list[tuple[Array, Array]]:
+    """Zeroed cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    dtype = jnp.dtype(cfg.dtype)
+    shape = lambda i: (batch, max_len, cfg.kv_heads(i), cfg.head_dim)
+    return [(jnp.zeros(shape(i), dtype), jnp.zeros(shape(i), dtype)) for i in range(cfg.num_layers)]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies of the rotary embedding, with ``linear`` or ``llama3`` scaling."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = cfg.rope_scaling_dict
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def _rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+  """cos and sin tables ``[B, T, 1, D]`` (rotate-half convention), float32."""
+  freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32, scaled in the parameter dtype (as Hugging Face does)."""
+
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale * xf.astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype: Any, bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  attn: AttentionBackend
+
+  @nn.compact
+  def __call__(self, x, cos, sin, layer_kv, meta):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    h, kvh, d = cfg.heads(self.layer), cfg.kv_heads(self.layer), cfg.head_dim
+    b, t, _ = x.shape
+    q = _dense(h * d, "q_proj", dtype, cfg.attention_bias)(x).reshape(b, t, h, d)
+    k = _dense(kvh * d, "k_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    v = _dense(kvh * d, "v_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    out, layer_kv = self.attn(self.layer, q, k, v, layer_kv, meta)
+    out = _dense(cfg.hidden_size, "o_proj", dtype, cfg.attention_out_bias)(out.reshape(b, t, h * d))
+    return out, layer_kv
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x):
+    dtype, f = jnp.dtype(self.cfg.dtype), self.cfg.ffn(self.layer)
+    gate = _dense(f, "gate_proj", dtype)(x)
+    up = _dense(f, "up_proj", dtype)(x)
+    return _dense(self.cfg.hidden_size, "down_proj", dtype)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  layer: int
+  attn: AttentionBackend
+
+  @nn.compact
+  def __call__(self, x, cos, sin, layer_kv, meta):
+    dtype = jnp.dtype(self.cfg.dtype)
+    h, layer_kv = Attention(self.cfg, self.layer, self.attn, name="self_attn")(
+        RMSNorm(self.cfg.rms_norm_eps, dtype, name="input_layernorm")(x), cos, sin, layer_kv, meta)
+    x = x + h
+    x = x + MLP(self.cfg, self.layer, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+    return x, layer_kv
+
+
+class Llama(nn.Module):
+  """The decoder stack. Use :func:`forward` rather than calling ``apply`` directly."""
+
+  cfg: ModelConfig
+  attn: AttentionBackend
+
+  @nn.compact
+  def __call__(self, tokens, positions, kv=None, meta=None, logits_index=None, return_layer_inputs=False,
+               layers=None):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, name="embed_tokens")
+    x = embed(tokens)
+    cos, sin = _rope_tables(cfg, positions)
+    new_kv, layer_inputs = [], []
+    for i in range(cfg.num_layers):
+      if return_layer_inputs:
+        layer_inputs.append(x)
+      x, layer_kv = Block(cfg, i, self.attn, name=f"layers_{i}")(x, cos, sin, None if kv is None else kv[i], meta)
+      new_kv.append(layer_kv)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
+    logits = embed.attend(x) if cfg.tie_word_embeddings else _dense(cfg.vocab_size, "lm_head", dtype)(x)
+    return ModelOutput(logits.astype(jnp.float32), new_kv if kv is not None else None,
+                       layer_inputs if return_layer_inputs else None)
+
+
+def default_attention(cfg: ModelConfig) -> CausalAttention:
+  return CausalAttention(sliding_window=cfg.sliding_window)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None, *,
+            kv: list[Any] | None = None, attn: AttentionBackend | None = None, meta: Any = None,
+            logits_index: Array | None = None, return_layer_inputs: bool = False) -> ModelOutput:
+  """Runs the model.
+
+  Args:
+    params: the parameter pytree (see module docstring).
+    cfg: the model's configuration.
+    tokens: ``[B, T]`` int32 token ids.
+    positions: ``[B, T]`` int32 absolute positions; default ``arange(T)`` for every row.
+    kv: per-layer cache state for ``attn`` (None for the cache-free causal backend).
+    attn: attention backend; default :class:`CausalAttention` with the config's sliding window.
+    meta: backend-specific metadata (arrays), passed to every layer.
+    logits_index: optional ``[B, K]`` indices into T: logits only at those positions.
+    return_layer_inputs: also return the hidden states entering each block.
+
+  Returns:
+    ``ModelOutput(logits, kv, layer_inputs)``.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  attn = attn or default_attention(cfg)
+  if meta is None:
+    meta = {"positions": positions}
+  return Llama(cfg, attn).apply({"params": params}, tokens, positions, kv, meta, logits_index, return_layer_inputs)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
+  """Random parameters (Flax default initializers; norms at one)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Llama(cfg, default_attention(cfg)).init(jax.random.PRNGKey(seed), tokens, tokens)
+  return jax.tree.map(lambda x: x, dict(variables["params"]))
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """``jax.ShapeDtypeStruct`` pytree of the parameters ``cfg`` implies, without allocating them."""
+  return jax.eval_shape(lambda: init_params(cfg))
