@@ -46,6 +46,7 @@ class KernelConfig(NamedTuple):
   num_warps: int
   num_stages: int
   interpret: bool
+  poison_outputs: bool = False  # testing: outputs start as NaN
 
 
 def next_pow2(n: int) -> int:
@@ -85,13 +86,16 @@ def _attention_kernel(
     bt_ref,  # [P] int32 physical page of each logical page (padded with 0)
     k_ref,  # [num_pages, page_size, D] K pool of this KV head
     v_ref,  # [num_pages, page_size, D] V pool of this KV head
-    *out_refs,  # one split: o [M, D]; several: o [M, D] f32, l [M], m [M]
+    *refs,  # [NaN-filled inputs aliased to the outputs,] outputs:
+    # one split: o [M, D]; several: o [M, D] f32, l [M], m [M]
     sm_scale: float,
     soft_cap: float | None,
     pages_per_compute_block: int,
     pages_per_split: int,
     split: bool,
+    poisoned: bool,
 ):
+  out_refs = refs[len(refs) // 2:] if poisoned else refs
   num_pages, page_size, head_dim = k_ref.shape
   block_k = pages_per_compute_block * page_size
   rows = q_ref.shape[0]
@@ -200,6 +204,7 @@ def blocked_attention(
       pages_per_compute_block=config.pages_per_compute_block,
       pages_per_split=pages_per_split,
       split=split,
+      poisoned=config.poison_outputs,
   )
   in_specs = [
       pl.BlockSpec((None, None, rows, head_dim), lambda i, h, p: (i, h, 0, 0)),
@@ -227,6 +232,13 @@ def blocked_attention(
     out_specs = [
         pl.BlockSpec((None, None, rows, head_dim), lambda i, h, p: (i, h, 0, 0))
     ]
+  inputs = [q_blocks, positions, block_tables, k_pages, v_pages]
+  aliases = {}
+  if config.poison_outputs:  # every element must be overwritten
+    for j, (shape, spec) in enumerate(zip(out_shape, out_specs)):
+      aliases[len(inputs)] = j
+      inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+      in_specs.append(spec)
   compiler_params = None
   if not config.interpret:
     compiler_params = _compat.triton_compiler_params(config.num_warps,
@@ -237,10 +249,11 @@ def blocked_attention(
       grid=(n, kvh, splits),
       in_specs=in_specs,
       out_specs=out_specs,
+      input_output_aliases=aliases,
       interpret=config.interpret,
       compiler_params=compiler_params,
       name=f"paged_attention_m{rows}_ppcb{config.pages_per_compute_block}",
-  )(q_blocks, positions, block_tables, k_pages, v_pages)
+  )(*inputs)
   if split:
     return combine_splits(*outs, dtype=q_blocks.dtype)
   return outs[0]

@@ -109,6 +109,7 @@ def paged_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool | None = None,
+    poison_outputs: bool = False,
 ) -> jax.Array:
   """Paged grouped-query decode attention (Pallas kernel).
 
@@ -128,6 +129,8 @@ def paged_attention(
     num_warps: Triton warps per program (GPU only).
     num_stages: Triton software-pipelining depth (GPU only).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
+    poison_outputs: testing aid: the kernel's output buffers start as NaN so
+      any element it fails to write shows up.
 
   Returns:
     [batch, num_heads, head_dim] in q's dtype.
@@ -164,7 +167,8 @@ def paged_attention(
       page_size=page_size, max_blocks=max_blocks,
       num_programs=batch * k_pages.shape[0],
       pages_per_compute_block=pages_per_compute_block, num_splits=num_splits,
-      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      poison_outputs=poison_outputs)
   _checks.check_compiled_shapes(head_dim, page_size,
                                 config.pages_per_compute_block * page_size,
                                 interpret)
@@ -178,8 +182,8 @@ def paged_attention(
 
 def make_config(*, page_size: int, max_blocks: int, num_programs: int,
                 pages_per_compute_block: int | None, num_splits: int | None,
-                num_warps: int, num_stages: int,
-                interpret: bool) -> _core.KernelConfig:
+                num_warps: int, num_stages: int, interpret: bool,
+                poison_outputs: bool = False) -> _core.KernelConfig:
   """Fills in default tuning knobs (shared with the ragged wrapper)."""
   ppcb = pages_per_compute_block or _core.auto_pages_per_compute_block(
       page_size, max_blocks)
@@ -190,4 +194,5 @@ def make_config(*, page_size: int, max_blocks: int, num_programs: int,
     splits = min(num_splits, max_splits)
   return _core.KernelConfig(pages_per_compute_block=ppcb, num_splits=splits,
                             num_warps=int(num_warps),
-                            num_stages=int(num_stages), interpret=interpret)
+                            num_stages=int(num_stages), interpret=interpret,
+                            poison_outputs=bool(poison_outputs))

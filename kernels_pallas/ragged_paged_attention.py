@@ -163,6 +163,7 @@ def ragged_paged_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool | None = None,
+    poison_outputs: bool = False,
 ) -> jax.Array:
   """Paged attention for a ragged batch of prefill chunks and decodes.
 
@@ -187,6 +188,8 @@ def ragged_paged_attention(
     num_warps: Triton warps per program (GPU only).
     num_stages: Triton software-pipelining depth (GPU only).
     interpret: run the Pallas interpreter; None = unless the backend is a GPU.
+    poison_outputs: testing aid: the kernel's output buffers start as NaN so
+      any element it fails to write shows up.
 
   Returns:
     [T_total, num_heads, head_dim] in q's dtype.
@@ -230,7 +233,8 @@ def ragged_paged_attention(
   config = make_config(
       page_size=page_size, max_blocks=max_blocks, num_programs=n_blocks * kvh,
       pages_per_compute_block=pages_per_compute_block, num_splits=num_splits,
-      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      poison_outputs=poison_outputs)
   _checks.check_compiled_shapes(head_dim, page_size,
                                 config.pages_per_compute_block * page_size,
                                 interpret)
