@@ -1,0 +1,300 @@
+"""The FastAPI application: OpenAI routes, API-key check, error bodies, SSE streaming, metrics, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxserve.server import _protocol as proto
+from jaxserve.server._async_engine import AsyncEngine, ClientDisconnected, RequestGroup
+from jaxserve.server._errors import APIError
+from jaxserve.server._metrics import ServerMetrics
+from jaxserve.server._responses import (SSE_DONE, Accumulator, CompletionLogprobs, TokenText, chat_logprobs, sse,
+                                        usage)
+
+log = logging.getLogger("jaxserve.server")
+
+# Request bodies above this many bytes are refused (413) before parsing.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+  """What the HTTP layer needs to know besides the engine.
+
+  Attributes:
+    model_name: the name clients pass as ``model`` (and ``GET /v1/models`` lists).
+    max_model_len: prompt plus completion tokens allowed per sequence.
+    vocab_size: token ids in prompts must be below it.
+    api_key: when set, ``/v1/*`` routes need ``Authorization: Bearer <api_key>``.
+  """
+
+  model_name: str
+  max_model_len: int
+  vocab_size: int
+  api_key: str | None = None
+
+
+def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_params_cls: type | None = None,
+               *, start_engine: bool = True) -> FastAPI:
+  """Builds the ASGI app around ``engine`` (``jaxserve.LLM`` or anything with its incremental API).
+
+  The engine thread starts with the app's lifespan and stops (aborting what is left) when it ends.
+  """
+  if sampling_params_cls is None:
+    from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
+  metrics = ServerMetrics(config.model_name)
+  aengine = AsyncEngine(engine, metrics)
+  token_text = TokenText(tokenizer)
+  created = int(time.time())
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if start_engine:
+      aengine.start()
+    log.info("serving %s (max_model_len %d)", config.model_name, config.max_model_len)
+    try:
+      yield
+    finally:
+      await asyncio.get_running_loop().run_in_executor(None, aengine.shutdown)
+      log.info("engine stopped after %d steps", aengine.steps)
+
+  app = FastAPI(title="jaxserve", lifespan=lifespan)
+  app.state.engine = aengine
+  app.state.metrics = metrics
+
+  @app.exception_handler(APIError)
+  async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+  @app.exception_handler(Exception)
+  async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+  def authorize(request: Request) -> None:
+    if config.api_key is None:
+      return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+      raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                     code="invalid_api_key")
+
+  def check_model(name: str | None) -> None:
+    if name is not None and name != config.model_name:
+      raise APIError(404, f"The model '{name}' does not exist; this server serves '{config.model_name}'",
+                     param="model", code="model_not_found")
+
+  async def read(request: Request, model: type) -> Any:
+    authorize(request)
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+      raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES}")
+    body = proto.parse_body(await request.body(), model)
+    check_model(body.model)
+    return body
+
+  def model_card() -> dict[str, Any]:
+    return {"id": config.model_name, "object": "model", "created": created, "owned_by": "jaxserve",
+            "max_model_len": config.max_model_len}
+
+  # ---------------------------------------------------------------- routes
+  @app.get("/health")
+  async def health() -> Response:
+    ok = aengine.alive
+    return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+  @app.get("/metrics")
+  async def metrics_route() -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+  @app.get("/v1/models")
+  async def list_models(request: Request) -> dict[str, Any]:
+    authorize(request)
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{name:path}")
+  async def get_model(name: str, request: Request) -> dict[str, Any]:
+    authorize(request)
+    check_model(name)
+    return model_card()
+
+  @app.post("/v1/completions")
+  async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    req: proto.CompletionRequest = await read(request, proto.CompletionRequest)
+    prompts = proto.completion_prompts(req, tokenizer, config.vocab_size)
+    params = [proto.sampling_params(req, len(p), config.max_model_len, sampling_params_cls) for p in prompts]
+    n = params[0].n
+    proto.check_prompt_count(len(prompts), n)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    group = RequestGroup(aengine, rid, prompts, params, arrival)
+    echo = [tokenizer.decode(p) for p in prompts] if req.echo else None
+    top = req.logprobs
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
+
+    if req.stream:
+      async def chunks() -> AsyncIterator[str]:
+        echoed: set[int] = set()
+        ntok = 0
+        lps: dict[int, CompletionLogprobs] = {}
+        async for upd in group.updates():
+          for d in upd.choices:
+            index = upd.tag * n + d.index
+            text = d.text
+            if echo is not None and index not in echoed:
+              echoed.add(index)
+              text = echo[upd.tag] + text
+            ntok += len(d.token_ids)
+            lp = None
+            if top is not None:
+              lp = lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
+            yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                            "finish_reason": d.finish_reason}], "usage": None})
+        if proto.include_usage(req):
+          yield sse({**head, "choices": [], "usage": usage(sum(group.num_prompt_tokens), ntok)})
+
+      return await _stream(request, group, chunks())
+
+    acc = Accumulator()
+    lps: dict[int, CompletionLogprobs] = {}
+
+    async def collect() -> None:
+      async for upd in group.updates():
+        for d in upd.choices:
+          index = upd.tag * n + d.index
+          acc.add(index, d)
+          if top is not None:
+            lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
+
+    await _collect(request, group, collect)
+    choices = []
+    for tag in range(len(prompts)):
+      for i in range(n):
+        index = tag * n + i
+        text = "".join(acc.text.get(index, []))
+        choices.append({"index": index, "text": (echo[tag] if echo else "") + text,
+                        "logprobs": lps[index].result() if index in lps else None,
+                        "finish_reason": acc.finish.get(index)})
+    return JSONResponse({**head, "choices": choices,
+                         "usage": usage(sum(group.num_prompt_tokens), acc.completion_tokens())})
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    req: proto.ChatCompletionRequest = await read(request, proto.ChatCompletionRequest)
+    prompt = proto.chat_prompt(req, tokenizer)
+    params = proto.sampling_params(req, len(prompt), config.max_model_len, sampling_params_cls)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    group = RequestGroup(aengine, rid, [prompt], [params], arrival)
+    top = params.logprobs
+    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name}
+
+    if req.stream:
+      head["object"] = "chat.completion.chunk"
+
+      async def chunks() -> AsyncIterator[str]:
+        for i in range(params.n):
+          yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}], "usage": None})
+        ntok = 0
+        async for upd in group.updates():
+          for d in upd.choices:
+            ntok += len(d.token_ids)
+            lp = None if top is None else {"content": chat_logprobs(token_text, top, d.token_ids, d.logprobs or ())}
+            yield sse({**head, "choices": [{"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                            "logprobs": lp, "finish_reason": d.finish_reason}], "usage": None})
+        if proto.include_usage(req):
+          yield sse({**head, "choices": [], "usage": usage(len(prompt), ntok)})
+
+      return await _stream(request, group, chunks())
+
+    acc = Accumulator()
+    lps: dict[int, list] = {}
+
+    async def collect() -> None:
+      async for upd in group.updates():
+        for d in upd.choices:
+          acc.add(d.index, d)
+          if top is not None:
+            lps.setdefault(d.index, []).extend(chat_logprobs(token_text, top, d.token_ids, d.logprobs or ()))
+
+    await _collect(request, group, collect)
+    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(acc.text.get(i, []))},
+                "logprobs": {"content": lps.get(i, [])} if top is not None else None,
+                "finish_reason": acc.finish.get(i)} for i in range(params.n)]
+    return JSONResponse({**head, "choices": choices, "usage": usage(len(prompt), acc.completion_tokens())})
+
+  return app
+
+
+async def _watch_disconnect(request: Request, group: RequestGroup) -> None:
+  while True:
+    message = await request.receive()
+    if message["type"] == "http.disconnect":
+      group.client_disconnected()
+      return
+
+
+async def _collect(request: Request, group: RequestGroup, collect: Any) -> None:
+  """Runs a non-streaming request to its end; a client that goes away aborts it."""
+  await group.start()
+  watcher = asyncio.create_task(_watch_disconnect(request, group))
+  try:
+    await collect()
+  except ClientDisconnected:
+    raise APIError(499, "client disconnected") from None
+  finally:
+    watcher.cancel()
+    group.abort()
+
+
+async def _stream(request: Request, group: RequestGroup, chunks: AsyncIterator[str]) -> StreamingResponse:
+  """Starts the requests (errors still become a 4xx status), then streams SSE chunks and ``[DONE]``."""
+  await group.start()
+
+  async def body() -> AsyncIterator[str]:
+    watcher = asyncio.create_task(_watch_disconnect(request, group))
+    try:
+      async for chunk in chunks:
+        yield chunk
+      yield SSE_DONE
+    except ClientDisconnected:
+      return
+    except APIError as e:  # the engine failed mid-stream: say so in the stream, then end it
+      yield sse(e.body())
+      yield SSE_DONE
+    finally:
+      watcher.cancel()
+      group.abort()
+
+  return _GroupStreamingResponse(group, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _GroupStreamingResponse(StreamingResponse):
+  """A streaming response that aborts its requests however it ends (even if its body never started)."""
+
+  def __init__(self, group: RequestGroup, *args: Any, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self._group = group
+
+  async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self._group.abort()

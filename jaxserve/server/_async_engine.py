@@ -1,0 +1,326 @@
+"""One engine thread batching every in-flight HTTP request; asyncio handlers talk to it through queues.
+
+The engine (``LLM``'s incremental API: ``add_request`` / ``abort_request`` / ``step``) is plain,
+single-threaded Python; it is only ever touched by :class:`AsyncEngine`'s thread. Handlers send it
+commands through a thread-safe queue and receive :class:`Update` objects (new tokens and text of
+each completion, finish reasons, errors) on their own ``asyncio.Queue``. The thread computes the
+deltas itself, so handlers never read engine state that the thread is changing. No request can stop
+the loop: a failed ``add_request`` becomes that request's error, and a failed ``step`` fails the
+requests in flight and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Sequence
+
+from jaxserve.server._errors import APIError
+from jaxserve.server._metrics import ServerMetrics
+
+log = logging.getLogger("jaxserve.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceDelta:
+  """What one completion gained in one engine step."""
+
+  index: int  # completion index within its request (0 .. n-1)
+  token_ids: tuple[int, ...]
+  text: str
+  logprobs: tuple[Any, ...] | None  # engine logprob entries of the new tokens (None: not asked)
+  finish_reason: str | None  # "stop", "length", "abort" once the completion ended
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+  """A message from the engine thread about one request (``tag`` names it inside its HTTP request).
+
+  The first update of a request acknowledges ``add_request`` (or carries its ``error``).
+  """
+
+  tag: int
+  choices: tuple[ChoiceDelta, ...] = ()
+  num_prompt_tokens: int = 0
+  finished: bool = False
+  error: APIError | None = None
+
+
+class ClientDisconnected(Exception):
+  """The HTTP client went away; its requests were aborted."""
+
+
+@dataclasses.dataclass
+class _Choice:
+  num_tokens: int = 0
+  text: str = ""
+  finished: bool = False
+  last_time: float = 0.0
+
+
+@dataclasses.dataclass
+class _Stream:
+  """Engine-thread state of one request: where to send updates and what was already sent."""
+
+  tag: int
+  sink: asyncio.Queue
+  loop: asyncio.AbstractEventLoop
+  arrival: float
+  holdback: int  # characters of text held back while a stop string could still complete
+  choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
+  first_token: bool = False
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+  """Owns the engine and its thread.
+
+  Args:
+    engine: an object with ``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``
+      and ``stats`` (``jaxserve.LLM``).
+    metrics: where the thread reports engine state and latencies.
+  """
+
+  def __init__(self, engine: Any, metrics: ServerMetrics):
+    self.engine = engine
+    self.metrics = metrics
+    self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+    self._streams: dict[str, _Stream] = {}
+    self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+    self._closed = False
+    self.steps = 0
+    self.step_errors = 0
+
+  # ------------------------------------------------------------ asyncio side
+  def start(self) -> None:
+    self._thread.start()
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and not self._closed
+
+  def add(self, request_id: str, prompt_token_ids: list[int], params: Any, *, tag: int, sink: asyncio.Queue,
+          arrival: float) -> None:
+    """Queues a request; its updates go to ``sink`` (the first one acknowledges it or holds the error)."""
+    if self._closed:
+      raise APIError(503, "the server is shutting down")
+    self._cmds.put(("add", request_id, prompt_token_ids, params, tag, sink, asyncio.get_running_loop(), arrival))
+
+  def abort(self, request_id: str) -> None:
+    """Aborts a request (no-op when it already finished); its KV blocks are freed."""
+    self._cmds.put(("abort", request_id))
+
+  def shutdown(self, timeout: float = 30.0) -> None:
+    """Aborts what is still in flight, stops the thread and waits for it."""
+    self._closed = True
+    self._cmds.put(_STOP)
+    self._thread.join(timeout)
+
+  # ------------------------------------------------------------ engine thread
+  def _run(self) -> None:
+    while True:
+      try:
+        if not self._iteration():
+          return
+      except Exception as e:  # noqa: BLE001 - a bug here must fail requests, not hang them
+        log.exception("engine loop iteration failed")
+        self._abort_all("error", APIError(500, f"the engine loop failed: {type(e).__name__}: {e}"))
+
+  def _iteration(self) -> bool:
+    """Runs the queued commands and one engine step; False once asked to stop."""
+    idle = not self._streams and not self._safe(self.engine.has_unfinished_requests, False)
+    cmds = [self._cmds.get()] if idle else []  # sleep until a handler sends something
+    while True:
+      try:
+        cmds.append(self._cmds.get_nowait())
+      except queue.Empty:
+        break
+    for cmd in cmds:
+      if cmd is _STOP:
+        self._abort_all("abort")
+        self._update_metrics()
+        return False
+      if cmd[0] == "add":
+        self._add(*cmd[1:])
+      else:
+        self._abort(cmd[1])
+    if self._safe(self.engine.has_unfinished_requests, False):
+      self._step()
+    self._update_metrics()
+    return True
+
+  def _safe(self, fn, default):
+    try:
+      return fn()
+    except Exception:  # noqa: BLE001 - the loop must survive anything the engine raises
+      log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+      return default
+
+  def _add(self, request_id, prompt_token_ids, params, tag, sink, loop, arrival) -> None:
+    try:
+      self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
+    except ValueError as e:
+      _deliver(loop, sink, Update(tag, error=APIError(400, str(e))))
+      return
+    except Exception as e:  # noqa: BLE001
+      log.exception("add_request(%s) failed", request_id)
+      _deliver(loop, sink, Update(tag, error=APIError(500, f"the engine could not take the request: {e}")))
+      return
+    holdback = max((len(s) for s in params.stop), default=1) - 1 if params.stop else 0
+    self._streams[request_id] = _Stream(tag, sink, loop, arrival, holdback)
+    self.metrics.prompt_tokens.inc(len(prompt_token_ids))
+    _deliver(loop, sink, Update(tag, num_prompt_tokens=len(prompt_token_ids)))
+
+  def _abort(self, request_id: str) -> None:
+    stream = self._streams.pop(request_id, None)
+    if stream is None:
+      return
+    self._safe(lambda: self.engine.abort_request(request_id), None)
+    self.metrics.request_finished("abort")
+    _deliver(stream.loop, stream.sink, Update(stream.tag, finished=True))
+
+  def _abort_all(self, reason: str, error: APIError | None = None) -> None:
+    for request_id in list(self._streams):
+      stream = self._streams.pop(request_id)
+      self._safe(lambda: self.engine.abort_request(request_id), None)
+      self.metrics.request_finished(reason)
+      choices = tuple(ChoiceDelta(i, (), "", None, "abort") for i, c in stream.choices.items() if not c.finished)
+      _deliver(stream.loop, stream.sink, Update(stream.tag, choices, finished=True, error=error))
+
+  def _step(self) -> None:
+    try:
+      outputs = self.engine.step()
+    except Exception as e:  # noqa: BLE001
+      self.step_errors += 1
+      log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
+      self._abort_all("error", APIError(500, f"the engine failed: {type(e).__name__}: {e}"))
+      return
+    self.steps += 1
+    now = time.monotonic()
+    for out in outputs:
+      stream = self._streams.get(out.request_id)
+      if stream is None:
+        continue  # aborted meanwhile
+      choices = tuple(d for d in (self._delta(stream, c, now) for c in out.outputs) if d is not None)
+      finished = bool(out.finished)
+      if choices or finished:
+        _deliver(stream.loop, stream.sink, Update(stream.tag, choices, finished=finished))
+      if finished:
+        del self._streams[out.request_id]
+        self.metrics.e2e.observe(now - stream.arrival)
+        reasons = {c.finish_reason for c in out.outputs}
+        self.metrics.request_finished("stop" if "stop" in reasons else (reasons.pop() or "stop"))
+
+  def _delta(self, stream: _Stream, c: Any, now: float) -> ChoiceDelta | None:
+    state = stream.choices.setdefault(c.index, _Choice(last_time=stream.arrival))
+    if state.finished:
+      return None
+    new_ids = tuple(c.token_ids[state.num_tokens:])
+    finished = c.finish_reason is not None
+    if new_ids:
+      if not stream.first_token:
+        stream.first_token = True
+        self.metrics.ttft.observe(now - stream.arrival)
+      elif state.num_tokens:
+        self.metrics.itl.observe(now - state.last_time)
+      self.metrics.generation_tokens.inc(len(new_ids))
+      state.last_time = now
+    text = c.text or ""
+    end = len(text)
+    if not finished:  # hold back what a stop string or an unfinished UTF-8 character could still change
+      end -= stream.holdback
+      while end > len(state.text) and text[end - 1] == "\ufffd":
+        end -= 1
+    new_text = text[len(state.text):end] if end > len(state.text) and text.startswith(state.text) else ""
+    logprobs = None
+    if c.logprobs is not None:
+      logprobs = tuple(c.logprobs[state.num_tokens:state.num_tokens + len(new_ids)])
+    state.num_tokens += len(new_ids)
+    state.text += new_text
+    state.finished = finished
+    if not new_ids and not new_text and not finished:
+      return None
+    return ChoiceDelta(c.index, new_ids, new_text, logprobs, c.finish_reason)
+
+  def _update_metrics(self) -> None:
+    stats = self._safe(self.engine.stats, None)
+    if stats:
+      self.metrics.update_engine(stats)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, item: Any) -> None:
+  try:
+    loop.call_soon_threadsafe(sink.put_nowait, item)
+  except RuntimeError:  # the event loop is closed: nobody is listening any more
+    pass
+
+
+class RequestGroup:
+  """The engine requests of one HTTP request (one per prompt), merged into one stream of updates.
+
+  Usage: ``await group.start()`` (raises the first ``APIError`` of any prompt, aborting the others),
+  then ``async for update in group.updates()``; ``group.abort()`` in a ``finally`` aborts whatever
+  has not finished (a no-op otherwise).
+  """
+
+  def __init__(self, engine: AsyncEngine, base_id: str, prompts: Sequence[list[int]], params: Sequence[Any],
+               arrival: float):
+    self.engine = engine
+    self.ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+    self.prompts = prompts
+    self.params = params
+    self.arrival = arrival
+    self.num_prompt_tokens = [len(p) for p in prompts]
+    self._sink: asyncio.Queue = asyncio.Queue()
+    self._pending: list[Update] = []
+    self._unfinished: set[int] = set()
+
+  async def start(self) -> None:
+    for tag, (rid, prompt, params) in enumerate(zip(self.ids, self.prompts, self.params)):
+      self.engine.add(rid, prompt, params, tag=tag, sink=self._sink, arrival=self.arrival)
+      self._unfinished.add(tag)
+    acked: set[int] = set()
+    error = None
+    while len(acked) < len(self.ids):
+      item = await self._sink.get()
+      if item is ClientDisconnected:
+        self.abort()
+        raise ClientDisconnected()
+      if item.tag not in acked:
+        acked.add(item.tag)
+        if item.error is not None:
+          self._unfinished.discard(item.tag)
+          error = error or item.error
+        continue
+      self._pending.append(item)
+    if error is not None:
+      self.abort()
+      raise error
+
+  def client_disconnected(self) -> None:
+    """Called by the disconnect watcher: wakes ``updates()``, which aborts and raises."""
+    self._sink.put_nowait(ClientDisconnected)
+
+  async def updates(self) -> AsyncIterator[Update]:
+    while self._unfinished:
+      item = self._pending.pop(0) if self._pending else await self._sink.get()
+      if item is ClientDisconnected:
+        self.abort()
+        raise ClientDisconnected()
+      if item.finished:
+        self._unfinished.discard(item.tag)
+      if item.error is not None:
+        self.abort()
+        raise item.error
+      yield item
+
+  def abort(self) -> None:
+    for tag in sorted(self._unfinished):
+      self.engine.abort(self.ids[tag])
+    self._unfinished.clear()

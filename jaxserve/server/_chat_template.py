@@ -1,0 +1,31 @@
+"""Render chat messages to a prompt: the tokenizer's own chat template, or the plain template.
+
+The plain template is used when the tokenizer has no chat template (stories260K's sentencepiece
+tokenizer, llama2.c tokenizers). It is BOS followed by one line per message and an open assistant turn::
+
+    <BOS>System: {content}
+    User: {content}
+    Assistant: {content}
+    Assistant:
+
+Each line is ``{Role}: {content}\\n`` with the role capitalized (``system``, ``developer``, ``user``,
+``assistant``, ``tool``).
+Tokenizers with a template (Hugging Face ``chat_template``) are rendered by ``transformers`` with
+``add_generation_prompt=True`` and encoded without adding BOS again (the template writes it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def render_plain(messages: Sequence[dict[str, Any]]) -> str:
+  """The plain template's text (without BOS) for ``messages``: dicts with ``role`` and string ``content``."""
+  return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+  """Token ids of the prompt for ``messages``, with the tokenizer's template when it has one."""
+  if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+    return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_bos=False)
+  return tokenizer.encode(render_plain(messages), add_bos=True)

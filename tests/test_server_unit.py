@@ -1,0 +1,258 @@
+"""Server pieces without a model: request validation, chat template, SSE framing, metrics, engine-loop faults.
+
+The in-process tests drive the FastAPI app with a deterministic engine double (``ScriptedEngine``)
+so that faults the real engine never shows (a ``step`` that raises) can be injected; the live
+tests with the real engine and the official ``openai`` client are in ``test_server_live.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import types
+
+import pytest
+from starlette.testclient import TestClient
+
+from jaxserve.engine._sampling_params import SamplingParams
+from jaxserve.loaders import DEFAULT_TOKENIZER
+from jaxserve.server import ServerConfig, create_app, render_plain
+from jaxserve.server import _protocol as proto
+from jaxserve.server._chat_template import chat_prompt_ids
+from jaxserve.server._errors import APIError
+from jaxserve.server._metrics import ServerMetrics
+from jaxserve.tokenizer import load_tokenizer
+
+TOK = load_tokenizer(DEFAULT_TOKENIZER)
+CFG = ServerConfig(model_name="m", max_model_len=64, vocab_size=TOK.vocab_size)
+
+
+class ScriptedEngine:
+  """Engine double: each completion emits one token per step, ``(last + 1 + index) % vocab``.
+
+  ``fail_on_step`` makes that step (1-based) raise, as an engine bug would.
+  """
+
+  def __init__(self, fail_on_step: int | None = None):
+    self.reqs: dict[str, dict] = {}
+    self.steps = 0
+    self.fail_on_step = fail_on_step
+    self.aborted: list[str] = []
+    self.lock = threading.Lock()
+
+  def add_request(self, request_id, prompt, params):
+    ids = prompt["prompt_token_ids"]
+    if ids[0] == 0:
+      raise ValueError("prompt must not start with token 0")
+    self.reqs[request_id] = {"prompt": ids, "params": params, "out": [[] for _ in range(params.n)]}
+
+  def abort_request(self, request_id):
+    self.aborted.append(request_id)
+    self.reqs.pop(request_id, None)
+
+  def has_unfinished_requests(self):
+    return bool(self.reqs)
+
+  def step(self):
+    self.steps += 1
+    if self.steps == self.fail_on_step:
+      raise RuntimeError("injected engine failure")
+    outs = []
+    for rid, r in list(self.reqs.items()):
+      choices = []
+      for i, toks in enumerate(r["out"]):
+        last = toks[-1] if toks else r["prompt"][-1]
+        toks.append((last + 1 + i) % TOK.vocab_size)
+        done = len(toks) >= r["params"].max_tokens
+        choices.append(types.SimpleNamespace(index=i, token_ids=list(toks), text=TOK.decode(toks),
+                                             logprobs=None, finish_reason="length" if done else None))
+      finished = all(c.finish_reason for c in choices)
+      outs.append(types.SimpleNamespace(request_id=rid, outputs=choices, finished=finished))
+      if finished:
+        del self.reqs[rid]
+    return outs
+
+  def stats(self):
+    return {"kv_blocks_total": 10, "kv_blocks_used": len(self.reqs), "num_running": len(self.reqs),
+            "num_waiting": 0, "num_preemptions": 0}
+
+
+def expected_tokens(prompt, n_tokens, index=0):
+  toks, last = [], prompt[-1]
+  for _ in range(n_tokens):
+    last = (last + 1 + index) % TOK.vocab_size
+    toks.append(last)
+  return toks
+
+
+def client(engine, **cfg):
+  app = create_app(engine, TOK, ServerConfig(**{**CFG.__dict__, **cfg}), SamplingParams)
+  return TestClient(app)
+
+
+# ---------------------------------------------------------------- validation (pure)
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens", ">= 1"),
+    ({"prompt": "a", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    ({"prompt": "a", "temperature": -0.5}, "temperature", ">= 0"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"prompt": "a", "n": 0}, "n", "[1, 64]"),
+    ({"prompt": 5}, "prompt", "must be a string"),
+    ({"prompt": "a", "stop": [1]}, "stop", "list of strings"),
+    ({}, "prompt", "required"),
+    ({"prompt": [[1, 2], []]}, "prompt", "empty"),
+    ({"prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
+    ({"prompt": "a", "logprobs": 50}, "logprobs", "<= 20"),
+    ({"prompt": "a", "max_tokens": 10_000}, "max_tokens", "maximum context length is 64"),
+    ({"prompt": "a " * 100}, "prompt", "maximum context length is 64"),
+    ({"prompt": "a", "stream": "yes"}, "stream", "valid boolean"),
+    ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+])
+def test_completion_validation_names_the_field(body, param, words):
+  with pytest.raises(APIError) as e:
+    req = proto.parse_body(json.dumps(body).encode(), proto.CompletionRequest)
+    for p in proto.completion_prompts(req, TOK, TOK.vocab_size):
+      proto.sampling_params(req, len(p), 64, SamplingParams)
+  assert e.value.status == 400 and e.value.param == param, e.value.body()
+  assert words in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "'system'"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content", "image_url"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs", "'logprobs': true"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
+])
+def test_chat_validation_names_the_field(body, param, words):
+  with pytest.raises(APIError) as e:
+    req = proto.parse_body(json.dumps(body).encode(), proto.ChatCompletionRequest)
+    proto.sampling_params(req, len(proto.chat_prompt(req, TOK)), 64, SamplingParams)
+  assert e.value.status == 400 and e.value.param == param, e.value.body()
+  assert words in e.value.message, e.value.message
+
+
+def test_invalid_json_and_non_object_bodies():
+  for raw, words in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"\xff\xfe", "not valid JSON")):
+    with pytest.raises(APIError, match=words) as e:
+      proto.parse_body(raw, proto.CompletionRequest)
+    assert e.value.status == 400
+
+
+def test_valid_request_maps_to_sampling_params():
+  for prompt, ids in (([[5, 6], [7]], [[5, 6], [7]]), ([5, 6], [[5, 6]]),
+                      (["Once", "Hi"], [TOK.encode("Once", add_bos=True), TOK.encode("Hi", add_bos=True)])):
+    req = proto.parse_body(json.dumps({"prompt": prompt}).encode(), proto.CompletionRequest)
+    assert proto.completion_prompts(req, TOK, TOK.vocab_size) == ids
+  req = proto.parse_body(json.dumps({"prompt": "Once", "max_tokens": 7, "temperature": 0, "top_k": 3,
+                                     "stop": "x", "seed": 4, "n": 2, "logprobs": 2}).encode(),
+                         proto.CompletionRequest)
+  sp = proto.sampling_params(req, 2, 64, SamplingParams)
+  assert (sp.max_tokens, sp.temperature, sp.top_k, sp.stop, sp.seed, sp.n, sp.logprobs) == (7, 0, 3, ("x",), 4, 2, 2)
+  chat = proto.parse_body(json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
+                          proto.ChatCompletionRequest)
+  # chat without max_tokens may use the rest of the context
+  assert proto.sampling_params(chat, 10, 64, SamplingParams).max_tokens == 54
+
+
+# ---------------------------------------------------------------- chat template
+def test_plain_chat_template():
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Tell a story"}]
+  text = render_plain(msgs)
+  assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Tell a story\nAssistant:"
+  assert chat_prompt_ids(TOK, msgs) == TOK.encode(text, add_bos=True)
+
+
+def test_tokenizer_chat_template_is_used_when_present():
+  class Templated:
+    chat_template = "x"
+
+    def apply_chat_template(self, messages):
+      return "|".join(m["content"] for m in messages) + "|>"
+
+    def encode(self, text, add_bos=False):
+      return [ord(c) for c in text] + ([1] if add_bos else [])
+
+  assert chat_prompt_ids(Templated(), [{"role": "user", "content": "ab"}]) == [ord(c) for c in "ab|>"]
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_counters_follow_engine_totals():
+  m = ServerMetrics("m")
+  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 2, "num_running": 1, "num_waiting": 3,
+                   "num_preemptions": 2, "prefix_cache_queries": 10, "prefix_cache_hits": 4})
+  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 0, "num_running": 0, "num_waiting": 0,
+                   "num_preemptions": 5, "prefix_cache_queries": 30, "prefix_cache_hits": 4})
+  text = m.render().decode()
+  assert 'jaxserve:kv_cache_usage_perc{model_name="m"} 0.0' in text
+  assert 'jaxserve:num_preemptions_total{model_name="m"} 5.0' in text
+  assert 'jaxserve:prefix_cache_queries_total{model_name="m"} 30.0' in text
+  assert 'jaxserve:num_requests_waiting{model_name="m"} 0.0' in text
+  for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "prompt_tokens_total",
+               "generation_tokens_total", "prefix_cache_hits_total", "num_requests_running"):
+    assert f"jaxserve:{name}" in text
+
+
+# ---------------------------------------------------------------- app with the engine double
+def test_completion_stream_framing_and_usage():
+  with client(ScriptedEngine()) as c:
+    prompt = [5, 6, 7]
+    r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [ch["text"] for ch in body["choices"]] == [TOK.decode(expected_tokens(prompt, 4, i)) for i in (0, 1)]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "stream": True,
+                                                   "stream_options": {"include_usage": True}}) as r:
+      assert r.headers["content-type"].startswith("text/event-stream")
+      events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert all(ch["usage"] is None for ch in chunks[:-1])
+    assert "".join(ch["choices"][0]["text"] for ch in chunks[:-1]) == TOK.decode(expected_tokens(prompt, 4))
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_engine_step_failure_fails_requests_in_flight_and_loop_goes_on():
+  engine = ScriptedEngine(fail_on_step=2)
+  with client(engine) as c:
+    r = c.post("/v1/completions", json={"prompt": [5], "max_tokens": 5})
+    assert r.status_code == 500 and "injected engine failure" in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json={"prompt": [5], "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == TOK.decode(expected_tokens([5], 3))
+    assert c.get("/health").status_code == 200
+    assert engine.reqs == {}
+
+
+def test_add_request_error_is_a_400_and_other_prompts_are_aborted():
+  engine = ScriptedEngine()
+  with client(engine) as c:
+    r = c.post("/v1/completions", json={"prompt": [[5, 6], [0, 1]], "max_tokens": 50})
+    assert r.status_code == 400 and "must not start with token 0" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 5
+    while engine.reqs and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert engine.reqs == {}
+
+
+def test_auth_unknown_model_and_unknown_route():
+  with client(ScriptedEngine(), api_key="sekret") as c:
+    r = c.post("/v1/completions", json={"prompt": "a"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = c.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    ok = {"Authorization": "Bearer sekret"}
+    r = c.post("/v1/completions", json={"prompt": [5], "model": "gpt-4", "max_tokens": 1}, headers=ok)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert c.post("/v1/completions", json={"prompt": [5], "model": "m", "max_tokens": 1}, headers=ok).status_code == 200
+    assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "m"
+    assert c.get("/metrics").status_code == 200  # metrics and health stay open
+    r = c.get("/v1/nothing", headers=ok)
+    assert r.status_code == 404 and "error" in r.json()
