@@ -1,9 +1,9 @@
 """Pallas paged-attention kernels (decode and ragged prefill+decode) with references."""
 
-from kernels_pallas.paged_attention import paged_attention
-from kernels_pallas.paged_attention import paged_attention_reference
-from kernels_pallas.ragged_paged_attention import ragged_paged_attention
-from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference
+from kernels_pallas.paged_decode import paged_attention
+from kernels_pallas.paged_decode import paged_attention_reference
+from kernels_pallas.paged_ragged import ragged_paged_attention
+from kernels_pallas.paged_ragged import ragged_paged_attention_reference
 
 __all__ = [
     "paged_attention",

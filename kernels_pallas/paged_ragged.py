@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import _checks, _compat, _core
-from kernels_pallas.paged_attention import make_config
-from kernels_pallas.paged_attention import paged_attention_reference
+from kernels_pallas.paged_decode import make_config
+from kernels_pallas.paged_decode import paged_attention_reference
 
 
 class _TokenLayout:

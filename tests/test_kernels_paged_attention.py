@@ -174,3 +174,34 @@ def test_compiled_path_rejects_tiles_triton_cannot_lower():
                            b.kv_lens, interpret=True)
   kt.assert_close(out, kt.decode_oracle(b.q, b.k_pages, b.v_pages,
                                         b.block_tables, b.kv_lens), F32)
+
+
+@pytest.mark.parametrize("dtype,page_size,head_dim,group,splits", [
+    (BF16, 16, 128, 4, 1), (BF16, 16, 128, 4, 4), (F32, 8, 64, 1, 2),
+    (BF16, 32, 64, 8, 1),
+])
+def test_triton_lowering_without_a_gpu(dtype, page_size, head_dim, group,
+                                       splits):
+  # Lower the compiled (non-interpret) kernels for CUDA on this CPU: catches
+  # primitives the Pallas Triton lowering does not support before GPU time.
+  from kernels_pallas import _core, paged_decode, paged_ragged
+  sds = jax.ShapeDtypeStruct
+  kvh, batch, tokens = 2, 3, 40
+  pool = sds((kvh, 50, page_size, head_dim), dtype)
+  tables, lens = sds((batch, 16), jnp.int32), sds((batch,), jnp.int32)
+  cfg = _core.KernelConfig(pages_per_compute_block=max(1, 32 // page_size),
+                           num_splits=splits, num_warps=4, num_stages=2,
+                           interpret=False)
+  try:
+    decode = paged_decode._paged_attention.trace(
+        sds((batch, kvh * group, head_dim), dtype), pool, pool, tables, lens,
+        sm_scale=0.1, soft_cap=30.0, config=cfg).lower(
+            lowering_platforms=("cuda",))
+  except RuntimeError as e:  # newer JAX wants a real GPU to pick the arch
+    pytest.skip(f"cannot lower for CUDA without a GPU here: {e}")
+  assert "triton" in decode.as_text()
+  ragged = paged_ragged._ragged_paged_attention.trace(
+      sds((tokens, kvh * group, head_dim), dtype), pool, pool, tables, lens,
+      sds((batch + 1,), jnp.int32), sds((), jnp.int32), sm_scale=0.1,
+      soft_cap=None, block_q=8, config=cfg).lower(lowering_platforms=("cuda",))
+  assert "triton" in ragged.as_text()
