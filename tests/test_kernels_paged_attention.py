@@ -197,7 +197,9 @@ def test_triton_lowering_without_a_gpu(dtype, page_size, head_dim, group,
         sds((batch, kvh * group, head_dim), dtype), pool, pool, tables, lens,
         sm_scale=0.1, soft_cap=30.0, config=cfg).lower(
             lowering_platforms=("cuda",))
-  except RuntimeError as e:  # newer JAX wants a real GPU to pick the arch
+  except RuntimeError as e:  # JAX 0.11 wants a real GPU to pick the arch
+    if "No supported GPU devices found" not in str(e):
+      raise
     pytest.skip(f"cannot lower for CUDA without a GPU here: {e}")
   assert "triton" in decode.as_text()
   ragged = paged_ragged._ragged_paged_attention.trace(
