@@ -1,0 +1,132 @@
+"""Per-request sampling and beam-search parameters, validated at construction (mirrors vLLM)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+# Logprobs beyond this many per token are refused (vLLM's default ``max_logprobs``).
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+  """How to sample the completions of one request.
+
+  Attributes:
+    n: number of completions; they share the prompt's KV blocks (copy-on-write on the last one).
+    temperature: 0 means greedy; otherwise logits are divided by it before sampling.
+    top_p: nucleus mass in (0, 1]; 1 disables.
+    top_k: keep the k most likely tokens; 0 or -1 disables.
+    min_p: drop tokens whose probability is below ``min_p`` times the most likely one's; 0 disables.
+    seed: per-request seed: the same seed and prompt give the same completions whatever else runs.
+    repetition_penalty: > 1 discourages tokens already in the prompt or output (HF/vLLM rule:
+      positive logits are divided by it, negative ones multiplied).
+    presence_penalty: subtracted from the logit of every token already generated.
+    frequency_penalty: subtracted once per earlier occurrence in the output.
+    max_tokens: generate at most this many tokens (None: up to the model's context).
+    min_tokens: EOS, stop tokens and stop strings are ignored until this many tokens exist.
+    stop: strings that end the completion when they appear in its text (excluded from ``text``
+      unless ``include_stop_str_in_output``).
+    stop_token_ids: token ids that end the completion (kept in ``token_ids``).
+    ignore_eos: keep generating past the EOS token.
+    logprobs: also return the log-probabilities of the ``logprobs`` most likely tokens at each
+      step, plus the sampled one's (0: only the sampled one's). None: no logprobs, and
+      ``cumulative_logprob`` stays None.
+    include_stop_str_in_output: keep the matched stop string in ``text``.
+    skip_special_tokens / detokenize: text decoding options (``detokenize=False`` leaves
+      ``text`` empty, which saves host time when only ids are needed).
+  """
+
+  n: int = 1
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  min_p: float = 0.0
+  seed: int | None = None
+  repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  max_tokens: int | None = 16
+  min_tokens: int = 0
+  stop: str | Sequence[str] | None = None
+  stop_token_ids: Sequence[int] | None = None
+  ignore_eos: bool = False
+  logprobs: int | None = None
+  include_stop_str_in_output: bool = False
+  detokenize: bool = True
+
+  def __post_init__(self):
+    stop = self.stop
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    object.__setattr__(self, "stop", stop)
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+    _check_int("n", self.n, 1)
+    if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+    if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+      raise ValueError(f"top_k must be an int, -1 or 0 (disabled) or >= 1, got {self.top_k!r}")
+    if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+    if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+      raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+    if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+        raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+    if self.max_tokens is not None:
+      _check_int("max_tokens", self.max_tokens, 1)
+    _check_int("min_tokens", self.min_tokens, 0)
+    if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+      raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+    if any(not isinstance(s, str) or not s for s in stop):
+      raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+    if any(t < 0 for t in self.stop_token_ids):
+      raise ValueError(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
+    if self.logprobs is not None:
+      _check_int("logprobs", self.logprobs, 0)
+      if self.logprobs > MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+
+  @property
+  def greedy(self) -> bool:
+    """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
+    return self.temperature == 0 or self.top_k == 1
+
+  @property
+  def has_penalties(self) -> bool:
+    return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BeamSearchParams:
+  """Beam search (as vLLM's ``LLM.beam_search``): keep the ``beam_width`` best partial sequences.
+
+  Each step every live beam proposes its ``2 * beam_width`` most likely next tokens; candidates
+  ending in EOS (unless ``ignore_eos``) are set aside as finished, the best ``beam_width`` others
+  continue. At the end finished and live beams are ranked by
+  ``cumulative_logprob / num_output_tokens ** length_penalty``. Beams share KV blocks.
+  """
+
+  beam_width: int
+  max_tokens: int
+  ignore_eos: bool = False
+  length_penalty: float = 1.0
+  detokenize: bool = True
+
+  def __post_init__(self):
+    _check_int("beam_width", self.beam_width, 1)
+    if 2 * self.beam_width > 2 * MAX_LOGPROBS:
+      raise ValueError(f"beam_width must be <= {MAX_LOGPROBS}, got {self.beam_width}")
+    _check_int("max_tokens", self.max_tokens, 1)
+    if not isinstance(self.length_penalty, (int, float)):
+      raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+    raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")

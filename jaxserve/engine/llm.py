@@ -1,0 +1,177 @@
+"""``LLM``: the offline and incremental API of the paged-KV engine (mirrors vLLM's ``LLM``)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+import jax
+
+from jaxserve.engine._attention import PagedAttention
+from jaxserve.engine._engine import EngineCore, PromptType
+from jaxserve.engine._kv_cache_manager import cdiv
+from jaxserve.engine._model_runner import ModelRunner, kv_bytes_per_block
+from jaxserve.engine._outputs import RequestOutput
+from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
+
+_DEFAULT_KV_BYTES = 1 << 30  # default pool cap: 1 GiB
+
+
+class LLM:
+  """A model served with a paged KV cache, continuous batching and chunked prefill.
+
+  Example::
+
+    llm = LLM()  # the embedded stories260K
+    out = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=32))
+    print(out[0].outputs[0].text)
+
+  Args:
+    model: a path for :func:`jaxserve.loaders.load_model` (None: the embedded stories260K) or a
+      ``LoadedModel``.
+    block_size: tokens per KV block.
+    num_kv_blocks: size of the pool in blocks (one more is reserved as the null block).
+    kv_cache_memory_bytes: size of the pool in bytes, if ``num_kv_blocks`` is not given. Default:
+      room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at 1 GiB.
+    max_num_seqs: sequences batched in one step at most.
+    max_num_batched_tokens: tokens (prefill chunks plus decodes) in one step at most.
+    max_model_len: longest sequence (prompt + output); default the model's context.
+    dtype: ``"float32"`` or ``"bfloat16"`` (parameters and KV pools) when ``model`` is a path.
+    enable_prefix_caching: reuse the KV blocks of earlier requests' identical prefixes.
+    seed: seed of requests that carry none.
+    attention_backend: ``"auto"`` (Pallas kernels on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
+    pallas_interpret: run the Pallas kernels in interpret mode (testing on CPU).
+  """
+
+  def __init__(self, model: Any = None, block_size: int = 16, num_kv_blocks: int | None = None,
+               kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+               max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
+               seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None):
+    from jaxserve.loaders import LoadedModel, load_model
+    for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                            ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+      if not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if attention_backend not in ("auto", "xla", "pallas"):
+      raise ValueError(f"attention_backend must be 'auto', 'xla' or 'pallas', got {attention_backend!r}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
+    cfg = loaded.cfg
+    self.model = loaded
+    self.tokenizer = loaded.tokenizer
+    if max_model_len is None:
+      max_model_len = cfg.max_position_embeddings
+    if not isinstance(max_model_len, int) or not 2 <= max_model_len <= cfg.max_position_embeddings:
+      raise ValueError(f"max_model_len must be an int in [2, {cfg.max_position_embeddings}] (the model's "
+                       f"context), got {max_model_len!r}")
+    per_block = kv_bytes_per_block(cfg, block_size, cfg.dtype)
+    if num_kv_blocks is None:
+      if kv_cache_memory_bytes is None:
+        kv_cache_memory_bytes = min(_DEFAULT_KV_BYTES, max_num_seqs * cdiv(max_model_len, block_size) * per_block)
+      if not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes < 1:
+        raise ValueError(f"kv_cache_memory_bytes must be a positive int, got {kv_cache_memory_bytes!r}")
+      num_kv_blocks = kv_cache_memory_bytes // per_block
+    if not isinstance(num_kv_blocks, int) or num_kv_blocks < cdiv(max_model_len, block_size):
+      raise ValueError(f"the KV pool must hold one sequence of max_model_len={max_model_len} tokens: at least "
+                       f"{cdiv(max_model_len, block_size)} blocks of {block_size} ({per_block} bytes each), got "
+                       f"{num_kv_blocks!r}; raise num_kv_blocks / kv_cache_memory_bytes or lower max_model_len")
+    if attention_backend == "auto":
+      attention_backend = "pallas" if jax.default_backend() == "gpu" and cfg.sliding_window is None else "xla"
+    attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret)
+    runner = ModelRunner(cfg, loaded.params, num_blocks=num_kv_blocks + 1, block_size=block_size,
+                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn)
+    self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
+                             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
+    self.max_model_len = max_model_len
+    self.attention_backend = attention_backend
+    self._ids = itertools.count()
+
+  # ---- offline API
+  def generate(self, prompts: PromptType | Sequence[PromptType],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+               use_tqdm: bool = True) -> list[RequestOutput]:
+    """Generates completions for every prompt; returns one ``RequestOutput`` per prompt, in order.
+
+    Every prompt is validated before any work starts: a bad one raises ValueError naming its
+    index and the engine is left as it was.
+    """
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and
+                                            isinstance(prompts[0], int)):
+      prompts = [prompts]
+    prompts = list(prompts)
+    if sampling_params is None:
+      sampling_params = SamplingParams()
+    if isinstance(sampling_params, (SamplingParams, BeamSearchParams)):
+      params = [sampling_params] * len(prompts)
+    else:
+      params = list(sampling_params)
+      if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
+    return self._run(prompts, params, use_tqdm)
+
+  def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                  use_tqdm: bool = False) -> list[RequestOutput]:
+    """Beam search (vLLM's ``LLM.beam_search``); ``outputs`` holds the beams, best first."""
+    if not isinstance(params, BeamSearchParams):
+      raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+    return self.generate(prompts, params, use_tqdm)
+
+  def _run(self, prompts, params, use_tqdm) -> list[RequestOutput]:
+    if self.engine.has_unfinished():
+      raise ValueError("generate() needs an idle engine, but requests added with add_request are unfinished")
+    reqs = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+      try:
+        reqs.append(self.engine.make_request(f"gen-{next(self._ids)}", prompt, p))
+      except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}") from None
+    self.engine.reset_stats()
+    for req in reqs:
+      self.engine.add(req)
+    bar = None
+    if use_tqdm:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(reqs), desc="Processed prompts", dynamic_ncols=True)
+    while self.engine.has_unfinished():
+      done = sum(r.finished for r in self.engine.step())
+      if bar is not None and done:
+        bar.update(done)
+    if bar is not None:
+      bar.close()
+    return [self.engine.output(r) for r in reqs]
+
+  # ---- incremental API (the HTTP server's)
+  def add_request(self, request_id: str, prompt: PromptType,
+                  sampling_params: SamplingParams | BeamSearchParams | None = None) -> None:
+    """Queues a request; raises ValueError (and changes nothing) if it is invalid."""
+    self.engine.add(self.engine.make_request(request_id, prompt, sampling_params or SamplingParams()))
+
+  def abort_request(self, request_id: str | Sequence[str]) -> None:
+    """Stops requests and frees their KV blocks; unknown or finished ids are ignored."""
+    for rid in [request_id] if isinstance(request_id, str) else request_id:
+      self.engine.abort(rid)
+
+  def step(self) -> list[RequestOutput]:
+    """Runs one engine step; returns the cumulative output of every request that progressed
+    (``finished=True`` for the last time a request appears)."""
+    return [self.engine.output(r) for r in self.engine.step()]
+
+  def has_unfinished_requests(self) -> bool:
+    return self.engine.has_unfinished()
+
+  def get_num_unfinished_requests(self) -> int:
+    return len(self.engine.scheduler.requests)
+
+  # ---- introspection
+  def stats(self) -> dict[str, Any]:
+    """Engine statistics: the KV pool now, and since the last ``generate`` call (or ``reset_stats``):
+    ``kv_waste_fraction`` (allocated slots not holding a token over allocated slots, summed over
+    the steps), ``num_preemptions``, ``prefix_cache_hit_rate`` (prompt tokens served from the
+    cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs."""
+    return self.engine.stats()
+
+  def reset_stats(self) -> None:
+    self.engine.reset_stats()
+
+  def get_tokenizer(self):
+    return self.tokenizer
