@@ -15,7 +15,10 @@ otherwise it writes the unnormalized accumulator and the softmax statistics,
 which `combine_splits` merges exactly.
 
 Softmax statistics are kept in base 2 (logits pre-multiplied by log2(e)) so the
-inner loop uses `exp2`.
+inner loop uses `exp2`. The loop is split in two: compute blocks whose keys
+every real row may see run without masks; only the blocks near the end (the
+causal diagonal, the partial last page) pay for masking. Padding rows (zero
+queries) get finite values that the wrappers drop.
 """
 
 from __future__ import annotations
@@ -102,17 +105,23 @@ def _attention_kernel(
   precision = (lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None)
 
   pos = pos_ref[...]
-  kv_limit = jnp.max(pos) + 1  # keys this block needs: [0, kv_limit)
+  kv_limit = jnp.max(pos) + 1  # keys some row needs: [0, kv_limit)
+  # Keys [0, kv_full) are visible to every real row: no masking needed there.
+  kv_full = jnp.minimum(jnp.min(jnp.where(pos >= 0, pos, kv_limit)) + 1,
+                        kv_limit)
   first = pl.program_id(2) * pages_per_split
   last = jnp.minimum(first + pages_per_split,
                      (kv_limit + page_size - 1) // page_size)
   num_steps = (jnp.maximum(last - first, 0) + pages_per_compute_block -
                1) // pages_per_compute_block
+  full_steps = jnp.clip(
+      (jnp.minimum(kv_full // page_size, first + pages_per_split) - first)
+      // pages_per_compute_block, 0, num_steps)
   q = q_ref[...]
 
-  def body(step, carry):
+  def step(j, carry, masked: bool):
     o, l, m = carry
-    page0 = first + step * pages_per_compute_block
+    page0 = first + j * pages_per_compute_block
     pages = bt_ref[pl.ds(page0, pages_per_compute_block)]
     pages = jnp.clip(pages, 0, num_pages - 1)  # never read outside the pool
     k = k_ref[pages].reshape(block_k, head_dim)  # [block_k, D]
@@ -122,26 +131,34 @@ def _attention_kernel(
                         preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
-    key = page0 * page_size + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    visible = key <= pos[:, None]  # [M, block_k]
-    s = jnp.where(visible, s * LOG2E, MASK_VALUE)
+    s = s * LOG2E
+    if masked:
+      key = page0 * page_size + lax.broadcasted_iota(jnp.int32, (1, block_k),
+                                                     1)
+      visible = key <= pos[:, None]  # [M, block_k], causal per row
+      s = jnp.where(visible, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
-    p = jnp.where(visible, jnp.exp2(s - m_new[:, None]), 0.0)
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      p = jnp.where(visible, p, 0.0)
+      # Slots past the sequence end may hold anything (NaN too): 0 * NaN = NaN.
+      key_col = page0 * page_size + lax.broadcasted_iota(
+          jnp.int32, (block_k, 1), 0)
+      v = jnp.where(key_col < kv_limit, v, jnp.zeros_like(v))
     l = alpha * l + jnp.sum(p, axis=1)
-    # Slots past the sequence end may hold anything (even NaN); 0 * NaN = NaN.
-    key_col = page0 * page_size + lax.broadcasted_iota(
-        jnp.int32, (block_k, 1), 0)
-    v = jnp.where(key_col < kv_limit, v, jnp.zeros_like(v))
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          precision=precision,
                          preferred_element_type=jnp.float32)
     return alpha[:, None] * o + pv, l, m_new
 
-  init = (jnp.zeros((rows, head_dim), jnp.float32),
-          jnp.zeros((rows,), jnp.float32),
-          jnp.full((rows,), MASK_VALUE, jnp.float32))
-  o, l, m = lax.fori_loop(0, num_steps, body, init)
+  carry = (jnp.zeros((rows, head_dim), jnp.float32),
+           jnp.zeros((rows,), jnp.float32),
+           jnp.full((rows,), MASK_VALUE, jnp.float32))
+  carry = lax.fori_loop(0, full_steps,
+                        functools.partial(step, masked=False), carry)
+  o, l, m = lax.fori_loop(full_steps, num_steps,
+                          functools.partial(step, masked=True), carry)
 
   if split:
     o_ref, l_ref, m_ref = out_refs

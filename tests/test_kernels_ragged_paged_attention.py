@@ -81,7 +81,7 @@ def test_ragged_soft_cap_and_decode_agree_with_decode_kernel():
 
 def test_every_kernel_output_element_is_written():
   # Raw kernel output (padding rows included) starts as NaN and must come
-  # back finite: padding rows are written as zeros, not skipped.
+  # back finite: padding rows are written (finite values the wrappers drop).
   rng = np.random.default_rng(12)
   b = kt.decode_batch(rng, [0, 3, 40], num_heads=6, num_kv_heads=2,
                       head_dim=64, page_size=16)
@@ -99,7 +99,7 @@ def test_every_kernel_output_element_is_written():
                                   soft_cap=None, config=cfg)
     out = np.asarray(out)
     assert np.isfinite(out).all()
-    assert not out[:, :, 3:].any() and not out[0].any()
+    assert not out[0].any(), "a length-0 sequence gives zeros"
 
 
 @settings(max_examples=12, deadline=None,
