@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module exposes ``add_parser(subparsers)`` registering a subparser with ``set_defaults(func=run)``.
-SUBCOMMANDS = ["jaxprune._cli_eval"]
+SUBCOMMANDS = ["jaxprune._cli_eval", "jaxprune._cli_structured"]
 
 
 def build_parser() -> argparse.ArgumentParser:

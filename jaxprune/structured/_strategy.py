@@ -180,6 +180,31 @@ def validate(cfg: ModelConfig, sc: StructuredConfig) -> None:
       _targets(cfg, sc, kind, step)
 
 
+def planned_layer_sizes(cfg: ModelConfig, sc: StructuredConfig) -> list[tuple[int, int, int]] | None:
+  """Per-layer ``(heads, kv_heads, intermediate_size)`` after pruning, known before scoring.
+
+  Returns None when the sizes depend on the scores (global ranking, or dropping blocks of a model
+  whose layers already differ). Lets callers refuse a Hugging Face export before any work.
+  """
+  validate(cfg, sc)
+  if sc.scope == "global" or (sc.mode == "layer" and not cfg.is_uniform):
+    return None
+  sizes = [[cfg.heads(i), cfg.kv_heads(i), cfg.ffn(i)] for i in range(cfg.num_layers)]
+  for kind in _kinds(cfg, sc):
+    for layer, removed in _targets(cfg, sc, kind, sc.iterative_steps).items():
+      if kind.unit == "layer":
+        sizes = sizes[:cfg.num_layers - removed]
+      elif kind.unit == "attn":
+        group = cfg.heads(layer) // cfg.kv_heads(layer)
+        sizes[layer][0] -= removed * group
+        sizes[layer][1] -= removed
+      elif kind.unit == "head":
+        sizes[layer][0] -= removed * cfg.kv_heads(layer)
+      elif kind.unit == "mlp":
+        sizes[layer][2] -= removed
+  return [tuple(s) for s in sizes]
+
+
 def _current_sizes(cfg: ModelConfig, kind: _Kind) -> dict[int, int]:
   if kind.unit == "attn":
     return {i: cfg.kv_heads(i) for i in kind.sizes}
@@ -221,8 +246,8 @@ def _slice_scores(head_scores: np.ndarray, kvh: int) -> tuple[np.ndarray, np.nda
 
 
 def _step_plan(params: Params, cfg: ModelConfig, cfg0: ModelConfig, sc: StructuredConfig, step: int,
-               stats: GradientStats | None) -> tuple[PrunePlan, dict]:
-  plan, scored = PrunePlan.full(cfg), {}
+               stats: GradientStats | None) -> PrunePlan:
+  plan = PrunePlan.full(cfg)
   for kind in _kinds(cfg0, sc):
     cur = _current_sizes(cfg, kind)
     target = _targets(cfg0, sc, kind, step)
@@ -238,7 +263,6 @@ def _step_plan(params: Params, cfg: ModelConfig, cfg0: ModelConfig, sc: Structur
     else:
       remove = {k: target[k] - (kind.sizes[k] - cur[k]) for k in kind.sizes}
     chosen = _choose(scores, remove)
-    scored[kind.unit] = {str(k): [float(x) for x in v] for k, v in scores.items()}
     for layer, drop in chosen.items():
       if not len(drop):
         continue
@@ -256,7 +280,7 @@ def _step_plan(params: Params, cfg: ModelConfig, cfg0: ModelConfig, sc: Structur
         plan = plan.replace(hidden=sorted(set(range(cfg.hidden_size)) - set(drop.tolist())))
       else:
         plan = plan.replace(layers=sorted(set(range(cfg.num_layers)) - set(drop.tolist())))
-  return plan, scored
+  return plan
 
 
 def check_calibration_windows(cfg: ModelConfig, windows: Any) -> np.ndarray:
@@ -298,7 +322,7 @@ def prune_structured(params: Params, cfg: ModelConfig, config: StructuredConfig,
 
   Returns:
     ``StructuredResult(params, cfg, plan, report)``: the smaller model, what survives (indices into
-    the original model) and a JSON-friendly report (parameter counts, sizes, scores of each step).
+    the original model) and a JSON-friendly report (parameter counts, kept sizes, each step).
   """
   validate(cfg, config)
   windows = check_calibration_windows(cfg, calibration) if config.importance.needs_gradients else None
@@ -306,10 +330,10 @@ def prune_structured(params: Params, cfg: ModelConfig, config: StructuredConfig,
   plan, cur_params, cur_cfg, steps = PrunePlan.full(cfg), params, cfg, []
   for step in tqdm(range(1, config.iterative_steps + 1), desc="prune-structured", disable=not progress):
     stats = calibration_gradients(cur_params, cur_cfg, windows, config.importance, key) if windows is not None else None
-    step_plan, scores = _step_plan(cur_params, cur_cfg, cfg, config, step, stats)
+    step_plan = _step_plan(cur_params, cur_cfg, cfg, config, step, stats)
     cur_params, cur_cfg = remove_groups(cur_params, cur_cfg, step_plan)
     plan = compose(plan, step_plan)
-    steps.append({"step": step, "parameters": count_parameters(cur_params), "scores": scores})
+    steps.append({"step": step, "parameters": count_parameters(cur_params)})
   before, after = count_parameters(params), count_parameters(cur_params)
   report = {
       "mode": config.mode, "ratio": config.ratio, "scope": config.scope, "attention_unit": config.attention_unit,
