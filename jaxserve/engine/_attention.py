@@ -212,6 +212,7 @@ class PagedAttention:
 
   def attend(self, q: Array, k_pages: Array, v_pages: Array, meta: PagedMeta) -> Array:
     """``[T, H, D]`` attention output for the step's queries (K/V already in the pools)."""
+    meta = jax.tree.map(jnp.asarray, meta)
     if self.impl == "pallas":
       return self._attend_pallas(q, k_pages, v_pages, meta)
     t = q.shape[0]

@@ -1,0 +1,88 @@
+"""Paged attention backends (chunked XLA, Pallas in interpret mode) against the dense reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.engine import PagedAttention, paged_attention_reference
+from jaxserve.engine._attention import copy_blocks, make_meta, write_kv
+
+
+def _batch(rng, kvh, bs, nb, decodes, prefills, width):
+  """Random pools and a ragged batch whose blocks are a random permutation of the pool."""
+  perm = list(rng.permutation(np.arange(1, nb)))
+  seqs = []
+  for q_len, kv_len in [(1, L) for L in decodes] + list(prefills):
+    blocks = tuple(int(perm.pop()) for _ in range(-(-kv_len // bs)))
+    seqs.append((q_len, kv_len, blocks))
+  return seqs
+
+
+@pytest.mark.parametrize("bs, q_tile, kv_chunk, window", [(4, 8, 2, None), (8, 32, 8, None), (4, 4, 1, 6),
+                                                          (16, 16, 4, None)])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (8, 1)])
+def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, heads, kv_heads):
+  rng = np.random.default_rng(bs * 100 + heads * 10 + kv_heads)
+  d, nb = 16, 80
+  # lengths: 1, exactly one block, one past a block, long; prefill chunks with and without context
+  seqs = _batch(rng, kv_heads, bs, nb, [1, bs, bs + 1, 5 * bs + 3], [(7, 7), (3, 2 * bs + 1), (33, 40), (1, 9)],
+                width=16)
+  t = sum(s[0] for s in seqs) + 3
+  meta = make_meta(seqs, 4, num_tokens=t, decode_slots=8, prefill_slots=4, block_size=bs, table_width=16)
+  kp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
+  vp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((t, heads, d)), jnp.float32)
+  attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk)
+  got = jax.jit(attn.attend)(q, kp, vp, meta)
+  ref = paged_attention_reference(q, kp, vp, meta, sliding_window=window)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
+  assert not np.any(np.asarray(got)[sum(s[0] for s in seqs):])  # padding rows are zero
+
+
+def test_bfloat16_pools_within_tolerance():
+  rng = np.random.default_rng(5)
+  seqs = _batch(rng, 2, 8, 40, [3, 17], [(12, 20)], width=8)
+  meta = make_meta(seqs, 2, num_tokens=16, decode_slots=2, prefill_slots=1, block_size=8, table_width=8)
+  kp = jnp.asarray(rng.standard_normal((2, 40, 8, 32)), jnp.bfloat16)
+  vp = jnp.asarray(rng.standard_normal((2, 40, 8, 32)), jnp.bfloat16)
+  q = jnp.asarray(rng.standard_normal((16, 4, 32)), jnp.bfloat16)
+  got = PagedAttention(kv_chunk=8).attend(q, kp, vp, meta)
+  ref = paged_attention_reference(q, kp, vp, meta)
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_pallas_backend_in_interpret_mode_matches_xla():
+  rng = np.random.default_rng(6)
+  nb, bs = 48, 8
+  kp = jnp.asarray(rng.standard_normal((2, nb, bs, 16)), jnp.float32)
+  vp = jnp.asarray(rng.standard_normal((2, nb, bs, 16)), jnp.float32)
+  for decodes, prefills, dslots, pslots in [([1, 9, 30], [], 4, 0), ([5, 17], [(6, 6), (4, 21)], 2, 2)]:
+    seqs = _batch(rng, 2, bs, nb, decodes, prefills, width=8)
+    t = dslots + sum(q for q, _ in prefills) + 2 * bool(prefills)
+    meta = make_meta(seqs, len(decodes), num_tokens=t, decode_slots=dslots, prefill_slots=pslots, block_size=bs,
+                     table_width=8)
+    q = jnp.asarray(rng.standard_normal((t, 4, 16)), jnp.float32)
+    xla = PagedAttention(kv_chunk=4).attend(q, kp, vp, meta)
+    pallas = PagedAttention(impl="pallas", interpret=True).attend(q, kp, vp, meta)
+    np.testing.assert_allclose(pallas, xla, atol=2e-5, rtol=2e-5)
+
+
+def test_write_and_copy_blocks():
+  kp = jnp.zeros((2, 6, 4, 3))
+  vp = jnp.zeros((2, 6, 4, 3))
+  k = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3) + 1
+  kp, vp = write_kv(kp, vp, k, -k, jnp.int32([9, 22]))  # block 2 slot 1, block 5 slot 2
+  np.testing.assert_array_equal(kp[:, 2, 1], k[0])
+  np.testing.assert_array_equal(vp[:, 5, 2], -k[1])
+  (kp2, vp2), = copy_blocks([(kp, vp)], jnp.int32([2, 0]), jnp.int32([4, 0]))
+  np.testing.assert_array_equal(kp2[:, 4], kp[:, 2])
+  np.testing.assert_array_equal(vp2[:, 4], vp[:, 2])
+  np.testing.assert_array_equal(kp2[:, 2], kp[:, 2])
+
+
+def test_pallas_rejects_sliding_window():
+  with pytest.raises(ValueError, match="sliding window"):
+    PagedAttention(impl="pallas", sliding_window=8)

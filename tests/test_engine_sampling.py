@@ -1,0 +1,124 @@
+"""SamplingParams validation and the device sampler against its numpy specification."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.engine import BeamSearchParams, SamplingParams
+from jaxserve.engine._sampler import (SamplerConfig, SamplingTensors, apply_penalties, reference_processed_logits,
+                                      sample, top_k_top_p_min_p)
+
+V = 64
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(n=0), "n must be an int >= 1"),
+    (dict(max_tokens=0), "max_tokens must be an int >= 1"),
+    (dict(top_k=-2), "top_k must be"),
+    (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(presence_penalty=3), r"presence_penalty must be in \[-2, 2\]"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(logprobs=50), "logprobs must be <= 20"),
+    (dict(stop=[""]), "stop must be non-empty strings"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must be >= 0"),
+    (dict(seed=1.5), "seed must be an int"),
+])
+def test_bad_sampling_params_raise_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingParams(**kwargs)
+
+
+def test_beam_params_validation_and_normalisation():
+  with pytest.raises(ValueError, match="beam_width must be an int >= 1"):
+    BeamSearchParams(beam_width=0, max_tokens=4)
+  p = SamplingParams(stop="x", stop_token_ids=[5])
+  assert p.stop == ("x",) and p.stop_token_ids == (5,)
+
+
+def _tensors(rows, **overrides):
+  base = dict(row_index=np.arange(rows, dtype=np.int32), temperature=np.ones(rows, np.float32),
+              top_k=np.full(rows, V, np.int32), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
+              repetition_penalty=np.ones(rows, np.float32), presence_penalty=np.zeros(rows, np.float32),
+              frequency_penalty=np.zeros(rows, np.float32), seed=np.zeros((rows, 2), np.uint32),
+              counter=np.stack([np.zeros(rows), np.arange(rows)], 1).astype(np.int32), prompt_mask=None,
+              output_counts=None, banned=None)
+  base.update(overrides)
+  return SamplingTensors(**base)
+
+
+def test_processing_matches_reference():
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    logits = rng.standard_normal(V).astype(np.float32) * 3
+    prompt = list(rng.integers(0, V, 5))
+    output = list(rng.integers(0, V, 6))
+    kw = dict(temperature=float(rng.choice([0.5, 1.0, 1.7])), top_k=int(rng.choice([0, 1, 5, 20])),
+              top_p=float(rng.choice([1.0, 0.9, 0.3])), min_p=float(rng.choice([0.0, 0.05, 0.3])),
+              repetition_penalty=float(rng.choice([1.0, 1.3, 0.8])), presence_penalty=float(rng.choice([0, 0.5])),
+              frequency_penalty=float(rng.choice([0, -0.4, 0.7])))
+    ref = reference_processed_logits(logits, prompt=prompt, output=output, **kw)
+    pm = np.zeros((1, V), bool)
+    pm[0, prompt] = True
+    oc = np.zeros((1, V), np.int32)
+    np.add.at(oc[0], output, 1)
+    x = apply_penalties(jnp.asarray(logits[None]), jnp.asarray(pm), jnp.asarray(oc),
+                        jnp.float32([kw["repetition_penalty"]]), jnp.float32([kw["presence_penalty"]]),
+                        jnp.float32([kw["frequency_penalty"]]))
+    x = top_k_top_p_min_p(x / kw["temperature"], jnp.int32([kw["top_k"] or V]), jnp.float32([kw["top_p"]]),
+                          jnp.float32([kw["min_p"]]))
+    got = np.asarray(x[0], np.float64)
+    assert np.array_equal(np.isinf(got), np.isinf(ref)), f"trial {trial}: kept sets differ ({kw})"
+    np.testing.assert_allclose(got[~np.isinf(got)], ref[~np.isinf(ref)], rtol=1e-5, atol=1e-5)
+
+
+def test_top1_sampling_equals_greedy_and_samples_follow_the_distribution():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((8, V)).astype(np.float32) * 2)
+  greedy = sample(logits, _tensors(8, temperature=np.zeros(8, np.float32)), SamplerConfig())
+  top1 = sample(logits, _tensors(8, top_k=np.ones(8, np.int32)), SamplerConfig(all_greedy=False, use_top_k_top_p=True))
+  np.testing.assert_array_equal(greedy.tokens, jnp.argmax(logits, -1))
+  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+  # 4000 draws of one row: empirical frequencies follow softmax(logits)
+  n = 4000
+  t = _tensors(n, row_index=np.zeros(n, np.int32), counter=np.stack([np.zeros(n), np.arange(n)], 1).astype(np.int32))
+  draws = np.asarray(jax.jit(sample, static_argnums=2)(logits, t, SamplerConfig(all_greedy=False)).tokens)
+  freq = np.bincount(draws, minlength=V) / n
+  np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.03)
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_batch():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.standard_normal((4, V)).astype(np.float32))
+  cfg = SamplerConfig(all_greedy=False)
+  seed = np.array([[7, 0]] * 4, np.uint32)
+  a = sample(logits, _tensors(4, seed=seed), cfg).tokens
+  b = sample(logits[::-1], _tensors(4, seed=seed, row_index=np.arange(4)[::-1].astype(np.int32)), cfg).tokens
+  np.testing.assert_array_equal(a, b)  # same (seed, counter, logits) -> same token, wherever the row sits
+  many = [sample(logits, _tensors(4, seed=np.array([[s, 0]] * 4, np.uint32)), cfg).tokens for s in range(12)]
+  assert len({tuple(np.asarray(m)) for m in many}) > 1
+
+
+def test_logprobs_ranks_and_top_k():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.standard_normal((3, V)).astype(np.float32))
+  out = sample(logits, _tensors(3, temperature=np.zeros(3, np.float32)), SamplerConfig(num_logprobs=4))
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(out.logprob, logp.max(-1), rtol=1e-6)
+  np.testing.assert_array_equal(out.rank, 1)
+  np.testing.assert_array_equal(out.top_ids, np.argsort(-logp, -1)[:, :4])
+
+
+def test_ban_masks_stop_tokens():
+  logits = jnp.zeros((2, V)).at[:, 2].set(10.0)
+  banned = np.zeros((2, V), bool)
+  banned[0, 2] = True
+  out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned), SamplerConfig(use_ban=True))
+  assert int(out.tokens[0]) != 2 and int(out.tokens[1]) == 2
