@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._hessian import hutchinson_diagonal
 from jaxprune._tree import leaves_with_paths
 from jaxprune.structured._groups import Dim, leaf_dims, member_rank, split_layer
 from jaxserve.config import ModelConfig
@@ -32,6 +33,7 @@ AGGREGATIONS = ("sum", "mean", "max", "prod", "first")
 HESSIANS = ("fisher", "hutchinson")
 # Unit kinds: "attn" (one KV head with its query heads), "head" (one query head), "mlp", "hidden", "layer".
 UNIT_KINDS = ("attn", "head", "mlp", "hidden", "layer")
+_EVERY_LEAF = r".*"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,7 +47,8 @@ class Importance:
     aggregation: how a group's members combine: ``sum``, ``mean``, ``max``, ``prod`` or ``first``
       (``prod`` ranks by the sum of logarithms, the same order without underflow).
     hessian: second-order diagonal F: ``fisher`` (mean per-example g^2) or ``hutchinson``
-      (E[v * Hv] with Rademacher probes, Hessian-vector products by forward-over-reverse).
+      (:func:`jaxprune._hessian.hutchinson_diagonal`: E[v * Hv] with Rademacher probes,
+      Hessian-vector products by forward-over-reverse).
     hutchinson_probes: number of probes for ``hessian="hutchinson"``.
     micro_batch: calibration windows per gradient evaluation for first-order variants
       (second-order Fisher always uses one window at a time).
@@ -93,16 +96,6 @@ def _grad(params: Params, cfg: ModelConfig, windows: jax.Array) -> Params:
   return jax.grad(lm_loss)(params, cfg, windows)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _hutchinson_probe(params: Params, cfg: ModelConfig, windows: jax.Array, key: jax.Array) -> Params:
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  v = jax.tree.unflatten(tree, [jax.random.rademacher(k, x.shape, jnp.float32).astype(x.dtype)
-                                for k, x in zip(keys, leaves)])
-  hv = jax.jvp(jax.grad(lambda p: lm_loss(p, cfg, windows)), (params,), (v,))[1]
-  return jax.tree.map(jnp.multiply, v, hv)
-
-
 def _accumulate(fn, params: Params, chunks: list[jax.Array]) -> Params:
   """Weighted mean of ``fn(chunk)`` over chunks (weights = rows); one result in memory at a time."""
   total = sum(len(c) for c in chunks)
@@ -127,13 +120,10 @@ def calibration_gradients(params: Params, cfg: ModelConfig, windows: Any, import
   if importance.needs_second_order and importance.hessian == "fisher":
     singles = [windows[i:i + 1] for i in range(len(windows))]
     curvature = _accumulate(lambda c: jax.tree.map(jnp.square, _grad(params, cfg, c)), params, singles)
-  elif importance.needs_second_order:
+  elif importance.needs_second_order:  # jaxprune's Hutchinson estimator over every parameter
     key = jax.random.PRNGKey(0) if key is None else key
-    n = importance.hutchinson_probes
-    curvature = jax.tree.map(jnp.zeros_like, params)
-    for k in range(n):  # the same probe for every chunk: v * (mean_b H_b) v
-      probe = _accumulate(lambda c: _hutchinson_probe(params, cfg, c, jax.random.fold_in(key, k)), params, chunks)
-      curvature = jax.tree.map(lambda a, x: a + x / n, curvature, probe)
+    curvature = hutchinson_diagonal(lambda p, batch: lm_loss(p, cfg, batch), params, chunks, key,
+                                    num_probes=importance.hutchinson_probes, include=_EVERY_LEAF)
   return GradientStats(grad, curvature)
 
 
