@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 
 from jaxserve._cli_args import add_model_args
 
@@ -42,11 +41,10 @@ def served_name(model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  import uvicorn
-
-  from jaxserve import LLM
+  from jaxserve.engine import LLM
   from jaxserve.loaders import load_model
   from jaxserve.server import ServerConfig, create_app
+  from jaxserve.server._runner import run as run_server
 
   if not 0 <= args.port <= 65535:
     raise ValueError(f"--port must be in [0, 65535], got {args.port}")
@@ -63,11 +61,5 @@ def run(args: argparse.Namespace) -> int:
   config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
                         max_model_len=llm.max_model_len, vocab_size=loaded.cfg.vocab_size, api_key=args.api_key)
   app = create_app(llm, loaded.tokenizer, config)
-  server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                         timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
-  # uvicorn shuts down gracefully on SIGTERM/SIGINT, restores the previous handlers and raises the
-  # signal again; with these handlers that second delivery is a no-op, so a clean shutdown exits 0.
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: None)
-  server.run()
+  run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
   return 0

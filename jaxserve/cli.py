@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module exposes ``add_parser(subparsers)`` registering a subparser with ``set_defaults(func=run)``.
-SUBCOMMANDS = ["jaxserve._cli_generate"]
+SUBCOMMANDS = ["jaxserve._cli_generate", "jaxserve._cli_serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

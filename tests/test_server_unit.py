@@ -15,7 +15,7 @@ import types
 import pytest
 from starlette.testclient import TestClient
 
-from jaxserve.engine._sampling_params import SamplingParams
+from jaxserve.engine import SamplingParams
 from jaxserve.loaders import DEFAULT_TOKENIZER
 from jaxserve.server import ServerConfig, create_app, render_plain
 from jaxserve.server import _protocol as proto
@@ -74,8 +74,8 @@ class ScriptedEngine:
     return outs
 
   def stats(self):
-    return {"kv_blocks_total": 10, "kv_blocks_used": len(self.reqs), "num_running": len(self.reqs),
-            "num_waiting": 0, "num_preemptions": 0}
+    return {"kv_blocks_total": 10, "kv_blocks_used": len(self.reqs), "num_running_requests": len(self.reqs),
+            "num_waiting_requests": 0, "total_preemptions": 0}
 
 
 def expected_tokens(prompt, n_tokens, index=0):
@@ -184,10 +184,10 @@ def test_tokenizer_chat_template_is_used_when_present():
 # ---------------------------------------------------------------- metrics
 def test_metrics_counters_follow_engine_totals():
   m = ServerMetrics("m")
-  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 2, "num_running": 1, "num_waiting": 3,
-                   "num_preemptions": 2, "prefix_cache_queries": 10, "prefix_cache_hits": 4})
-  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 0, "num_running": 0, "num_waiting": 0,
-                   "num_preemptions": 5, "prefix_cache_queries": 30, "prefix_cache_hits": 4})
+  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 2, "num_running_requests": 1, "num_waiting_requests": 3,
+                   "total_preemptions": 2, "prefix_cache_queries": 10, "prefix_cache_hits": 4})
+  m.update_engine({"kv_blocks_total": 8, "kv_blocks_used": 0, "num_running_requests": 0, "num_waiting_requests": 0,
+                   "total_preemptions": 5, "prefix_cache_queries": 30, "prefix_cache_hits": 4})
   text = m.render().decode()
   assert 'jaxserve:kv_cache_usage_perc{model_name="m"} 0.0' in text
   assert 'jaxserve:num_preemptions_total{model_name="m"} 5.0' in text

@@ -53,7 +53,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   The engine thread starts with the app's lifespan and stops (aborting what is left) when it ends.
   """
   if sampling_params_cls is None:
-    from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
+    from jaxserve.engine import SamplingParams as sampling_params_cls  # noqa: N813
   metrics = ServerMetrics(config.model_name)
   aengine = AsyncEngine(engine, metrics)
   token_text = TokenText(tokenizer)
@@ -164,6 +164,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
             lp = None
             if top is not None:
               lp = lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
+            if not text and d.finish_reason is None and lp is None:
+              continue  # tokens whose text is still held back (a partial stop string or UTF-8 character)
             yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                             "finish_reason": d.finish_reason}], "usage": None})
         if proto.include_usage(req):
@@ -217,6 +219,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
           for d in upd.choices:
             ntok += len(d.token_ids)
             lp = None if top is None else {"content": chat_logprobs(token_text, top, d.token_ids, d.logprobs or ())}
+            if not d.text and d.finish_reason is None and lp is None:
+              continue
             yield sse({**head, "choices": [{"index": d.index, "delta": {"content": d.text} if d.text else {},
                                             "logprobs": lp, "finish_reason": d.finish_reason}], "usage": None})
         if proto.include_usage(req):

@@ -71,6 +71,7 @@ class _Stream:
   loop: asyncio.AbstractEventLoop
   arrival: float
   holdback: int  # characters of text held back while a stop string could still complete
+  n: int  # completions of the request
   choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
   first_token: bool = False
 
@@ -116,6 +117,23 @@ class AsyncEngine:
     """Aborts a request (no-op when it already finished); its KV blocks are freed."""
     self._cmds.put(("abort", request_id))
 
+  @property
+  def num_in_flight(self) -> int:
+    """Requests the engine thread is serving (a racy read of its dict size: fine for polling)."""
+    return len(self._streams)
+
+  async def drain(self, timeout: float) -> None:
+    """Graceful shutdown, first half: refuse new requests (503), give the ones in flight
+    ``timeout`` seconds to finish, then abort the rest (their streams end with ``finish_reason``
+    ``"abort"``)."""
+    self._closed = True
+    deadline = time.monotonic() + timeout
+    while self._streams and time.monotonic() < deadline:
+      await asyncio.sleep(0.05)
+    if self._streams:
+      log.info("aborting %d requests still running after %.1f s", len(self._streams), timeout)
+      self._cmds.put(("abort_all",))
+
   def shutdown(self, timeout: float = 30.0) -> None:
     """Aborts what is still in flight, stops the thread and waits for it."""
     self._closed = True
@@ -148,8 +166,10 @@ class AsyncEngine:
         return False
       if cmd[0] == "add":
         self._add(*cmd[1:])
-      else:
+      elif cmd[0] == "abort":
         self._abort(cmd[1])
+      else:
+        self._abort_all("abort")
     if self._safe(self.engine.has_unfinished_requests, False):
       self._step()
     self._update_metrics()
@@ -173,7 +193,7 @@ class AsyncEngine:
       _deliver(loop, sink, Update(tag, error=APIError(500, f"the engine could not take the request: {e}")))
       return
     holdback = max((len(s) for s in params.stop), default=1) - 1 if params.stop else 0
-    self._streams[request_id] = _Stream(tag, sink, loop, arrival, holdback)
+    self._streams[request_id] = _Stream(tag, sink, loop, arrival, holdback, params.n)
     self.metrics.prompt_tokens.inc(len(prompt_token_ids))
     _deliver(loop, sink, Update(tag, num_prompt_tokens=len(prompt_token_ids)))
 
@@ -190,7 +210,8 @@ class AsyncEngine:
       stream = self._streams.pop(request_id)
       self._safe(lambda: self.engine.abort_request(request_id), None)
       self.metrics.request_finished(reason)
-      choices = tuple(ChoiceDelta(i, (), "", None, "abort") for i, c in stream.choices.items() if not c.finished)
+      choices = tuple(ChoiceDelta(i, (), "", None, "abort") for i in range(stream.n)
+                      if not stream.choices.get(i, _Choice()).finished)
       _deliver(stream.loop, stream.sink, Update(stream.tag, choices, finished=True, error=error))
 
   def _step(self) -> None:
@@ -237,7 +258,8 @@ class AsyncEngine:
       end -= stream.holdback
       while end > len(state.text) and text[end - 1] == "\ufffd":
         end -= 1
-    new_text = text[len(state.text):end] if end > len(state.text) and text.startswith(state.text) else ""
+    # The engine's text only grows (held-back stop strings aside), so what was sent is its prefix.
+    new_text = text[len(state.text):end]
     logprobs = None
     if c.logprobs is not None:
       logprobs = tuple(c.logprobs[state.num_tokens:state.num_tokens + len(new_ids)])

@@ -65,10 +65,11 @@ class ServerMetrics:
       self.kv_blocks_total.set(total)
       self.kv_blocks_used.set(used)
       self.kv_cache_usage.set(used / total if total else 0.0)
-    for key, gauge in (("num_running", self.num_requests_running), ("num_waiting", self.num_requests_waiting)):
+    for key, gauge in (("num_running_requests", self.num_requests_running),
+                       ("num_waiting_requests", self.num_requests_waiting)):
       if key in stats:
         gauge.set(stats[key])
-    for key, counter in (("num_preemptions", self.num_preemptions),
+    for key, counter in (("total_preemptions", self.num_preemptions),
                          ("prefix_cache_queries", self.prefix_cache_queries),
                          ("prefix_cache_hits", self.prefix_cache_hits)):
       if key in stats:
