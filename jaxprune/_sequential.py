@@ -28,22 +28,26 @@ LayerFn = Callable[[str, jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "capture"))
-def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer: int, capture: str | None = None
-                  ) -> tuple[jax.Array, jax.Array | None]:
+def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer: int, capture: bool = False
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs one decoder block on hidden states ``x`` ``[B, T, hidden]``.
 
   Returns:
-    ``(y, gram)``: the block's output and, when ``capture`` names one of its linears
-    (``"mlp/up_proj"``), the float32 ``X^T X`` ``[in, in]`` of that linear's inputs.
+    ``(y, grams)``: the block's output and, with ``capture``, ``{name: X^T X}`` (float32,
+    ``[in, in]``) of the inputs of every linear, keyed by the first linear of each group
+    sharing an input (``"self_attn/q_proj"``, ``"self_attn/o_proj"``, ``"mlp/gate_proj"``,
+    ``"mlp/down_proj"``).
   """
   grams = {}
+  heads = {group[0] for group in GROUPS}
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
     if capture and context.method_name == "__call__" and isinstance(mod, nn.Dense):
-      if "/".join(mod.path[-2:]) == capture:
+      name = "/".join(mod.path[-2:])
+      if name in heads:
         xin = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
-        grams["g"] = jnp.matmul(xin.T, xin, precision=jax.lax.Precision.HIGHEST)
+        grams[name] = jnp.matmul(xin.T, xin, precision=jax.lax.Precision.HIGHEST)
     return next_fun(*args, **kwargs)
 
   b, t, _ = x.shape
@@ -52,9 +56,16 @@ def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer
   block = model_lib.Block(cfg, layer, model_lib.default_attention(cfg))
   with nn.intercept_methods(interceptor):
     y, _ = block.apply({"params": block_params}, x, cos, sin, None, {"positions": positions})
-  if capture and "g" not in grams:
-    raise ValueError(f"block {layer} has no linear {capture!r}")
-  return y, grams.get("g")
+  return y, grams
+
+
+def block_grams(block_params: PyTree, xs: list[jax.Array], *, cfg: ModelConfig, layer: int) -> dict[str, jax.Array]:
+  """``{group head: X^T X}`` summed over the batches ``xs`` of block inputs."""
+  total: dict[str, jax.Array] = {}
+  for x in xs:
+    for k, g in block_forward(block_params, x, cfg=cfg, layer=layer, capture=True)[1].items():
+      total[k] = total[k] + g if k in total else g
+  return total
 
 
 def embed_inputs(params: PyTree, cfg: ModelConfig, tokens: Any, batch_size: int) -> list[jax.Array]:
@@ -64,7 +75,8 @@ def embed_inputs(params: PyTree, cfg: ModelConfig, tokens: Any, batch_size: int)
 
 
 def prune_sequential(params: PyTree, cfg: ModelConfig, tokens: Any, layer_fn: LayerFn, selected: set[str], *,
-                     batch_size: int = 8, progress: bool = False, desc: str = "pruning") -> tuple[PyTree, dict]:
+                     batch_size: int = 8, true_sequential: bool = True, progress: bool = False,
+                     desc: str = "pruning") -> tuple[PyTree, dict]:
   """Applies ``layer_fn`` to every selected block linear, block by block.
 
   Args:
@@ -74,6 +86,8 @@ def prune_sequential(params: PyTree, cfg: ModelConfig, tokens: Any, layer_fn: La
     layer_fn: ``(path, kernel, gram, ntokens) -> (new_kernel, mask)``.
     selected: full paths (``"layers_3/mlp/up_proj/kernel"``) to prune; others stay as they are.
     batch_size: calibration windows per forward pass.
+    true_sequential: recompute a block's later inputs after pruning its earlier linears
+      (q/k/v, o, gate/up, down: up to four passes); False captures all from one pass.
     progress: show a progress bar over blocks.
 
   Returns:
@@ -87,18 +101,17 @@ def prune_sequential(params: PyTree, cfg: ModelConfig, tokens: Any, layer_fn: La
     name = f"layers_{i}"
     block = jax.tree.map(lambda a: a, params[name])
     static_layer = 0 if cfg.is_uniform else i  # one compilation serves all blocks of a uniform model
+    grams = None
     for group in GROUPS:
       todo = [p for p in group if f"{name}/{p}/kernel" in selected]
       if not todo:
         continue
-      gram = None
-      for x in xs:
-        g = block_forward(block, x, cfg=cfg, layer=static_layer, capture=todo[0])[1]
-        gram = g if gram is None else gram + g
+      if grams is None or true_sequential:
+        grams = block_grams(block, xs, cfg=cfg, layer=static_layer)
       for p in todo:
         sub, leaf = p.split("/")
         path = f"{name}/{p}/kernel"
-        new, mask = layer_fn(path, block[sub][leaf]["kernel"], gram, ntokens)
+        new, mask = layer_fn(path, block[sub][leaf]["kernel"], grams[group[0]], ntokens)
         block[sub] = {**block[sub], leaf: {**block[sub][leaf], "kernel": new}}
         masks[path] = mask
     params[name] = block

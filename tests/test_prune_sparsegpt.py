@@ -22,10 +22,11 @@ def layers():
   x = embed_inputs(m.params, m.cfg, win.inputs, 8)[0]
   x = block_forward(m.params["layers_0"], x, cfg=m.cfg, layer=0)[0]
   out = {}
-  for name in ("self_attn/q_proj", "mlp/down_proj", "mlp/up_proj"):
+  grams = block_forward(m.params["layers_1"], x, cfg=m.cfg, layer=1, capture=True)[1]
+  for name, head in (("self_attn/q_proj", "self_attn/q_proj"), ("mlp/down_proj", "mlp/down_proj"),
+                     ("mlp/up_proj", "mlp/gate_proj")):
     sub, leaf = name.split("/")
-    gram = block_forward(m.params["layers_1"], x, cfg=m.cfg, layer=1, capture=name)[1]
-    out[name] = (m.params["layers_1"][sub][leaf]["kernel"], gram)
+    out[name] = (m.params["layers_1"][sub][leaf]["kernel"], grams[head])
   return out
 
 
