@@ -75,7 +75,8 @@ GPU = Setup(
     tune_sizes=((64, 2048), (8, 2048), (1, 8192)),
     tune_grid=tuple(
         dict(pages_per_compute_block=p, num_warps=w, num_stages=s)
-        for p in (4, 8, 16) for w in (4, 8) for s in (2, 3)),
+        for p in (4, 8, 16) for w in (4, 8) for s in (2, 3))
+    + tuple(dict(num_splits=n) for n in (1, 2, 4, 8, 16, 32)),
 )
 SMOKE = Setup(
     batches=(1, 2), contexts=(32, 64), num_heads=4, num_kv_heads=2,
@@ -84,7 +85,8 @@ SMOKE = Setup(
     target_bytes_per_program=1 << 20, max_unroll=2, reps=2,
     tune_sizes=((2, 64),),
     tune_grid=(dict(pages_per_compute_block=1, num_warps=4, num_stages=2),
-               dict(pages_per_compute_block=2, num_warps=4, num_stages=2)),
+               dict(pages_per_compute_block=2, num_warps=4, num_stages=2),
+               dict(num_splits=2)),
 )
 
 
@@ -476,13 +478,18 @@ def _table(rows, copy_gbps, tuning) -> str:
     gb = f"{k['GBps']:.0f}" if "GBps" in k else "-"
     pct = f"{100 * k['GBps'] / copy_gbps:.0f}%" if "GBps" in k else "-"
     b = best.get((r["batch"], r["context"]))
-    tuned = (f"{b['us']:.1f} ({b['knobs']['pages_per_compute_block']}p,"
-             f"{b['knobs']['num_warps']}w,{b['knobs']['num_stages']}s)"
-             if b else "-")
+    tuned = f"{b['us']:.1f} ({_knob_text(b['knobs'])})" if b else "-"
     lines.append(f"| {r['batch']} | {r['context']} | {_fmt(k)} | {gb} | "
                  f"{pct} | {_fmt(x)} | {_fmt(j)} | {speed} | {tuned} |")
   lines.append(f"\ncopy bandwidth (read + write): {copy_gbps:.0f} GB/s")
   return "\n".join(lines)
+
+
+def _knob_text(knobs: dict) -> str:
+  short = {"pages_per_compute_block": "p", "num_warps": "w",
+           "num_stages": "s", "num_splits": "splits="}
+  return ",".join(f"{short[k]}{v}" if k == "num_splits" else f"{v}{short[k]}"
+                  for k, v in knobs.items())
 
 
 def _out_path(args) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import _compat
+from kernels_pallas import _compat, _core
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                 jnp.dtype(jnp.float16))
@@ -100,6 +100,23 @@ def check_compiled_shapes(head_dim: int, page_size: int, block_k: int,
   if block_k < 16:
     raise ValueError("pages_per_compute_block * page_size must be >= 16 for "
                      f"the compiled GPU kernel, got {block_k}")
+
+
+def compiled_kernel_supported(head_dim: int, page_size: int) -> bool:
+  """Whether the compiled (Triton) kernels accept this head_dim / page_size.
+
+  With the default pages_per_compute_block; interpret mode accepts anything.
+  Engines use it to pick the Pallas path on a GPU or fall back to XLA.
+  """
+  if head_dim < 1 or page_size < 1:
+    return False
+  ppcb = _core.auto_pages_per_compute_block(page_size, 1 << 20)
+  try:
+    check_compiled_shapes(head_dim, page_size, ppcb * page_size,
+                          interpret=False)
+  except ValueError:
+    return False
+  return True
 
 
 def concrete(x: Any) -> np.ndarray | None:

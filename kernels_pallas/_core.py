@@ -72,12 +72,12 @@ def auto_num_splits(num_programs: int, max_pages: int,
                     pages_per_compute_block: int) -> int:
   """Split the sequence until about 512 programs exist (flash-decoding).
 
-  Each split keeps at least two compute blocks of pages so the per-split
-  overhead (partial outputs, the combine) stays small next to the KV reads.
+  Each split keeps at least one compute block of pages. Small problems are
+  latency bound, so more parallel programs beat the cost of the combine.
   """
   target = 512
   splits = 1
-  max_useful = max(1, max_pages // (2 * pages_per_compute_block))
+  max_useful = max(1, max_pages // pages_per_compute_block)
   while num_programs * splits < target and splits * 2 <= max_useful:
     splits *= 2
   return splits

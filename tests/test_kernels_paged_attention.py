@@ -207,3 +207,11 @@ def test_triton_lowering_without_a_gpu(dtype, page_size, head_dim, group,
       sds((batch + 1,), jnp.int32), sds((), jnp.int32), sm_scale=0.1,
       soft_cap=None, block_q=8, config=cfg).lower(lowering_platforms=("cuda",))
   assert "triton" in ragged.as_text()
+
+
+def test_compiled_kernel_supported():
+  assert kp.compiled_kernel_supported(head_dim=128, page_size=16)
+  assert kp.compiled_kernel_supported(head_dim=64, page_size=8)
+  assert not kp.compiled_kernel_supported(head_dim=8, page_size=16)
+  assert not kp.compiled_kernel_supported(head_dim=96, page_size=16)
+  assert not kp.compiled_kernel_supported(head_dim=128, page_size=12)
