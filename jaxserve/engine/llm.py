@@ -103,10 +103,12 @@ class LLM:
       sampling_params = SamplingParams()
     if isinstance(sampling_params, (SamplingParams, BeamSearchParams)):
       params = [sampling_params] * len(prompts)
-    else:
+    elif isinstance(sampling_params, Sequence) and not isinstance(sampling_params, str):
       params = list(sampling_params)
       if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
+    else:
+      raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
     return self._run(prompts, params, use_tqdm)
 
   def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
@@ -172,6 +174,10 @@ class LLM:
 
   def reset_stats(self) -> None:
     self.engine.reset_stats()
+
+  def reset_prefix_cache(self) -> None:
+    """Forgets every cached prefix (the blocks stay free); e.g. between a warm-up and a timed run."""
+    self.engine.kv.pool.reset_prefix_cache()
 
   def get_tokenizer(self):
     return self.tokenizer
