@@ -141,7 +141,10 @@ def _local_remove(kind: _Kind, layer: int, ratio: float, final: bool) -> int:
     return 0
   if n < m:
     raise ValueError(f"round_to={m} exceeds the {n} {_WHAT[kind.unit]} of layer {layer}")
-  kept = min(_round_half_up(n * (1.0 - ratio) / m) * m, n // m * m)
+  if m == 1:  # whole units: remove the nearest count (halves round up)
+    kept = n - _round_half_up(n * ratio)
+  else:  # keep the nearest multiple of m (at most n)
+    kept = min(_round_half_up(n * (1.0 - ratio) / m) * m, n // m * m)
   where = f"layer {layer}" if layer >= 0 else "the model"
   if kept < kind.min_keep:
     raise ValueError(f"pruning ratio {ratio:g} would remove every one of the {n} {_WHAT[kind.unit]} of {where}; "
