@@ -8,7 +8,7 @@ import pytest
 import kernels_pallas as kp
 from kernels_pallas import testing as kt
 
-F32, BF16 = jnp.float32, jnp.bfloat16
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,7 @@ SWEEP = [
     (8, 64, 1, F32), (8, 128, 2, BF16), (8, 64, 4, BF16), (8, 128, 8, F32),
     (16, 128, 1, BF16), (16, 64, 2, F32), (16, 128, 4, F32), (16, 64, 8, BF16),
     (32, 64, 1, BF16), (32, 128, 2, F32), (32, 64, 4, F32), (32, 128, 8, BF16),
+    (16, 64, 4, F16),
 ]
 
 
