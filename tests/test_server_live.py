@@ -190,6 +190,23 @@ def test_disconnecting_clients_free_their_requests(server):
   assert _idle_kv(server) == (0.0, usage0)
   text = httpx.get(server.url("/metrics"), timeout=10).text
   assert metric(text, "request_success_total", 'finished_reason="abort"') - aborted0 == 20
+
+  # non-streaming clients that give up (read timeout) are aborted too
+  def give_up():
+    with pytest.raises(httpx.ReadTimeout):
+      httpx.post(server.url("/v1/completions"), json={**body, "stream": False}, headers=AUTH, timeout=0.3)
+
+  threads = [threading.Thread(target=give_up) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  deadline = time.monotonic() + 30
+  while _idle_kv(server) != (0.0, usage0) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _idle_kv(server) == (0.0, usage0)
+  text = httpx.get(server.url("/metrics"), timeout=10).text
+  assert metric(text, "request_success_total", 'finished_reason="abort"') - aborted0 == 23
   assert metric(text, "num_requests_waiting") == 0
   assert httpx.get(server.url("/health")).status_code == 200
 

@@ -40,6 +40,7 @@ class ServerMetrics:
     self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).")
     self.kv_blocks_used = gauge("kv_cache_blocks_used", "KV cache blocks held by requests.")
     self.kv_blocks_total = gauge("kv_cache_blocks_total", "KV cache blocks in the pool.")
+    self.num_compiled_programs = gauge("num_compiled_programs", "jit programs the engine has compiled so far.")
     self.num_preemptions = counter("num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.")
     self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
     self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
@@ -66,7 +67,8 @@ class ServerMetrics:
       self.kv_blocks_used.set(used)
       self.kv_cache_usage.set(used / total if total else 0.0)
     for key, gauge in (("num_running_requests", self.num_requests_running),
-                       ("num_waiting_requests", self.num_requests_waiting)):
+                       ("num_waiting_requests", self.num_requests_waiting),
+                       ("num_compiled_programs", self.num_compiled_programs)):
       if key in stats:
         gauge.set(stats[key])
     for key, counter in (("total_preemptions", self.num_preemptions),
