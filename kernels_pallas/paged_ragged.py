@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,23 +28,31 @@ from kernels_pallas.paged_decode import make_config
 from kernels_pallas.paged_decode import paged_attention_reference
 
 
-class _TokenLayout:
-  """Per-token sequence id and position (traced helper, no state)."""
+class _TokenLayout(NamedTuple):
+  """Where each query row of a ragged batch belongs (traced arrays)."""
 
-  def __init__(self, cu_q_lens, kv_lens, num_seqs, num_tokens):
-    num_seqs_max = kv_lens.shape[0]
-    seq = jnp.arange(num_seqs_max + 1)
-    # Sequences past num_seqs own no tokens: freeze the cumulative lengths.
-    self.cu = jnp.where(seq <= num_seqs, cu_q_lens,
-                        cu_q_lens[jnp.minimum(num_seqs, num_seqs_max)])
-    self.q_lens = self.cu[1:] - self.cu[:-1]  # [S]
-    t = jnp.arange(num_tokens)
-    self.seq_of_token = jnp.searchsorted(self.cu[1:], t, side="right")
-    self.token_valid = self.seq_of_token < num_seqs_max
-    s = jnp.minimum(self.seq_of_token, num_seqs_max - 1)
-    self.seq_clipped = s
-    self.offset_in_chunk = t - self.cu[s]
-    self.position = kv_lens[s] - self.q_lens[s] + self.offset_in_chunk
+  cu: jax.Array  # [S + 1] cumulative chunk lengths, frozen past num_seqs
+  q_lens: jax.Array  # [S] chunk length of each sequence (0 past num_seqs)
+  token_valid: jax.Array  # [T] bool: row belongs to a live sequence
+  seq: jax.Array  # [T] sequence of each row (clipped to S - 1 for padding)
+  offset: jax.Array  # [T] index of the row inside its chunk
+  position: jax.Array  # [T] absolute position of the row in its sequence
+
+
+def _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens) -> _TokenLayout:
+  num_seqs_max = kv_lens.shape[0]
+  idx = jnp.arange(num_seqs_max + 1)
+  # Sequences past num_seqs own no tokens: freeze the cumulative lengths.
+  cu = jnp.where(idx <= num_seqs, cu_q_lens,
+                 cu_q_lens[jnp.minimum(num_seqs, num_seqs_max)])
+  q_lens = cu[1:] - cu[:-1]
+  t = jnp.arange(num_tokens)
+  seq = jnp.searchsorted(cu[1:], t, side="right")
+  valid = seq < num_seqs_max
+  seq = jnp.minimum(seq, num_seqs_max - 1)
+  offset = t - cu[seq]
+  position = kv_lens[seq] - q_lens[seq] + offset
+  return _TokenLayout(cu, q_lens, valid, seq, offset, position)
 
 
 def ragged_paged_attention_reference(
@@ -77,12 +86,12 @@ def ragged_paged_attention_reference(
   Returns:
     [T_total, num_heads, head_dim] in q's dtype; padding rows are zero.
   """
-  lay = _TokenLayout(cu_q_lens, kv_lens, jnp.asarray(num_seqs, jnp.int32),
-                     q.shape[0])
+  lay = _token_layout(cu_q_lens, kv_lens, jnp.asarray(num_seqs, jnp.int32),
+                      q.shape[0])
   lengths = jnp.where(lay.token_valid, lay.position + 1, 0).astype(jnp.int32)
   lengths = jnp.maximum(lengths, 0)
   return paged_attention_reference(q, k_pages, v_pages,
-                                   block_tables[lay.seq_clipped], lengths,
+                                   block_tables[lay.seq], lengths,
                                    sm_scale=sm_scale, soft_cap=soft_cap)
 
 
@@ -103,7 +112,7 @@ def _ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
   num_seqs_max = kv_lens.shape[0]
   rows = _core.num_rows(block_q, group)
   n_blocks = num_query_blocks(num_tokens, num_seqs_max, block_q)
-  lay = _TokenLayout(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  lay = _token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
 
   # Query blocks: chunk s is cut into ceil(q_len / block_q) blocks.
   blocks_per_seq = (lay.q_lens + block_q - 1) // block_q
@@ -135,9 +144,8 @@ def _ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
                                 config=config)  # [N, KVH, M, D]
 
   # Scatter back: token t sits in block blk_start[s] + off // block_q.
-  ts = lay.seq_clipped
-  t_blk = blk_start[ts] + lay.offset_in_chunk // block_q
-  t_row = (lay.offset_in_chunk % block_q) * group
+  t_blk = blk_start[lay.seq] + lay.offset // block_q
+  t_row = (lay.offset % block_q) * group
   t_blk = jnp.clip(t_blk, 0, n_blocks - 1)
   heads = np.arange(group)
   got = out[t_blk[:, None], :, t_row[:, None] + heads[None, :], :]
