@@ -70,8 +70,10 @@ def lm_loss(params: Any, cfg: ModelConfig, batch: Windows | tuple) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1))
 
 
+@functools.lru_cache(maxsize=32)
 def loss_fn_for(cfg: ModelConfig):
-  """``(params, batch) -> loss`` closure over a model config, for the score functions."""
+  """``(params, batch) -> loss`` for a model config; the same object per config, so jitted
+  functions taking it as a static argument compile once."""
   return functools.partial(_loss, cfg=cfg)
 
 

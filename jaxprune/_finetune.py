@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,6 +46,18 @@ class FinetuneConfig:
 class FinetuneResult(NamedTuple):
   params: PyTree
   losses: np.ndarray  # [steps] training loss per step
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
+  return optimizer(config, None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"), donate_argnums=(0, 1))
+def _train_step(params, opt_state, inputs, targets, *, cfg: ModelConfig, config: FinetuneConfig):
+  loss, grads = jax.value_and_grad(lm_loss)(params, cfg, (inputs, targets))
+  updates, opt_state = _cached_optimizer(config).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
 
 
 def optimizer(config: FinetuneConfig, masks: PyTree) -> optax.GradientTransformation:
@@ -94,21 +107,16 @@ def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, co
   if ids.ndim != 1:
     raise ValueError(f"token_ids must be a 1-D token stream, got shape {ids.shape}")
   params = apply_masks(params, masks)
-  tx = optimizer(config, masks)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, inputs, targets):
-    loss, grads = jax.value_and_grad(lm_loss)(params, cfg, (inputs, targets))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  params = jax.tree.map(jnp.array, params)  # private copies: the step donates its buffers
+  opt_state = jax.tree.map(jnp.array, optimizer(config, masks).init(params))  # the masks live in the state
 
   data = random_batches(ids, config, cfg.bos_token_id)
   losses = np.zeros(config.steps, np.float32)
   with tqdm(total=config.steps, desc="fine-tune", disable=not progress) as bar:
     for t in range(config.steps):
       inputs, targets = next(data)
-      params, opt_state, loss = step(params, opt_state, jnp.asarray(inputs), jnp.asarray(targets))
+      params, opt_state, loss = _train_step(params, opt_state, jnp.asarray(inputs), jnp.asarray(targets),
+                                            cfg=cfg, config=config)
       losses[t] = float(loss)
       if callback is not None:
         callback(t, losses[t])

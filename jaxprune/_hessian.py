@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Sequence
 
 import jax
@@ -49,8 +51,21 @@ def hvp(f: Callable[[PyTree], jax.Array], x: PyTree, v: PyTree) -> PyTree:
   return jax.jvp(jax.grad(f), (x,), (v,))[1]
 
 
-def _restricted(loss_fn: LossFn) -> Callable[[dict, PyTree, Any], jax.Array]:
-  return lambda sel, params, batch: loss_fn(replace_leaves(params, sel), batch)
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _probe_sum(sel: dict, params: PyTree, batch: Any, keys: jax.Array, *, loss_fn: LossFn) -> dict:
+  """Sum over the probes ``keys`` of ``v * (H v)``, H the Hessian of the loss w.r.t. ``sel``."""
+  def one(key):
+    ks = jax.random.split(key, len(sel))
+    v = {p: jax.random.rademacher(k, x.shape, jnp.float32) for k, (p, x) in zip(ks, sel.items())}
+    hv = hvp(lambda s: loss_fn(replace_leaves(params, s), batch), sel, v)
+    return {p: v[p] * hv[p] for p in sel}
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(one)(keys))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "path"))
+def _leaf_hessian_diagonal(w: jax.Array, params: PyTree, batch: Any, *, loss_fn: LossFn, path: str) -> jax.Array:
+  h = jax.hessian(lambda w: loss_fn(replace_leaves(params, {path: w}), batch))(w)
+  return jnp.diagonal(h.reshape(w.size, w.size)).reshape(w.shape)
 
 
 def hutchinson_diagonal(loss_fn: LossFn, params: PyTree, batches: Sequence[Any], key: jax.Array, *,
@@ -79,17 +94,7 @@ def hutchinson_diagonal(loss_fn: LossFn, params: PyTree, batches: Sequence[Any],
     raise ValueError(f"num_probes must be >= 1, got {num_probes}")
   batches = check_batches(batches, "Hutchinson's Hessian diagonal")
   sel = select(params, include, exclude)
-  f = _restricted(loss_fn)
   chunk = max(1, min(int(probe_chunk), int(num_probes)))
-
-  @jax.jit
-  def probes(sel, params, batch, keys):  # the sum over a chunk of probes of v * (H v)
-    def one(key):
-      ks = jax.random.split(key, len(sel))
-      v = {p: jax.random.rademacher(k, x.shape, jnp.float32) for k, (p, x) in zip(ks, sel.items())}
-      hv = hvp(lambda s: f(s, params, batch), sel, v)
-      return {p: v[p] * hv[p] for p in sel}
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(one)(keys))
 
   acc = {p: jnp.zeros_like(x) for p, x in sel.items()}
   all_keys = jax.random.split(key, int(num_probes))
@@ -97,7 +102,7 @@ def hutchinson_diagonal(loss_fn: LossFn, params: PyTree, batches: Sequence[Any],
     for start in range(0, int(num_probes), chunk):
       keys = all_keys[start:start + chunk]
       for batch in batches:  # the same probes for every batch: v * (mean_b H_b) v
-        acc = jax.tree.map(jnp.add, acc, probes(sel, params, batch, keys))
+        acc = jax.tree.map(jnp.add, acc, _probe_sum(sel, params, batch, keys, loss_fn=loss_fn))
       bar.update(len(keys))
   scale = 1.0 / (int(num_probes) * len(batches))
   return expand(params, {p: a * scale for p, a in acc.items()})
@@ -119,12 +124,9 @@ def exact_hessian_diagonal(loss_fn: LossFn, params: PyTree, batches: Sequence[An
                      f"{big[0][1]}: use hessian='hutchinson' or raise max_size")
   out = {}
   for path, x in sel.items():
-    def g(w, params, batch, path=path):
-      return loss_fn(replace_leaves(params, {path: w}), batch)
-    h_fn = jax.jit(jax.hessian(g))
-    d = jnp.zeros(x.size, jnp.float32)
+    d = jnp.zeros(x.shape, jnp.float32)
     for batch in batches:
-      d = d + jnp.diagonal(h_fn(x, params, batch).reshape(x.size, x.size))
-    out[path] = (d / len(batches)).reshape(x.shape)
+      d = d + _leaf_hessian_diagonal(x, params, batch, loss_fn=loss_fn, path=path)
+    out[path] = d / len(batches)
   return expand(params, out)
 

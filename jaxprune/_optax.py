@@ -74,8 +74,11 @@ def prune_updates(schedule: Schedule | None = None, *, score_fn: Callable[[PyTre
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("prune_updates needs params: call tx.update(grads, state, params)")
-    target, now = schedule(state.count)
-    new_masks = jax.lax.cond(now, lambda: recompute(params, state.masks, target), lambda: state.masks)
+    if isinstance(schedule, Fixed):
+      new_masks = state.masks
+    else:
+      target, now = schedule(state.count)
+      new_masks = jax.lax.cond(now, lambda: recompute(params, state.masks, target), lambda: state.masks)
     updates = map_with_path(
         lambda _, m, u, p: u if m is None else jnp.where(m, u, (-p).astype(u.dtype)), new_masks, updates, params)
     return updates, PruningState(optax.safe_int32_increment(state.count), new_masks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Sequence
 
 import jax
@@ -29,11 +31,26 @@ def random_scores(params: PyTree, seed: int = 0, *, include: str = DEFAULT_INCLU
                          for i, (p, x) in enumerate(sel.items())})
 
 
+def _grad_impl(sel: dict, params: PyTree, batch: Any, *, loss_fn: LossFn) -> dict:
+  return jax.grad(lambda s: loss_fn(replace_leaves(params, s), batch))(sel)
+
+
+_grad = jax.jit(_grad_impl, static_argnames=("loss_fn",))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _sq_grad_sum(sel: dict, params: PyTree, examples: Any, *, loss_fn: LossFn) -> dict:
+  """Sum over examples (leading axis) of the squared per-example gradient."""
+  def one(example):
+    return _grad_impl(sel, params, jax.tree.map(lambda a: a[None], example), loss_fn=loss_fn)
+  g = jax.vmap(one)(examples)
+  return {p: jnp.sum(jnp.square(x), axis=0) for p, x in g.items()}
+
+
 def _mean_grad(loss_fn: LossFn, params: PyTree, batches: list[Any], sel: dict[str, jax.Array]) -> dict:
-  grad = jax.jit(jax.grad(lambda s, params, batch: loss_fn(replace_leaves(params, s), batch)))
   acc = {p: jnp.zeros_like(x) for p, x in sel.items()}
   for batch in batches:
-    acc = jax.tree.map(jnp.add, acc, grad(sel, params, batch))
+    acc = jax.tree.map(jnp.add, acc, _grad(sel, params, batch, loss_fn=loss_fn))
   return {p: a / len(batches) for p, a in acc.items()}
 
 
@@ -55,22 +72,13 @@ def fisher_diagonal(loss_fn: LossFn, params: PyTree, batches: Sequence[Any], *, 
   """
   batches = check_batches(batches, "fisher scores")
   sel = select(params, include, exclude)
-
-  def one(s, params, example):
-    return jax.grad(lambda s2: loss_fn(replace_leaves(params, s2), jax.tree.map(lambda a: a[None], example)))(s)
-
-  @jax.jit
-  def sq_sum(s, params, examples):
-    g = jax.vmap(one, in_axes=(None, None, 0))(s, params, examples)
-    return {p: jnp.sum(jnp.square(x), axis=0) for p, x in g.items()}
-
   acc = {p: jnp.zeros_like(x) for p, x in sel.items()}
   count = 0
   for batch in batches:
     n = jax.tree.leaves(batch)[0].shape[0]
     for start in range(0, n, chunk):
       part = jax.tree.map(lambda a: a[start:start + chunk], batch)
-      acc = jax.tree.map(jnp.add, acc, sq_sum(sel, params, part))
+      acc = jax.tree.map(jnp.add, acc, _sq_grad_sum(sel, params, part, loss_fn=loss_fn))
     count += n
   return expand(params, {p: a / count for p, a in acc.items()})
 
