@@ -120,7 +120,7 @@ def main() -> int:
   ap.add_argument("--requests", type=int, default=128, help="requests in the workload (1..4096)")
   ap.add_argument("--max-duration", type=float, default=180.0, help="seconds the measured run may take at most")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--warmup-passes", type=int, default=2, help="untimed warm-up workloads run first on each side")
+  ap.add_argument("--warmup-passes", type=int, default=3, help="untimed warm-up workloads run first on each side")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "server_load.json"))
   args = ap.parse_args()
   if not 1 <= args.clients <= 256:

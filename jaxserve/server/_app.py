@@ -116,8 +116,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   # ---------------------------------------------------------------- routes
   @app.get("/health")
   async def health() -> Response:
-    ok = aengine.alive
-    return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+    if aengine.alive:
+      return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "shutting down" if aengine.closed else "engine stopped"}, status_code=503)
 
   @app.get("/metrics")
   async def metrics_route() -> Response:

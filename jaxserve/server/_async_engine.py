@@ -103,6 +103,11 @@ class AsyncEngine:
     self._thread.start()
 
   @property
+  def closed(self) -> bool:
+    """True once shutdown began (new requests get 503)."""
+    return self._closed
+
+  @property
   def alive(self) -> bool:
     return self._thread.is_alive() and not self._closed
 
