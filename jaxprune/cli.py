@@ -7,7 +7,8 @@ import importlib
 import sys
 
 # Each module exposes ``add_parser(subparsers)`` registering a subparser with ``set_defaults(func=run)``.
-SUBCOMMANDS = ["jaxprune._cli_eval", "jaxprune._cli_structured"]
+SUBCOMMANDS = ["jaxprune._cli_eval", "jaxprune._cli_structured", "jaxprune._cli_prune", "jaxprune._cli_finetune",
+               "jaxprune._demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
