@@ -19,13 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from jaxserve.generate import generate
+  from jaxserve.engine import LLM, SamplingParams
   from jaxserve.loaders import load_model
   m = load_model(args.model, args.dtype, args.tokenizer)
   if m.tokenizer is None:
     raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
-  prompt = m.tokenizer.encode(args.prompt, add_bos=True)
-  out = generate(m.params, m.cfg, [prompt], args.max_tokens, args.temperature, args.top_p, args.seed,
-                 eos_id=m.tokenizer.eos_id)[0]
-  print(args.prompt + m.tokenizer.decode(prompt[-1:] + out)[len(m.tokenizer.decode(prompt[-1:])):])
+  params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+  max_len = min(m.cfg.max_position_embeddings, len(m.tokenizer.encode(args.prompt, add_bos=True)) + args.max_tokens)
+  llm = LLM(m, max_num_seqs=1, max_model_len=max(max_len, 2))
+  out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+  print(args.prompt + out.outputs[0].text)
   return 0

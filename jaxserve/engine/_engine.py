@@ -265,8 +265,16 @@ class EngineCore:
       seq.finish_reason, seq.stop_reason = reason
       self.scheduler.finish_seq(req, seq)
 
+  def decode_output(self, seq: Sequence) -> str:
+    """The output's text as it continues the prompt (decoded after a few prompt tokens, so that
+    a leading space of the first output token is kept, as sentencepiece drops it at the start)."""
+    ctx = seq.token_ids[max(0, seq.num_prompt_tokens - 4):seq.num_prompt_tokens]
+    prefix = self.tokenizer.decode(ctx)
+    full = self.tokenizer.decode(ctx + seq.output_token_ids)
+    return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(seq.output_token_ids)
+
   def _check_stop_strings(self, seq: Sequence, p: SamplingParams) -> tuple[str, str] | None:
-    text = self.tokenizer.decode(seq.output_token_ids)
+    text = self.decode_output(seq)
     hits = [(text.find(s), s) for s in p.stop if s in text]
     if not hits:
       return None
@@ -321,7 +329,7 @@ class EngineCore:
     outs = []
     for seq in seqs:
       ids = seq.output_token_ids
-      text = seq.text if seq.text is not None else (self.tokenizer.decode(ids) if detok else "")
+      text = seq.text if seq.text is not None else (self.decode_output(seq) if detok else "")
       cum = seq.cumulative_logprob if req.is_beam or seq.logprobs is not None else None
       outs.append(CompletionOutput(seq.index, text, list(ids), cum, seq.logprobs, seq.finish_reason,
                                    seq.stop_reason))
@@ -338,6 +346,7 @@ class EngineCore:
     self._peak_seqs = 0
     self._peak_blocks = 0
     self._tokens = 0
+    self._seq_steps = 0
 
   def _record_step(self, sched: SchedulerOutput) -> None:
     live = {seq.seq_id: seq.num_computed_tokens for r in self.scheduler.running for seq in r.seqs}
@@ -346,6 +355,7 @@ class EngineCore:
     self._slots_allocated += allocated
     self._slots_filled += filled
     self._tokens += sched.num_tokens
+    self._seq_steps += len(live)
     self._peak_seqs = max(self._peak_seqs, self.scheduler.num_running_seqs)
     self._peak_blocks = max(self._peak_blocks, self.kv.num_used_blocks)
 
@@ -357,6 +367,9 @@ class EngineCore:
         "kv_blocks_used": self.kv.num_used_blocks,
         "kv_block_size": self.block_size,
         "kv_waste_fraction": 1 - self._slots_filled / self._slots_allocated if self._slots_allocated else 0.0,
+        # what a cache reserving max_model_len slots per running sequence would have wasted on the same steps
+        "kv_contiguous_waste_fraction":
+            1 - self._slots_filled / (self._seq_steps * self.max_model_len) if self._seq_steps else 0.0,
         "num_preemptions": self.scheduler.num_preemptions - self._preemptions0,
         "prefix_cache_queries": queries,
         "prefix_cache_hits": hits,
