@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   add_model_args(p)
   p.add_argument("--calib", default=None, help="training text (default: embedded TinyStories train text)")
   add_finetune_args(p, steps=600)
+  p.add_argument("--teacher", default=None,
+                 help="dense model to distill from with --distill ('embedded' for the built-in stories260K)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval", action="store_true", help="report perplexity before and after")
   p.add_argument("--eval-data", default=None)
@@ -46,7 +48,14 @@ def run(args: argparse.Namespace) -> int:
   eval_path, eval_text = read_text_arg(args.eval_data, EVAL_TEXT) if args.eval else (None, None)
   if eval_path and os.path.abspath(calib_path) == os.path.abspath(eval_path):
     raise ValueError(f"training and evaluation text are the same file ({calib_path}); use held-out text")
+  if ft.distill > 0 and args.teacher is None:
+    raise ValueError("--distill needs --teacher (the dense model; 'embedded' for the built-in stories260K)")
   m = load_model(args.model, args.dtype, args.tokenizer)
+  teacher = None
+  if ft.distill > 0:
+    teacher = load_model(None if args.teacher == "embedded" else args.teacher, args.dtype)
+    if teacher.cfg != m.cfg:
+      raise ValueError(f"--teacher {args.teacher} has a different architecture than {args.model}")
   if m.tokenizer is None:
     raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
   if args.model and checkpoint.is_pruned_checkpoint(args.model):
@@ -60,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
     result["perplexity_before"], _ = evaluate(m.params, m.cfg, eval_ids, args)
   t0 = time.perf_counter()
   out = finetune(m.params, m.cfg, masks, m.tokenizer.encode(calib_text), ft,
-                 progress=not args.no_progress and not args.json)
+                 teacher=None if teacher is None else teacher.params, progress=not args.no_progress and not args.json)
   result["seconds"] = time.perf_counter() - t0
   result["final_loss"] = float(out.losses[-20:].mean())
   if args.eval:
     result["perplexity_after"], _ = evaluate(out.params, m.cfg, eval_ids, args)
   metadata["finetune"] = {"steps": ft.steps, "learning_rate": ft.learning_rate, "batch_size": ft.batch_size,
-                          "seq_len": ft.seq_len, "calib": calib_path}
+                          "seq_len": ft.seq_len, "distill": ft.distill, "teacher": args.teacher, "calib": calib_path}
   checkpoint.save(args.out, out.params, masks, cfg=m.cfg, tokenizer=m.tokenizer, metadata=metadata)
   result["out"] = os.path.abspath(args.out)
   if args.json:

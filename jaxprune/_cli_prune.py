@@ -59,6 +59,8 @@ def add_finetune_args(p: argparse.ArgumentParser, steps: int) -> None:
   p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine to 0)")
   p.add_argument("--finetune-batch-size", type=int, default=16)
   p.add_argument("--finetune-seq-len", type=int, default=256)
+  p.add_argument("--distill", type=float, default=0.0,
+                 help="weight in [0, 1] of distillation from the dense model (KL) in the fine-tuning loss")
 
 
 def prune_config(args: argparse.Namespace):
@@ -78,7 +80,8 @@ def finetune_config(args: argparse.Namespace):
   if args.finetune_steps == 0:
     return None
   return FinetuneConfig(steps=args.finetune_steps, learning_rate=args.finetune_lr,
-                        batch_size=args.finetune_batch_size, seq_len=args.finetune_seq_len, seed=args.seed)
+                        batch_size=args.finetune_batch_size, seq_len=args.finetune_seq_len, distill=args.distill,
+                        seed=args.seed)
 
 
 def read_text_arg(path: str | None, default: str) -> tuple[str, str]:
@@ -140,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     result["perplexity"], _ = evaluate(params, m.cfg, eval_ids, args)
   if ft is not None:
     t0 = time.perf_counter()
-    out = finetune(params, m.cfg, res.masks, calib_ids, ft, progress=progress)
+    out = finetune(params, m.cfg, res.masks, calib_ids, ft, teacher=m.params if ft.distill else None,
+                   progress=progress)
     params = out.params
     result["finetune"] = {"steps": ft.steps, "seconds": time.perf_counter() - t0,
                           "final_loss": float(out.losses[-20:].mean())}

@@ -12,17 +12,22 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxprune._data import lm_loss
 from jaxprune._masks import apply_masks
 from jaxprune._optax import prune_updates
 from jaxserve.config import ModelConfig
+from jaxserve.model import forward
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-  """Recovery fine-tuning settings (defaults: the issue's protocol, 600 steps of 16 x 256 tokens)."""
+  """Recovery fine-tuning settings (defaults: 600 steps of 16 x 256 tokens, AdamW, cosine from 1e-3).
+
+  ``distill`` mixes in knowledge distillation from the dense model: the loss is
+  ``(1 - distill) * CE(student) + distill * KL(teacher || student)`` per token (the
+  teacher is the model before pruning; :func:`finetune` needs ``teacher=``).
+  """
 
   steps: int = 600
   batch_size: int = 16
@@ -31,6 +36,7 @@ class FinetuneConfig:
   warmup_steps: int = 0
   weight_decay: float = 0.0
   grad_clip: float | None = 1.0
+  distill: float = 0.0
   seed: int = 0
 
   def __post_init__(self):
@@ -41,6 +47,8 @@ class FinetuneConfig:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+    if not 0.0 <= self.distill <= 1.0:
+      raise ValueError(f"distill must be in [0, 1], got {self.distill}")
 
 
 class FinetuneResult(NamedTuple):
@@ -53,9 +61,20 @@ def _cached_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   return optimizer(config, None)
 
 
+def distill_loss(params, teacher, cfg: ModelConfig, inputs, targets, alpha: float) -> jax.Array:
+  """``(1 - alpha) * CE + alpha * KL(teacher || student)``, both averaged over tokens."""
+  logp = jax.nn.log_softmax(forward(params, cfg, inputs).logits, axis=-1)
+  ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+  if teacher is None or alpha == 0.0:
+    return ce
+  t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(forward(teacher, cfg, inputs).logits), axis=-1)
+  kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1))
+  return (1.0 - alpha) * ce + alpha * kl
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "config"), donate_argnums=(0, 1))
-def _train_step(params, opt_state, inputs, targets, *, cfg: ModelConfig, config: FinetuneConfig):
-  loss, grads = jax.value_and_grad(lm_loss)(params, cfg, (inputs, targets))
+def _train_step(params, opt_state, teacher, inputs, targets, *, cfg: ModelConfig, config: FinetuneConfig):
+  loss, grads = jax.value_and_grad(distill_loss)(params, teacher, cfg, inputs, targets, config.distill)
   updates, opt_state = _cached_optimizer(config).update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
@@ -86,7 +105,8 @@ def random_batches(token_ids: np.ndarray, config: FinetuneConfig, bos_id: int):
 
 
 def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, config: FinetuneConfig = FinetuneConfig(),
-             *, progress: bool = False, callback: Callable[[int, float], None] | None = None) -> FinetuneResult:
+             *, teacher: PyTree | None = None, progress: bool = False,
+             callback: Callable[[int, float], None] | None = None) -> FinetuneResult:
   """Fine-tunes all parameters on ``token_ids`` while pruned weights stay exactly zero.
 
   Args:
@@ -95,6 +115,7 @@ def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, co
     masks: mask pytree (True = keep; None for dense leaves); fixed during training.
     token_ids: 1-D token stream of the training text (never the evaluation text).
     config: :class:`FinetuneConfig`.
+    teacher: the dense parameters, required when ``config.distill > 0``.
     progress: show a progress bar with the running loss.
     callback: called as ``callback(step, loss)`` after each step.
 
@@ -103,6 +124,8 @@ def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, co
   """
   if cfg.bos_token_id is None:
     raise ValueError("the model has no bos_token_id; windows start with BOS")
+  if config.distill > 0 and teacher is None:
+    raise ValueError(f"distill={config.distill} needs the dense model: pass teacher=params_before_pruning")
   ids = np.asarray(token_ids, np.int32)
   if ids.ndim != 1:
     raise ValueError(f"token_ids must be a 1-D token stream, got shape {ids.shape}")
@@ -115,8 +138,8 @@ def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, co
   with tqdm(total=config.steps, desc="fine-tune", disable=not progress) as bar:
     for t in range(config.steps):
       inputs, targets = next(data)
-      params, opt_state, loss = _train_step(params, opt_state, jnp.asarray(inputs), jnp.asarray(targets),
-                                            cfg=cfg, config=config)
+      params, opt_state, loss = _train_step(params, opt_state, teacher if config.distill > 0 else None,
+                                            jnp.asarray(inputs), jnp.asarray(targets), cfg=cfg, config=config)
       losses[t] = float(loss)
       if callback is not None:
         callback(t, losses[t])

@@ -133,3 +133,21 @@ def test_finetune_keeps_zeros_and_lowers_loss(model):
     finetune(res.params, cfg, {"x": None}, stream, FinetuneConfig(steps=1, batch_size=1, seq_len=4))
   with pytest.raises(ValueError, match="warmup_steps"):
     FinetuneConfig(steps=10, warmup_steps=10)
+
+
+def test_distillation_pulls_the_student_toward_the_teacher(model):
+  cfg, params = model
+  res = prune(params, cfg, PruneConfig(method="magnitude", sparsity=0.5))
+  stream = np.random.default_rng(0).integers(3, 32, 4096).astype(np.int32)
+  with pytest.raises(ValueError, match="teacher"):
+    finetune(res.params, cfg, res.masks, stream, FinetuneConfig(steps=2, batch_size=2, seq_len=16, distill=0.5))
+  from jaxprune._finetune import distill_loss
+  x = _windows(4, 16)
+  kl_before = float(distill_loss(res.params, params, cfg, x.inputs, x.targets, 1.0))
+  ft = finetune(res.params, cfg, res.masks, stream,
+                FinetuneConfig(steps=40, batch_size=4, seq_len=16, learning_rate=1e-2, distill=1.0), teacher=params)
+  kl_after = float(distill_loss(ft.params, params, cfg, x.inputs, x.targets, 1.0))
+  assert kl_after < 0.5 * kl_before
+  assert float(distill_loss(params, params, cfg, x.inputs, x.targets, 1.0)) == pytest.approx(0.0, abs=1e-5)
+  for path, m in leaf_masks(res.masks).items():
+    assert (np.asarray(dict(leaves_with_paths(ft.params))[path])[~np.asarray(m)] == 0).all()

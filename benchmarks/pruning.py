@@ -1,0 +1,236 @@
+"""Unstructured and N:M pruning of stories260K: perplexity and wall time per method, a sparsity sweep, recovery.
+
+Protocol: calibration = 32 windows of 256 tokens sampled (seed 0) from the embedded TinyStories train
+text; evaluation = the first 40 windows of 256 tokens (BOS prepended to each) of the held-out
+TinyStories validation text (``--full-eval`` adds the whole file for dense and recovered models).
+Recovery = masked fine-tuning with AdamW on a cosine schedule on the train text; pruned weights
+are checked to be exactly zero afterwards. Times are wall-clock on the machine that runs this and
+include JIT compilation.
+
+  python benchmarks/pruning.py           # table + sweep plot + recovery -> benchmarks/results/pruning.{json,png}
+  python benchmarks/pruning.py --quick   # a smoke run: fewer methods and points, short recovery
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxprune import (FinetuneConfig, PruneConfig, apply_masks, finetune, fisher_scores,  # noqa: E402
+                      hutchinson_diagonal, magnitude_scores, obd_scores, prune, random_scores, sparsity,
+                      taylor_scores, topk_masks)
+from jaxprune._data import batches_of, loss_fn_for, read_text, sample_windows  # noqa: E402
+from jaxprune._hessian import select  # noqa: E402
+from jaxprune._scores import _grad  # noqa: E402
+from jaxprune._tree import leaves_with_paths  # noqa: E402
+from jaxprune.eval import perplexity  # noqa: E402
+from jaxserve.loaders import CALIB_TEXT, EVAL_TEXT, load_model  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ["magnitude", "random", "taylor", "fisher", "obd", "wanda", "sparsegpt", "obs"]
+TARGETS = {"50%": dict(sparsity=0.5), "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="smoke run: 3 methods, 3 sweep points, 20 recovery steps")
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="sparsities of the plot")
+  p.add_argument("--obs-sweep", default="0.1,0.3,0.5,0.7,0.9", help="fewer points for the slow iterative OBS")
+  p.add_argument("--recover", default="sparsegpt:50%,sparsegpt:2:4", help="method:target pairs to fine-tune")
+  p.add_argument("--finetune-steps", type=int, default=600)
+  p.add_argument("--finetune-batch-size", type=int, default=16)
+  p.add_argument("--finetune-seq-len", type=int, default=256)
+  p.add_argument("--finetune-lr", type=float, default=1e-3)
+  p.add_argument("--distill", type=float, default=0.0, help="knowledge-distillation weight in recovery")
+  p.add_argument("--num-probes", type=int, default=16, help="Hutchinson probes for OBD")
+  p.add_argument("--full-eval", action="store_true", help="also evaluate dense and recovered models on the whole file")
+  p.add_argument("--out", default=os.path.join(RESULTS, "pruning"))
+  args = p.parse_args()
+  if args.quick:
+    args.methods, args.sweep, args.obs_sweep = "magnitude,wanda,sparsegpt", "0.3,0.5,0.7", ""
+    args.finetune_steps, args.finetune_seq_len = 20, 64
+  return args
+
+
+def hutchinson_cost(params, cfg, calib, ks=(1, 2, 4, 8, 16)):
+  """Wall time of Hutchinson's diagonal with k probes, in units of one gradient evaluation (same batch)."""
+  loss = loss_fn_for(cfg)
+  batches = batches_of(calib, 4)[:1]  # one batch of 4 windows of 256 tokens
+  sel = select(params)
+  jax.block_until_ready(_grad(sel, params, batches[0], loss_fn=loss))
+  t0 = time.perf_counter()
+  for _ in range(5):
+    jax.block_until_ready(_grad(sel, params, batches[0], loss_fn=loss))
+  t_grad = (time.perf_counter() - t0) / 5
+  key = jax.random.PRNGKey(0)
+  out = {"grad_seconds": t_grad, "sequential": {}, "vectorized": {}}
+  for chunk, kind in ((1, "sequential"), (8, "vectorized")):
+    jax.block_until_ready(hutchinson_diagonal(loss, params, batches, key, num_probes=chunk, probe_chunk=chunk))
+    for k in ks if chunk == 1 else (8, 16):
+      t0 = time.perf_counter()
+      jax.block_until_ready(jax.tree.leaves(
+          hutchinson_diagonal(loss, params, batches, key, num_probes=k, probe_chunk=chunk)))
+      t = time.perf_counter() - t0
+      out[kind][k] = {"seconds": t, "gradient_evaluations": t / t_grad, "per_probe": t / t_grad / k}
+  return out
+
+
+def sweep_scores(method, params, cfg, calib, num_probes):
+  """Scores of a score-based method, computed once for the whole sweep."""
+  loss, batches = loss_fn_for(cfg), batches_of(calib, 8)
+  if method == "magnitude":
+    return magnitude_scores(params)
+  if method == "random":
+    return random_scores(params, 0)
+  if method == "taylor":
+    return taylor_scores(loss, params, batches)
+  if method == "fisher":
+    return fisher_scores(loss, params, batches)
+  return obd_scores(loss, params, batches, num_probes=num_probes)
+
+
+def zeros_kept(params, masks) -> bool:
+  flat = dict(leaves_with_paths(params))
+  return all(bool((np.asarray(flat[p])[~np.asarray(m)] == 0).all()) for p, m in leaves_with_paths(masks))
+
+
+def main():
+  args = parse_args()
+  methods = [m for m in args.methods.split(",") if m]
+  t_start = time.perf_counter()
+  m = load_model()
+  cfg, params = m.cfg, m.params
+  cal_ids = m.tokenizer.encode(read_text(CALIB_TEXT))
+  ev_ids = m.tokenizer.encode(read_text(EVAL_TEXT))
+  calib = sample_windows(cal_ids, nsamples=32, seq_len=256, bos_id=cfg.bos_token_id, seed=0)
+  ev = lambda p: perplexity(p, cfg, ev_ids, 256, 40)  # noqa: E731
+  ev_full = lambda p: perplexity(p, cfg, ev_ids, 256, None)  # noqa: E731
+  result = {"model": "stories260K", "calibration": "32 x 256 tokens of tinystories_train_first2MiB.txt (seed 0)",
+            "evaluation": "first 40 x 256-token windows of tinystories_valid_prefix.txt, BOS prepended",
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.default_backend()}",
+            "dense": {"perplexity": ev(params)}}
+  if args.full_eval:
+    result["dense"]["perplexity_full"] = ev_full(params)
+  dense = result["dense"]["perplexity"]
+  print(f"dense perplexity {dense:.3f}", flush=True)
+
+  # 1. The table: every method at 50% unstructured, 2:4 and 4:8.
+  rows, pruned = [], {}
+  for method in methods:
+    for tname, target in TARGETS.items():
+      res = prune(params, cfg, PruneConfig(method=method, num_probes=args.num_probes, **target), calib)
+      row = {"method": method, "target": tname, "perplexity": ev(res.params), "seconds": res.report.seconds,
+             "sparsity": res.report.achieved.total, "dense_leaves": list(res.report.dense_leaves)}
+      rows.append(row)
+      pruned[(method, tname)] = res
+      print(f"{method:>10} {tname:>4}: ppl {row['perplexity']:8.3f}  sparsity {row['sparsity']:.4f}  "
+            f"{row['seconds']:6.1f}s", flush=True)
+  by = {(r["method"], r["target"]): r for r in rows}
+  for r in rows:
+    mag = by.get(("magnitude", r["target"]))
+    if mag and mag["perplexity"] > dense:
+      r["increase_vs_magnitude"] = (r["perplexity"] - dense) / (mag["perplexity"] - dense)
+  result["table"] = rows
+
+  # 2. Hutchinson's cost in gradient evaluations.
+  if "obd" in methods:
+    result["hutchinson_cost"] = hutchinson_cost(params, cfg, calib)
+    print("hutchinson:", json.dumps(result["hutchinson_cost"]), flush=True)
+
+  # 3. Perplexity against sparsity.
+  sweep = [float(s) for s in args.sweep.split(",") if s]
+  curves = {}
+  for method in methods:
+    points = [float(s) for s in args.obs_sweep.split(",") if s] if method == "obs" else sweep
+    if not points:
+      continue
+    curve = []
+    if method in ("wanda", "sparsegpt", "obs"):
+      for s in points:
+        res = prune(params, cfg, PruneConfig(method=method, sparsity=s), calib)
+        curve.append((s, ev(res.params)))
+    else:
+      scores = sweep_scores(method, params, cfg, calib, args.num_probes)
+      for s in points:
+        curve.append((s, ev(apply_masks(params, topk_masks(scores, s)))))
+    curves[method] = curve
+    print(f"sweep {method}: " + ", ".join(f"{s:.1f}:{p:.2f}" for s, p in curve), flush=True)
+  result["sweep"] = {k: [{"sparsity": s, "perplexity": p} for s, p in v] for k, v in curves.items()}
+
+  # 4. Recovery fine-tuning with masks fixed.
+  ft_cfg = FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch_size,
+                          seq_len=args.finetune_seq_len, learning_rate=args.finetune_lr, distill=args.distill)
+  recovery = []
+  for spec in [s for s in args.recover.split(",") if s]:
+    method, tname = spec.split(":", 1)
+    res = pruned.get((method, tname)) or prune(params, cfg, PruneConfig(method=method, **TARGETS[tname]), calib)
+    t0 = time.perf_counter()
+    ft = finetune(res.params, cfg, res.masks, cal_ids, ft_cfg, teacher=params if args.distill else None)
+    seconds = time.perf_counter() - t0
+    row = {"method": method, "target": tname, "steps": ft_cfg.steps, "batch": ft_cfg.batch_size,
+           "seq_len": ft_cfg.seq_len, "lr": ft_cfg.learning_rate, "distill": ft_cfg.distill,
+           "perplexity_before": ev(res.params), "perplexity": ev(ft.params), "seconds": seconds,
+           "sparsity": sparsity(ft.params).total, "pruned_weights_exactly_zero": zeros_kept(ft.params, res.masks)}
+    row["ratio_to_dense"] = row["perplexity"] / dense
+    if args.full_eval:
+      row["perplexity_full"] = ev_full(ft.params)
+    recovery.append(row)
+    print(f"recovery {method} {tname}: {row['perplexity_before']:.3f} -> {row['perplexity']:.3f} "
+          f"({row['ratio_to_dense']:.3f}x dense) in {seconds:.0f}s; zeros kept: {row['pruned_weights_exactly_zero']}",
+          flush=True)
+  result["recovery"] = recovery
+  result["total_seconds"] = time.perf_counter() - t_start
+  write(result, curves, dense, args.out)
+
+
+def write(result, curves, dense, out):
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  if curves:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, curve in curves.items():
+      ax.plot([s for s, _ in curve], [p for _, p in curve], marker="o", label=method)
+    ax.axhline(dense, color="k", linestyle="--", linewidth=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the block projections")
+    ax.set_ylabel("perplexity (40 x 256 tokens, log scale)")
+    ax.set_title("stories260K: one-shot unstructured pruning (layer-wise)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+  print()
+  print("| method | target | perplexity | increase vs magnitude | sparsity | time (s) |")
+  print("|---|---|---|---|---|---|")
+  print(f"| dense | - | {dense:.2f} | - | 0 | - |")
+  for r in result["table"]:
+    inc = f"{r['increase_vs_magnitude']:.2f}" if "increase_vs_magnitude" in r else "-"
+    print(f"| {r['method']} | {r['target']} | {r['perplexity']:.2f} | {inc} | {r['sparsity']:.3f} | "
+          f"{r['seconds']:.1f} |")
+  if result["recovery"]:
+    print()
+    print("| recovered model | steps x batch x len | before | after | x dense | zeros kept | time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["recovery"]:
+      print(f"| {r['method']} {r['target']} | {r['steps']} x {r['batch']} x {r['seq_len']} | "
+            f"{r['perplexity_before']:.2f} | {r['perplexity']:.3f} | {r['ratio_to_dense']:.3f} | "
+            f"{r['pruned_weights_exactly_zero']} | {r['seconds']:.0f} |")
+  print(f"\nwrote {out}.json" + (f" and {out}.png" if curves else "") + f" in {result['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
