@@ -125,7 +125,8 @@ class FakeRunner:
         got = tuple(self.slots[s.block_ids[pos // self.bs], pos % self.bs])
         assert got == (s.seq.token_ids[pos], pos), f"seq {s.seq.seq_id} reads {got} at position {pos}"
       self.contexts.append(tuple(s.seq.token_ids[:end]))
-    return None, list(range(len(sched.seqs)))
+    greedy = np.array([_token(c, 0) for c in self.contexts] + [0] * 8, np.int32)  # padded like real slots
+    return None, greedy, list(range(len(sched.seqs)))
 
   def sample(self, logits, t, cfg):
     del logits
@@ -190,7 +191,8 @@ def workloads(draw):
     if kind == "beam":
       params = BeamSearchParams(beam_width=draw(st.integers(1, 3)), max_tokens=max_tokens)
     else:
-      params = SamplingParams(temperature=0, max_tokens=max_tokens, n=draw(st.integers(2, 3)) if kind == "n" else 1,
+      n = draw(st.integers(2, 3)) if kind == "n" else 1
+      params = SamplingParams(temperature=1.0 if n > 1 else 0.0, max_tokens=max_tokens, n=n,
                               ignore_eos=draw(st.booleans()))
     specs.append(dict(prompt=prompt, params=params, at=draw(st.sampled_from([0, 0, 0, 2, 5, 9]))))
   aborts = draw(st.lists(st.tuples(st.integers(0, len(specs) - 1), st.integers(0, 15)), max_size=2))
@@ -234,13 +236,13 @@ def test_forced_preemption_recomputes_to_the_same_tokens():
 
 def test_n_samples_share_prompt_blocks():
   prompt = list(range(3, 3 + 37))  # 9 full blocks of 4 and one partial
-  params = SamplingParams(temperature=0, n=4, max_tokens=1, ignore_eos=True)
+  params = SamplingParams(temperature=1.0, n=4, max_tokens=1, ignore_eos=True)
   engine = make_engine(num_blocks=200, block_size=4, max_tokens_per_step=64)
   req = engine.make_request("x", {"prompt_token_ids": prompt}, params)
   engine.add(req)
   engine.step()  # prefill + first sample: forked into 4, every block shared
   assert req.finished and engine.kv.num_used_blocks == 0
-  params = SamplingParams(temperature=0, n=4, max_tokens=3, ignore_eos=True)
+  params = SamplingParams(temperature=1.0, n=4, max_tokens=3, ignore_eos=True)
   engine = make_engine(num_blocks=200, block_size=4, max_tokens_per_step=64)
   req = engine.make_request("y", {"prompt_token_ids": prompt}, params)
   engine.add(req)
@@ -272,7 +274,7 @@ def test_stats_count_waste_and_hits():
                           st.integers(1, 2)), min_size=3, max_size=8),
        st.integers(9, 14), st.booleans())
 def test_preemption_under_pressure_keeps_accounting_and_tokens(reqs, num_blocks, caching):
-  specs = [dict(prompt=p, params=SamplingParams(temperature=0, max_tokens=m, n=n, ignore_eos=True), at=0)
+  specs = [dict(prompt=p, params=SamplingParams(temperature=1.0, max_tokens=m, n=n, ignore_eos=True), at=0)
            for p, m, n in reqs]
   engine = make_engine(num_blocks, 2, caching, max_num_seqs=16, max_tokens_per_step=24)
   outputs = run(engine, specs)

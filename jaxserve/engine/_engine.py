@@ -128,13 +128,16 @@ class EngineCore:
       if self.scheduler.has_unfinished() and not sched.preempted:
         raise RuntimeError("the scheduler could not place any request; the KV pool is too small")
       return []
-    logits, rows = self.runner.execute(sched)
+    logits, greedy, rows = self.runner.execute(sched)
     self.scheduler.update_after_step(sched)
     sampled = [(s, row) for s, row in zip(sched.seqs, rows) if s.samples]
     touched: dict[str, Request] = {s.request.request_id: s.request for s in sched.seqs}
     if sampled:
       tensors, cfg, row_of = self._sampling_inputs(sampled)
-      out = self.runner.sample(logits, tensors, cfg)
+      if cfg == SamplerConfig():  # plain greedy: the argmax computed with the step is the answer
+        out = SamplerOutput(np.asarray(greedy)[tensors.row_index], None, None, None, None)
+      else:
+        out = self.runner.sample(logits, tensors, cfg)
       self._apply(sampled, out, row_of)
     self._record_step(sched)
     return list(touched.values())

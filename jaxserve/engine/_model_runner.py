@@ -58,7 +58,8 @@ class ModelRunner:
 
   def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):
     out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
-    return out.logits[0], out.kv
+    logits = out.logits[0]
+    return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv
 
   @property
   def num_compiled_programs(self) -> int:
@@ -72,12 +73,13 @@ class ModelRunner:
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
     self.kv = self._copy(self.kv, src, dst)
 
-  def execute(self, sched: SchedulerOutput) -> tuple[jax.Array, list[int]]:
+  def execute(self, sched: SchedulerOutput) -> tuple[jax.Array, jax.Array, list[int]]:
     """Runs the model on the scheduled tokens.
 
     Returns:
-      ``(logits, rows)``: device logits ``[slots, V]`` (one row per padded sequence slot) and,
-      for each scheduled sequence in order, its row in ``logits``.
+      ``(logits, greedy, rows)``: device logits ``[slots, V]`` (one row per padded sequence slot),
+      their argmax ``[slots]`` (plain greedy batches need nothing else), and for each scheduled
+      sequence in order its row in ``logits``.
     """
     if sched.copies:
       self.copy(sched.copies)
@@ -103,8 +105,8 @@ class ModelRunner:
     meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd,
                      num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
                      block_size=self.block_size, table_width=self.table_width)
-    logits, self.kv = self._forward(self.params, self.kv, tokens, positions, meta, logits_index)
-    return logits, rows
+    logits, greedy, self.kv = self._forward(self.params, self.kv, tokens, positions, meta, logits_index)
+    return logits, greedy, rows
 
   def sample(self, logits: jax.Array, tensors: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
     """Samples on the device and brings the (small) results to the host: the step's one sync."""
