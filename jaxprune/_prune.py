@@ -154,8 +154,12 @@ def prune(params: PyTree, cfg: ModelConfig, config: PruneConfig, calib: Windows 
     new_params, masks = _score_based(params, cfg, config, calib, selected, progress)
   jax.block_until_ready(jax.tree.leaves(new_params))
   seconds = time.perf_counter() - t0
+  # Achieved sparsity over every selected leaf; those left dense (N:M-incompatible) count as unpruned.
+  by_path = dict(leaves_with_paths(masks))
+  counted = expand(params, {p: by_path[p] if by_path.get(p) is not None else np.ones(shapes[p], bool)
+                            for p in selected})
   report = PruneReport(method=config.method, target_sparsity=s, pattern=None if nm is None else f"{nm[0]}:{nm[1]}",
-                       scope=config.effective_scope, achieved=sparsity(masks), dense_leaves=dense, seconds=seconds)
+                       scope=config.effective_scope, achieved=sparsity(counted), dense_leaves=dense, seconds=seconds)
   return PruneResult(new_params, masks, report)
 
 

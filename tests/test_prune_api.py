@@ -53,6 +53,9 @@ def test_nm_incompatible_leaves_stay_dense_and_are_reported():
     np.testing.assert_array_equal(res.params["layers_0"]["mlp"]["down_proj"]["kernel"],
                                   params["layers_0"]["mlp"]["down_proj"]["kernel"])
     assert res.report.to_dict()["dense_leaves"] == list(res.report.dense_leaves)
+    rep = res.report.achieved  # dense leaves count as unpruned in the achieved sparsity
+    assert rep.per_leaf["layers_0/mlp/down_proj/kernel"] == 0.0 and rep.per_leaf["layers_0/mlp/up_proj/kernel"] == 0.5
+    assert rep.total == pytest.approx(0.5 * (1 - 2 * 20 * 16 / rep.size))
 
 
 def test_global_scope_and_iterative_rounds(model):
