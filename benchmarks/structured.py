@@ -4,7 +4,7 @@ Part 1 (perplexity, stories260K): block-wise pruning of every layer's KV groups 
 20% and 50%, local ranking, for each importance (l1, l2, random, and Taylor vectorize / param_first /
 param_second / param_mix with the Fisher diagonal, param_second with Hutchinson's Hessian diagonal);
 calibration: 32 random windows of 128 tokens of the TinyStories train text; then LoRA recovery
-(rank 8, alpha 16, all projections, AdamW 5e-3 warmup+cosine, 200 steps of 16 x 128 tokens of the
+(rank 8, alpha 16, all projections, AdamW 5e-3 warmup+cosine, 100 steps of 16 x 128 tokens of the
 train text). Perplexity: the embedded TinyStories validation text, 40 windows of 256 tokens with BOS.
 Part 2 (the issue's reference protocol): 20% of the MLP channels only, 10 windows of 64 tokens;
 Taylor param_first and param_second over four calibration draws, random over four seeds, l2.
@@ -173,7 +173,7 @@ def part_throughput(m: LoadedModel) -> list[dict]:
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--part", choices=["all", "perplexity", "reference", "throughput"], default="all")
-  ap.add_argument("--recovery-steps", type=int, default=200)
+  ap.add_argument("--recovery-steps", type=int, default=100)
   args = ap.parse_args()
   t0 = time.perf_counter()
   m = load_model()
