@@ -35,7 +35,7 @@ def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, hea
   kp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
   vp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
   q = jnp.asarray(rng.standard_normal((t, heads, d)), jnp.float32)
-  attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk)
+  attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk, decode_kv_chunk=max(1, kv_chunk // 2))
   got = jax.jit(attn.attend)(q, kp, vp, meta)
   ref = paged_attention_reference(q, kp, vp, meta, sliding_window=window)
   np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)

@@ -202,11 +202,14 @@ def test_abort_frees_blocks_and_no_recompilation_after_warmup(hf_model):
   _, loaded = hf_model
   llm = LLM(loaded, block_size=8, max_num_batched_tokens=64)
   prompts = [{"prompt_token_ids": p} for p in _prompts(6, (3, 17, 33, 50, 9))]
+  runner = llm.engine.runner
+  jit_cache = lambda: sum(f._cache_size() for f in (runner._forward, runner._sample, runner._copy))
   first = _ids(llm.generate(prompts, GREEDY, use_tqdm=False))
-  warm = llm.stats()["num_compiled_programs"]
+  warm, cached = llm.stats()["num_compiled_programs"], jit_cache()
+  assert runner._forward._cache_size() == sum(k[0] == "forward" for k in runner.program_keys)
   llm.reset_prefix_cache()  # else the second run hits the cache and its steps have other shapes
   assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == first
-  assert llm.stats()["num_compiled_programs"] == warm
+  assert llm.stats()["num_compiled_programs"] == warm and jit_cache() == cached  # nothing recompiled
   llm.add_request("a", prompts[3], SamplingParams(temperature=0, max_tokens=50))
   llm.add_request("b", prompts[1], SamplingParams(temperature=0, max_tokens=50))
   llm.step()

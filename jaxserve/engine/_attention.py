@@ -179,6 +179,55 @@ def _sequence_attention(q: Array, k_pages: Array, v_pages: Array, meta: PagedMet
   return jax.lax.fori_loop(seq_lo, seq_hi, seq_body, out)
 
 
+def _decode_attention(q: Array, k_pages: Array, v_pages: Array, meta: PagedMeta, out: Array, kv_chunk: int,
+                      sliding_window: int | None, groups: int) -> Array:
+  """Online-softmax attention of the decode slots, batched, ``kv_chunk`` blocks per iteration.
+
+  Decode slot ``s`` owns query row ``s`` (when its ``q_len`` is 1). The slots are cut into
+  ``groups`` equal groups, each looping to its own longest sequence; shorter sequences read
+  the null block past their end (masked). The host orders decode slots longest first, so the
+  groups of short sequences stop early. A batch costs a few large operations per layer
+  instead of many small per-sequence ones.
+
+  Shapes: q ``[T', H, D]``, pages ``[KVH, NB, bs, D]``, out ``[T', H, D]`` float32.
+  """
+  _, h, d = q.shape
+  kvh, _, bs, _ = k_pages.shape
+  g = h // kvh
+  span = kv_chunk * bs
+  live = (meta.cu_q_lens[1:meta.num_decode + 1] - meta.cu_q_lens[:meta.num_decode]) == 1  # [S_dec]
+  lens = jnp.where(live, meta.kv_lens[:meta.num_decode], 0)
+  qd = q[:meta.num_decode].astype(jnp.float32).reshape(-1, kvh, g, d) * (1.0 / math.sqrt(d))
+  size = max(1, meta.num_decode // groups)
+  outs = []
+  for lo in range(0, meta.num_decode, size):
+    b = min(size, meta.num_decode - lo)
+    q_pos, tables, qg = lens[lo:lo + b] - 1, meta.block_tables[lo:lo + b], qd[lo:lo + b]
+
+    def body(c, carry, q_pos=q_pos, tables=tables, qg=qg, b=b):
+      m, l, acc = carry
+      ids = jax.lax.dynamic_slice_in_dim(tables, c * kv_chunk, kv_chunk, axis=1)  # [b, kc]
+      k = k_pages[:, ids].reshape(kvh, b, span, d).astype(jnp.float32)  # [KVH, b, span, D]
+      v = v_pages[:, ids].reshape(kvh, b, span, d).astype(jnp.float32)
+      k_pos = c * span + jnp.arange(span)
+      mask = k_pos[None, :] <= q_pos[:, None]  # [b, span]
+      if sliding_window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+      sc = jnp.where(mask[:, None, None, :], jnp.einsum("bkgd,kbsd->bkgs", qg, k), _NEG)
+      m_new = jnp.maximum(m, sc.max(-1))
+      p = jnp.exp(sc - m_new[..., None])
+      alpha = jnp.exp(m - m_new)
+      return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + jnp.einsum("bkgs,kbsd->bkgd", p, v)
+
+    n = (jnp.max(lens[lo:lo + b]) + span - 1) // span
+    init = (jnp.full((b, kvh, g), _NEG, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
+            jnp.zeros((b, kvh, g, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n, body, init)
+    outs.append((acc / jnp.where(l > 0, l, 1.0)[..., None]).reshape(b, h, d))
+  o = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+  return out.at[:meta.num_decode].set(jnp.where(live[:, None, None], o, out[:meta.num_decode]))
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
   """Attention backend over the paged pools (hashable: a static argument of the jitted step).
@@ -188,7 +237,11 @@ class PagedAttention:
       (``kernels_pallas``: the decode kernel for decode-only steps, the ragged kernel otherwise).
     sliding_window: the model's window, or None.
     q_tile: query tokens per tile of a prefill chunk (XLA path).
-    kv_chunk: KV blocks read per inner iteration (XLA path); block tables are padded to a multiple.
+    kv_chunk: KV blocks read per inner iteration of a prefill chunk (XLA path); block tables are
+      padded to a multiple of it.
+    decode_kv_chunk: KV blocks per iteration of the batched decode loop (XLA path; divides kv_chunk).
+    decode_groups: decode slots are split into this many groups, each looping to its own longest
+      sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
   """
 
@@ -196,11 +249,15 @@ class PagedAttention:
   sliding_window: int | None = None
   q_tile: int = 32
   kv_chunk: int = 8
+  decode_kv_chunk: int = 2
+  decode_groups: int = 4
   interpret: bool | None = None
 
   def __post_init__(self):
     if self.impl not in ("xla", "pallas"):
       raise ValueError(f"impl must be 'xla' or 'pallas', got {self.impl!r}")
+    if self.kv_chunk % self.decode_kv_chunk:
+      raise ValueError(f"decode_kv_chunk ({self.decode_kv_chunk}) must divide kv_chunk ({self.kv_chunk})")
     if self.impl == "pallas" and self.sliding_window is not None:
       raise ValueError("the Pallas kernels have no sliding window; use impl='xla' for this model")
 
@@ -220,8 +277,8 @@ class PagedAttention:
     out = jnp.zeros(qp.shape, jnp.float32)
     num_seqs = meta.kv_lens.shape[0]
     if meta.num_decode:
-      out = _sequence_attention(qp, k_pages, v_pages, meta, out, 0, meta.num_decode, 1, self.kv_chunk,
-                                self.sliding_window)
+      out = _decode_attention(qp, k_pages, v_pages, meta, out, self.decode_kv_chunk, self.sliding_window,
+                              self.decode_groups)
     if num_seqs > meta.num_decode:
       out = _sequence_attention(qp, k_pages, v_pages, meta, out, meta.num_decode, num_seqs, self.q_tile,
                                 self.kv_chunk, self.sliding_window)

@@ -55,6 +55,7 @@ class ModelRunner:
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(copy_blocks, donate_argnums=(0,))
+    self.program_keys: set[tuple] = set()  # one jit program per distinct key
 
   def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):
     out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
@@ -63,7 +64,8 @@ class ModelRunner:
 
   @property
   def num_compiled_programs(self) -> int:
-    return sum(f._cache_size() for f in (self._forward, self._sample, self._copy))
+    """Programs compiled so far: one per distinct bucket (the keys jit specializes on)."""
+    return len(self.program_keys)
 
   def copy(self, copies: Sequence[tuple[int, int]]) -> None:
     """Copy-on-write block copies, padded to a power of two with null-block no-ops."""
@@ -71,6 +73,7 @@ class ModelRunner:
     src = np.zeros(n, np.int32)
     dst = np.zeros(n, np.int32)
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
+    self.program_keys.add(("copy", n))
     self.kv = self._copy(self.kv, src, dst)
 
   def execute(self, sched: SchedulerOutput) -> tuple[jax.Array, jax.Array, list[int]]:
@@ -83,8 +86,10 @@ class ModelRunner:
     """
     if sched.copies:
       self.copy(sched.copies)
-    seqs = sched.seqs
     nd = sched.num_decode
+    # decodes longest first (the batched decode loop stops early for groups of short ones)
+    order = sorted(range(nd), key=lambda j: -sched.seqs[j].start) + list(range(nd, len(sched.seqs)))
+    seqs = [sched.seqs[j] for j in order]
     num_prefill = len(seqs) - nd
     decode_slots = pow2_bucket(nd, self.min_decode_slots) if nd else 0
     prefill_slots = pow2_bucket(num_prefill) if num_prefill else 0
@@ -93,7 +98,7 @@ class ModelRunner:
     tokens = np.zeros((1, num_tokens), np.int32)
     positions = np.zeros((1, num_tokens), np.int32)
     logits_index = np.zeros((1, decode_slots + prefill_slots), np.int32)
-    rows, row = [], 0
+    rows, row = [0] * len(seqs), 0
     for j, s in enumerate(seqs):
       end = s.start + s.num_tokens
       tokens[0, row:row + s.num_tokens] = s.seq.token_ids[s.start:end]
@@ -101,14 +106,16 @@ class ModelRunner:
       slot = j if j < nd else decode_slots + j - nd
       row += s.num_tokens
       logits_index[0, slot] = row - 1
-      rows.append(slot)
+      rows[order[j]] = slot
     meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd,
                      num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
                      block_size=self.block_size, table_width=self.table_width)
+    self.program_keys.add(("forward", num_tokens, decode_slots, prefill_slots))
     logits, greedy, self.kv = self._forward(self.params, self.kv, tokens, positions, meta, logits_index)
     return logits, greedy, rows
 
   def sample(self, logits: jax.Array, tensors: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
     """Samples on the device and brings the (small) results to the host: the step's one sync."""
+    self.program_keys.add(("sample", logits.shape[0], tensors.row_index.shape[0], cfg))
     out = self._sample(logits, tensors, cfg)
     return SamplerOutput(*(None if x is None else np.asarray(x) for x in out))

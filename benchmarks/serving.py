@@ -1,0 +1,298 @@
+"""Offline serving benchmark: jaxserve's paged engine vs transformers ``generate`` vs vLLM's CPU backend.
+
+Model: a random-weight LLaMA saved by transformers (vocab 8192, hidden 512, 8 layers, 8 heads,
+4 KV heads, intermediate 1408, untied, ``torch.manual_seed(0)``, float32). Workload: 64 requests
+with ShareGPT-like lognormal prompt lengths (median 64, clipped to 4..256) and output lengths
+(median 48, clipped to 8..128), random token ids, greedy, ignore_eos. Every engine must produce
+the same greedy tokens (checked). Also measured: KV waste (paged vs a contiguous cache reserved
+for max_model_len), sequences that fit in a fixed KV budget, and the blocks saved by ``n=4``.
+
+Usage::
+
+  python benchmarks/serving.py                       # jaxserve + transformers (+ vLLM if its venv exists)
+  python benchmarks/serving.py --vllm-python /tmp/vllm-venv/bin/python
+  python benchmarks/serving.py --num-requests 16 --skip-hf   # quick
+
+Timing: jaxserve and vLLM run the workload once to warm up (compilation), then once timed
+(prefix cache reset in between); transformers (eager) runs once. Output tokens/s = sum of the
+requested output lengths / wall time of the timed run. Threads: a short transformers probe
+picks one thread or every core, whichever is faster on this machine now (on a shared machine,
+one), and every engine gets that count; vLLM's threads are not pinned to cores.
+Results: a table on stdout and ``benchmarks/results/serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL_KW = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4, tie_word_embeddings=False)
+MAX_MODEL_LEN = 384  # the longest request: 256 prompt + 128 output tokens
+
+
+def make_model(path: str) -> str:
+  """Saves the benchmark model (once; deterministic) and returns its directory."""
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL_KW)).float().eval()
+  model.save_pretrained(path, safe_serialization=True)
+  return path
+
+
+def make_workload(n: int, seed: int = 0) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  prompt_lens = np.clip(np.round(rng.lognormal(np.log(64), 0.9, n)), 4, 256).astype(int)
+  output_lens = np.clip(np.round(rng.lognormal(np.log(48), 0.7, n)), 8, 128).astype(int)
+  return [dict(prompt_token_ids=rng.integers(3, MODEL_KW["vocab_size"], p).tolist(), max_tokens=int(o))
+          for p, o in zip(prompt_lens, output_lens)]
+
+
+def run_jaxserve(model_dir: str, workload: list[dict], **engine_kw) -> dict:
+  from jaxserve.engine import LLM, SamplingParams
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, **engine_kw)
+  prompts = [{"prompt_token_ids": w["prompt_token_ids"]} for w in workload]
+  params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
+            for w in workload]
+  t0 = time.perf_counter()
+  llm.generate(prompts, params, use_tqdm=False)
+  warmup = time.perf_counter() - t0
+  programs = llm.stats()["num_compiled_programs"]
+  llm.reset_prefix_cache()
+  t0 = time.perf_counter()
+  outs = llm.generate(prompts, params, use_tqdm=False)
+  elapsed = time.perf_counter() - t0
+  stats = llm.stats()
+  return dict(elapsed_s=elapsed, warmup_s=warmup, tokens=[o.outputs[0].token_ids for o in outs], stats=stats,
+              recompiled_after_warmup=stats["num_compiled_programs"] - programs)
+
+
+def _hf_model(model_dir: str):
+  import torch
+  import transformers
+  return transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+def _hf_generate(model, workload: list[dict], batch_size: int = 16) -> list[list[int]]:
+  """Greedy ``generate`` in left-padded batches of ``batch_size``, each as long as its longest output."""
+  import torch
+  tokens = []
+  for i in range(0, len(workload), batch_size):
+    batch = workload[i:i + batch_size]
+    width = max(len(w["prompt_token_ids"]) for w in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for j, w in enumerate(batch):
+      p = w["prompt_token_ids"]
+      ids[j, width - len(p):] = torch.tensor(p)
+      mask[j, width - len(p):] = 1
+    new = max(w["max_tokens"] for w in batch)
+    with torch.no_grad():
+      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+    tokens += [out[j, width:width + w["max_tokens"]].tolist() for j, w in enumerate(batch)]
+  return tokens
+
+
+def choose_threads(model_dir: str, workload: list[dict]) -> dict:
+  """Times a short probe with one thread and with every core and returns the faster count.
+
+  On a shared machine one thread can be several times faster than oversubscribed cores
+  (torch's default); every engine then runs with the count chosen here.
+  """
+  import torch
+  model = _hf_model(model_dir)
+  probe = [dict(w, max_tokens=8) for w in workload[:16]]
+  timings = {}
+  for threads in sorted({1, os.cpu_count() or 1}):
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    _hf_generate(model, probe)
+    timings[threads] = time.perf_counter() - t0
+  return dict(threads=min(timings, key=timings.get), probe_s=timings)
+
+
+def run_transformers(model_dir: str, workload: list[dict], threads: int) -> dict:
+  import torch
+  torch.set_num_threads(threads)
+  model = _hf_model(model_dir)
+  t0 = time.perf_counter()
+  tokens = _hf_generate(model, workload)  # eager PyTorch: nothing to warm up
+  return dict(elapsed_s=time.perf_counter() - t0, tokens=tokens, torch_threads=torch.get_num_threads())
+
+
+def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int) -> dict:
+  """Runs benchmarks/_vllm_serving.py in vLLM's own virtual environment."""
+  with tempfile.TemporaryDirectory() as tmp:
+    wl, out = os.path.join(tmp, "workload.json"), os.path.join(tmp, "out.json")
+    with open(wl, "w") as f:
+      json.dump(workload, f)
+    # vLLM binds its OpenMP threads to cores by default; on this shared machine that ran ~4x slower
+    # than unbound threads, so it runs unbound.
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "_vllm_serving.py"), model_dir, wl, out,
+                           str(MAX_MODEL_LEN)], env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0 or not os.path.exists(out):
+      return dict(error=(proc.stderr or proc.stdout)[-3000:])
+    with open(out) as f:
+      return json.load(f)
+
+
+def kv_budget_fit(model_dir: str, workload: list[dict], budget_tokens: int, block_size: int = 16) -> dict:
+  """How many sequences run at once in a KV budget: paged (measured) vs contiguous (budget / max_model_len)."""
+  from jaxserve.engine import LLM, SamplingParams
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, num_kv_blocks=budget_tokens // block_size, block_size=block_size)
+  params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
+            for w in workload]
+  llm.generate([{"prompt_token_ids": w["prompt_token_ids"]} for w in workload], params, use_tqdm=False)
+  s = llm.stats()
+  return dict(budget_tokens=budget_tokens, paged_peak_running_seqs=s["peak_running_seqs"],
+              paged_preemptions=s["num_preemptions"], contiguous_seqs=budget_tokens // MAX_MODEL_LEN)
+
+
+def waste_at_block_size(model_dir: str, workload: list[dict], block_size: int) -> float:
+  """KV waste of the same workload with another block size (the engine's statistic)."""
+  from jaxserve.engine import LLM, SamplingParams
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size)
+  params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
+            for w in workload]
+  llm.generate([{"prompt_token_ids": w["prompt_token_ids"]} for w in workload], params, use_tqdm=False)
+  return llm.stats()["kv_waste_fraction"]
+
+
+def n4_block_savings(model_dir: str, prompt_len: int = 200, block_size: int = 16) -> dict:
+  """KV blocks held after the prefill of one n=4 request vs four separate requests of the same prompt."""
+  from jaxserve.engine import LLM, SamplingParams
+  rng = np.random.default_rng(1)
+  prompt = {"prompt_token_ids": rng.integers(3, MODEL_KW["vocab_size"], prompt_len).tolist()}
+  res = {}
+  for name, reqs in (("n4", [SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=32, ignore_eos=True)]),
+                     ("separate", [SamplingParams(temperature=1.0, seed=i, max_tokens=32, ignore_eos=True)
+                                   for i in range(4)])):
+    llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size, enable_prefix_caching=False)
+    for i, p in enumerate(reqs):
+      llm.add_request(f"{name}{i}", prompt, p)
+    llm.step()
+    after_prefill = llm.stats()["kv_blocks_used"]
+    while llm.has_unfinished_requests():
+      llm.step()
+    res[name] = dict(blocks_after_prefill=after_prefill, peak_blocks=llm.stats()["peak_kv_blocks_used"],
+                     block_copies=llm.stats()["num_block_copies"])
+  res["prompt_len"] = prompt_len
+  res["ratio_after_prefill"] = res["n4"]["blocks_after_prefill"] / res["separate"]["blocks_after_prefill"]
+  res["ratio_peak"] = res["n4"]["peak_blocks"] / res["separate"]["peak_blocks"]
+  return res
+
+
+def _match(a: list[list[int]], b: list[list[int]]) -> float:
+  return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--num-requests", type=int, default=64)
+  ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "jaxserve-bench-llama-8l-512"))
+  ap.add_argument("--skip-hf", action="store_true")
+  ap.add_argument("--threads", default="auto", help="threads per engine: 'auto' (probe 1 vs all cores) or a number")
+  ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+  args = ap.parse_args()
+
+  model_dir = make_model(args.model_dir)
+  workload = make_workload(args.num_requests)
+  out_tokens = sum(w["max_tokens"] for w in workload)
+  res = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
+                          loadavg_at_start=os.getloadavg()),
+             model=MODEL_KW, num_requests=len(workload), output_tokens=out_tokens,
+             prompt_tokens=sum(len(w["prompt_token_ids"]) for w in workload), max_model_len=MAX_MODEL_LEN)
+  print(f"workload: {len(workload)} requests, {res['prompt_tokens']} prompt tokens, {out_tokens} output tokens",
+        flush=True)
+
+  # Threads: the probe's choice, for every engine (XLA's must be set before JAX starts).
+  if args.threads == "auto":
+    chosen = choose_threads(model_dir, workload)
+    threads = chosen["threads"]
+    res["thread_probe_s"] = chosen["probe_s"]
+  else:
+    threads = int(args.threads)
+  res["threads"] = threads
+  if threads == 1:
+    assert "jax" not in sys.modules, "JAX started before its thread count was chosen"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+  print(f"threads per engine: {threads} (probe: {res.get('thread_probe_s')})", flush=True)
+
+  js = run_jaxserve(model_dir, workload)
+  res["jaxserve"] = dict(elapsed_s=js["elapsed_s"], warmup_s=js["warmup_s"], tok_s=out_tokens / js["elapsed_s"],
+                         stats=js["stats"], recompiled_after_warmup=js["recompiled_after_warmup"])
+  print(f"jaxserve: {out_tokens / js['elapsed_s']:.1f} tok/s ({js['elapsed_s']:.1f} s)", flush=True)
+  engines = {"jaxserve": js["tokens"]}
+  if not args.skip_hf:
+    hf = run_transformers(model_dir, workload, threads)
+    res["transformers"] = dict(elapsed_s=hf["elapsed_s"], tok_s=out_tokens / hf["elapsed_s"],
+                               torch_threads=hf["torch_threads"], batch_size=16)
+    engines["transformers"] = hf["tokens"]
+    print(f"transformers: {out_tokens / hf['elapsed_s']:.1f} tok/s ({hf['elapsed_s']:.1f} s)", flush=True)
+  if os.path.exists(args.vllm_python):
+    vl = run_vllm(args.vllm_python, model_dir, workload, threads)
+    if "error" in vl:
+      res["vllm"] = dict(error=vl["error"])
+      print(f"vllm: failed: {vl['error'][-500:]}", flush=True)
+    else:
+      res["vllm"] = dict(elapsed_s=vl["elapsed_s"], warmup_s=vl.get("warmup_s"), tok_s=out_tokens / vl["elapsed_s"],
+                         version=vl.get("version"), torch_threads=vl.get("torch_threads"))
+      engines["vllm"] = vl["tokens"]
+      print(f"vllm: {out_tokens / vl['elapsed_s']:.1f} tok/s ({vl['elapsed_s']:.1f} s)", flush=True)
+  else:
+    res["vllm"] = dict(error=f"{args.vllm_python} not found (create the venv: see the README)")
+  res["greedy_match_vs_jaxserve"] = {k: _match(js["tokens"], v) for k, v in engines.items() if k != "jaxserve"}
+
+  res["kv_waste_block8"] = waste_at_block_size(model_dir, workload, 8)
+  res["kv_budget"] = kv_budget_fit(model_dir, workload, budget_tokens=4096)
+  res["n4_sharing"] = n4_block_savings(model_dir)
+
+  s = js["stats"]
+  rows = [("engine", "output tok/s", "x transformers")]
+  base = res.get("transformers", {}).get("tok_s")
+  for k in ("jaxserve", "transformers", "vllm"):
+    if "tok_s" in res.get(k, {}):
+      rows.append((k, f"{res[k]['tok_s']:.1f}", f"{res[k]['tok_s'] / base:.2f}" if base else "-"))
+  print()
+  for r in rows:
+    print(f"| {r[0]:<14} | {r[1]:>12} | {r[2]:>14} |")
+  print(f"\ngreedy tokens equal to jaxserve's: {res['greedy_match_vs_jaxserve']}")
+  print(f"KV waste: paged {s['kv_waste_fraction']:.1%} (block 16), {res['kv_waste_block8']:.1%} (block 8) vs "
+        f"contiguous (max_model_len {MAX_MODEL_LEN}) {s['kv_contiguous_waste_fraction']:.1%}")
+  kb = res["kv_budget"]
+  print(f"sequences running at once in {kb['budget_tokens']} KV slots: paged {kb['paged_peak_running_seqs']} "
+        f"(preemptions {kb['paged_preemptions']}) vs contiguous {kb['contiguous_seqs']}")
+  n4 = res["n4_sharing"]
+  print(f"n=4 on a {n4['prompt_len']}-token prompt: {n4['n4']['blocks_after_prefill']} blocks after prefill vs "
+        f"{n4['separate']['blocks_after_prefill']} for 4 requests (ratio {n4['ratio_after_prefill']:.2f}); peak "
+        f"{n4['n4']['peak_blocks']} vs {n4['separate']['peak_blocks']} ({n4['ratio_peak']:.2f})")
+  print(f"compiled programs: {s['num_compiled_programs']} (recompiled after warm-up: {js['recompiled_after_warmup']})")
+  res["machine"]["loadavg_at_end"] = os.getloadavg()
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(res, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
