@@ -167,7 +167,7 @@ def main() -> int:
   # untimed, then timed passes of the measured one until a pass compiles nothing new. Prefix
   # caching is off on both sides, so repeated passes do not serve each other's prompts (cut at
   # random offsets of the text, the prompts share no prefix blocks anyway).
-  from jaxserve.engine import LLM, SamplingParams
+  from jaxserve import LLM, SamplingParams
   llm = LLM(model=loaded, max_num_seqs=seqs, enable_prefix_caching=False)
   run = lambda w: llm.generate([{"prompt_token_ids": p} for p, _ in w],  # noqa: E731
                                [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in w],

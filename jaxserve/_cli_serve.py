@@ -41,7 +41,7 @@ def served_name(model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from jaxserve.engine import LLM
+  from jaxserve import LLM
   from jaxserve.loaders import load_model
   from jaxserve.server import ServerConfig, create_app
   from jaxserve.server._runner import run as run_server

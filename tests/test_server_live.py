@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from jaxserve.engine import LLM, SamplingParams
+from jaxserve import LLM, SamplingParams
 from jaxserve.loaders import EVAL_TEXT, load_model
 from jaxserve.server import render_plain
 from jaxserve.server.testing import ServerProcess

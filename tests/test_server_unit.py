@@ -15,7 +15,7 @@ import types
 import pytest
 from starlette.testclient import TestClient
 
-from jaxserve.engine import SamplingParams
+from jaxserve import SamplingParams
 from jaxserve.loaders import DEFAULT_TOKENIZER
 from jaxserve.server import ServerConfig, create_app, render_plain
 from jaxserve.server import _protocol as proto

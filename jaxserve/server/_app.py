@@ -53,7 +53,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   The engine thread starts with the app's lifespan and stops (aborting what is left) when it ends.
   """
   if sampling_params_cls is None:
-    from jaxserve.engine import SamplingParams as sampling_params_cls  # noqa: N813
+    from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
   metrics = ServerMetrics(config.model_name)
   aengine = AsyncEngine(engine, metrics)
   token_text = TokenText(tokenizer)
