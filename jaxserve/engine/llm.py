@@ -13,6 +13,8 @@ from jaxserve.engine._kv_cache_manager import cdiv
 from jaxserve.engine._model_runner import ModelRunner, kv_bytes_per_block
 from jaxserve.engine._outputs import RequestOutput
 from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
+from jaxserve.sharding import check_tensor_parallel, kv_pool_sharding, make_mesh, shard_params
+from kernels_pallas import compiled_kernel_supported
 
 _DEFAULT_KV_BYTES = 1 << 30  # default pool cap: 1 GiB
 
@@ -41,12 +43,15 @@ class LLM:
     seed: seed of requests that carry none.
     attention_backend: ``"auto"`` (Pallas kernels on GPU, XLA elsewhere), ``"xla"`` or ``"pallas"``.
     pallas_interpret: run the Pallas kernels in interpret mode (testing on CPU).
+    tensor_parallel_size: devices to shard the model over (Megatron layout; KV pools split by
+      KV head); must divide every layer's KV heads. The scheduler and block pool are unchanged.
   """
 
   def __init__(self, model: Any = None, block_size: int = 16, num_kv_blocks: int | None = None,
                kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
-               seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None):
+               seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None,
+               tensor_parallel_size: int = 1):
     from jaxserve.loaders import LoadedModel, load_model
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
@@ -54,8 +59,18 @@ class LLM:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if attention_backend not in ("auto", "xla", "pallas"):
       raise ValueError(f"attention_backend must be 'auto', 'xla' or 'pallas', got {attention_backend!r}")
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+      raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+    mesh = make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
     cfg = loaded.cfg
+    params = loaded.params
+    if mesh is not None:
+      check_tensor_parallel(cfg, tensor_parallel_size)
+      if attention_backend == "pallas":
+        raise ValueError("attention_backend='pallas' runs on one device; use 'xla' (or 'auto') with "
+                         "tensor_parallel_size > 1")
+      params = shard_params(params, cfg, mesh)
     self.model = loaded
     self.tokenizer = loaded.tokenizer
     if max_model_len is None:
@@ -75,10 +90,13 @@ class LLM:
                        f"{cdiv(max_model_len, block_size)} blocks of {block_size} ({per_block} bytes each), got "
                        f"{num_kv_blocks!r}; raise num_kv_blocks / kv_cache_memory_bytes or lower max_model_len")
     if attention_backend == "auto":
-      attention_backend = "pallas" if jax.default_backend() == "gpu" and cfg.sliding_window is None else "xla"
+      kernel_ok = (jax.default_backend() == "gpu" and cfg.sliding_window is None and mesh is None
+                   and compiled_kernel_supported(head_dim=cfg.head_dim, page_size=block_size))
+      attention_backend = "pallas" if kernel_ok else "xla"
     attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret)
-    runner = ModelRunner(cfg, loaded.params, num_blocks=num_kv_blocks + 1, block_size=block_size,
-                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn)
+    runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
+                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
+                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh))
     self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
