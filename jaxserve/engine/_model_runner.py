@@ -21,6 +21,12 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, minimum, 1))))
 
 
+def decode_bucket(n: int) -> int:
+  """Padded decode-slot count: multiples of 8 up to 64, then of 32 (decode cost grows with every slot)."""
+  step = 8 if n <= 64 else 32
+  return -(-n // step) * step
+
+
 def token_bucket(n: int) -> int:
   """Padded token count: powers of two, with a 1.5x step in between from 256 on (less padding waste)."""
   p = pow2_bucket(n, 16)
@@ -35,23 +41,25 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
 class ModelRunner:
   """Owns the device state (parameters, per-layer KV pools) and the jitted step programs.
 
-  Every step is padded to a bucket: ``(tokens, decode slots, prefill slots)`` for the model and
+  Every step is padded to a bucket: ``(tokens, decode slots, prefill slots)`` for the model (at
+  most ``max_num_seqs / 8 + 6`` decode buckets times a few token and prefill buckets) and
   ``(logits rows, sample rows, sampler config)`` for the sampler, so the number of compiled
   programs stays small and stops growing after warm-up. The pools are donated to each call
   so XLA updates them in place.
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_blocks: int, block_size: int, max_model_len: int,
-               max_num_seqs: int, attention: PagedAttention):
+               max_num_seqs: int, attention: PagedAttention, kv_sharding: Any = None):
     self.cfg, self.params, self.attn = cfg, params, attention
     self.block_size, self.num_blocks = block_size, num_blocks
-    self.min_decode_slots = min(8, pow2_bucket(max_num_seqs))
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
     dtype = jnp.dtype(cfg.dtype)
     self.kv = [(jnp.zeros((cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim), dtype),
                 jnp.zeros((cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim), dtype))
                for i in range(cfg.num_layers)]
+    if kv_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
+      self.kv = jax.device_put(self.kv, kv_sharding)
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(copy_blocks, donate_argnums=(0,))
@@ -91,7 +99,7 @@ class ModelRunner:
     order = sorted(range(nd), key=lambda j: -sched.seqs[j].start) + list(range(nd, len(sched.seqs)))
     seqs = [sched.seqs[j] for j in order]
     num_prefill = len(seqs) - nd
-    decode_slots = pow2_bucket(nd, self.min_decode_slots) if nd else 0
+    decode_slots = decode_bucket(nd) if nd else 0
     prefill_slots = pow2_bucket(num_prefill) if num_prefill else 0
     prefill_tokens = sum(s.num_tokens for s in seqs[nd:])
     num_tokens = decode_slots + (token_bucket(prefill_tokens) if num_prefill else 0)
