@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,15 @@ def workload(tokenizer, n: int, seed: int, max_model_len: int) -> list[tuple[lis
     start = int(rng.integers(0, len(ids) - pl))
     out.append(([tokenizer.bos_id] + ids[start:start + pl - 1], int(ol)))
   return out
+
+
+def git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=Path(__file__).resolve().parents[1])
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
 
 
 def compiled_programs(metrics_text: str) -> int:
@@ -212,7 +222,8 @@ def main() -> int:
                    "sampling": "greedy, ignore_eos"},
       "server_passes": server_passes, "offline_passes": offline_passes,
       "server_vs_offline_throughput": round(srv_last["output_tokens_per_s"] / off["output_tokens_per_s"], 3),
-      "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+      "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+              "git_commit": git_commit()},
       "command": "python benchmarks/server_load.py " + " ".join(sys.argv[1:]),
   }
   print(f"\njaxserve serve load benchmark: {name}, {args.clients} streaming clients on 127.0.0.1, {args.requests} "
