@@ -56,9 +56,9 @@ def add_calib_args(p: argparse.ArgumentParser, nsamples: int) -> None:
 
 def add_finetune_args(p: argparse.ArgumentParser, steps: int) -> None:
   p.add_argument("--finetune-steps", type=int, default=steps, help="masked recovery fine-tuning steps (0: none)")
-  p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine to 0)")
-  p.add_argument("--finetune-batch-size", type=int, default=16)
-  p.add_argument("--finetune-seq-len", type=int, default=256)
+  p.add_argument("--finetune-lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine to 0)")
+  p.add_argument("--finetune-batch-size", type=int, default=16, help="windows per step")
+  p.add_argument("--finetune-seq-len", type=int, default=128, help="tokens per window")
   p.add_argument("--distill", type=float, default=0.0,
                  help="weight in [0, 1] of distillation from the dense model (KL) in the fine-tuning loss")
 

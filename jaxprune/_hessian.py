@@ -51,15 +51,23 @@ def hvp(f: Callable[[PyTree], jax.Array], x: PyTree, v: PyTree) -> PyTree:
   return jax.jvp(jax.grad(f), (x,), (v,))[1]
 
 
+def _rademacher(key: jax.Array, sel: dict) -> dict:
+  ks = jax.random.split(key, len(sel))
+  return {p: jax.random.rademacher(k, x.shape, jnp.float32) for k, (p, x) in zip(ks, sel.items())}
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn",))
 def _probe_sum(sel: dict, params: PyTree, batch: Any, keys: jax.Array, *, loss_fn: LossFn) -> dict:
-  """Sum over the probes ``keys`` of ``v * (H v)``, H the Hessian of the loss w.r.t. ``sel``."""
-  def one(key):
-    ks = jax.random.split(key, len(sel))
-    v = {p: jax.random.rademacher(k, x.shape, jnp.float32) for k, (p, x) in zip(ks, sel.items())}
-    hv = hvp(lambda s: loss_fn(replace_leaves(params, s), batch), sel, v)
-    return {p: v[p] * hv[p] for p in sel}
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(one)(keys))
+  """Sum over the probes ``keys`` of ``v * (H v)``, H the Hessian of the loss w.r.t. ``sel``.
+
+  The gradient is linearized once (forward-over-reverse, as in :func:`hvp`) and its
+  tangent map applied to every probe, so the primal pass is shared by the chunk.
+  """
+  grad = jax.grad(lambda s: loss_fn(replace_leaves(params, s), batch))
+  _, hvp_fn = jax.linearize(grad, sel)
+  vs = jax.vmap(lambda k: _rademacher(k, sel))(keys)
+  hv = jax.vmap(hvp_fn)(vs)
+  return {p: jnp.sum(vs[p] * hv[p], axis=0) for p in sel}
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "path"))

@@ -140,7 +140,8 @@ def prune(params: PyTree, cfg: ModelConfig, config: PruneConfig, calib: Windows 
     raise ValueError(f"no parameter path matches include={config.include!r} (exclude={config.exclude!r})")
   if config.method in DATA_METHODS:
     check_calibration(None if calib is None else calib[0], config.method)
-  check_finite(expand(params, {p: x for p, x in leaves_with_paths(params) if p in set(selected)}))
+  chosen = set(selected)
+  check_finite(expand(params, {p: x for p, x in leaves_with_paths(params) if p in chosen}))
   shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
   dense = tuple(p for p in selected if nm is not None and not nm_compatible(shapes[p], nm[1]))
   if config.method in LAYERWISE_METHODS:

@@ -27,10 +27,9 @@ def num_pruned(sparsity: Any, size: int) -> Any:
 
 
 def keep_mask(scores: jax.Array, k: Any) -> jax.Array:
-  """Bool mask of ``scores``' shape pruning the ``k`` lowest entries (stable tie-break).
+  """Bool mask of ``scores``' shape pruning its ``k`` lowest entries (``k`` may be traced).
 
-  ``k`` may be traced. Works on the last axis when ``scores`` is 2-D with a leading
-  batch axis only via :func:`keep_mask_rows`; here the whole array is one group.
+  The whole array is one group, ranked by ``(score, flat index)`` with a stable sort.
   """
   flat = scores.reshape(-1)
   order = jnp.argsort(flat, stable=True)
