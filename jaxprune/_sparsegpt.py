@@ -8,9 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jaxprune._topk import keep_mask, keep_mask_rows, num_pruned
 from jaxprune._validate import resolve_target
+from jaxserve.sharding import shard_rows_like
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -114,9 +116,15 @@ def sparsegpt_layer(kernel: jax.Array, gram: jax.Array, *, sparsity: float | Non
   edges = list(range(0, cols, blocksize)) + [cols]
   counts = np.array([num_pruned(s, rows * b) - num_pruned(s, rows * a) for a, b in zip(edges[:-1], edges[1:])],
                     np.int32)
-  w, mask = _solve(kernel.T.astype(jnp.float32), gram, jnp.asarray(counts), jnp.float32(percdamp),
+  # Rows of w (outputs) are independent: on sharded parameters solve them where they lie, rows split
+  # over the devices (an all-to-all for a row-parallel kernel), never gathering the matrix.
+  w = shard_rows_like(kernel.T.astype(jnp.float32), kernel)
+  w, mask = _solve(w, gram, jnp.asarray(counts), jnp.float32(percdamp),
                    blocksize=blocksize, n=None if nm is None else nm[0], m=None if nm is None else nm[1])
   if not bool(jnp.all(jnp.isfinite(w))):
     raise ValueError("SparseGPT produced non-finite weights: the layer Hessian is not positive definite "
                      f"even with percdamp={percdamp}; raise percdamp or add calibration data")
-  return w.T.astype(kernel.dtype), mask.T
+  w, mask = w.T.astype(kernel.dtype), mask.T
+  if isinstance(getattr(kernel, "sharding", None), NamedSharding):
+    w, mask = jax.device_put(w, kernel.sharding), jax.device_put(mask, kernel.sharding)
+  return w, mask

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune._select import prune_masks_by_count
 from jaxprune._tree import leaves_with_paths, map_with_path
 from jaxprune._validate import check_scope, check_sparsity, parse_pattern
 
@@ -29,8 +30,14 @@ def num_pruned(sparsity: Any, size: int) -> Any:
 def keep_mask(scores: jax.Array, k: Any) -> jax.Array:
   """Bool mask of ``scores``' shape pruning its ``k`` lowest entries (``k`` may be traced).
 
-  The whole array is one group, ranked by ``(score, flat index)`` with a stable sort.
+  The whole array is one group, ranked by ``(score, flat index)``. Selection is by counting
+  (no sort), so sharded scores are never gathered; :func:`keep_mask_sorted` is the reference.
   """
+  return ~prune_masks_by_count([scores], k)[0]
+
+
+def keep_mask_sorted(scores: jax.Array, k: Any) -> jax.Array:
+  """Reference of :func:`keep_mask`: the same ranking with a stable sort."""
   flat = scores.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
@@ -94,12 +101,9 @@ def _global(scores: PyTree, sparsity: Any, old: dict[str, Any]) -> PyTree:
   items = [(p, _prior(s, old.get(p))) for p, s in leaves_with_paths(scores)]
   if not items:
     return scores
-  flat = jnp.concatenate([s.reshape(-1) for _, s in items])
-  keep = keep_mask(flat, num_pruned(sparsity, flat.size))
-  out, offset = {}, 0
-  for p, s in items:
-    out[p] = keep[offset:offset + s.size].reshape(s.shape) & _as_bool(old.get(p), s.shape)
-    offset += s.size
+  # one ranking over all leaves (in tree order) without concatenating them: nothing is gathered
+  pruned = prune_masks_by_count([s for _, s in items], num_pruned(sparsity, sum(s.size for _, s in items)))
+  out = {p: ~drop & _as_bool(old.get(p), s.shape) for (p, s), drop in zip(items, pruned)}
   return map_with_path(lambda p, s: None if s is None else out[p], scores)
 
 

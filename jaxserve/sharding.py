@@ -74,3 +74,28 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
 def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
   """KV pools ``[num_kv_heads, num_blocks, block_size, head_dim]`` split by KV head."""
   return NamedSharding(mesh, P(AXIS))
+
+
+def shard_rows_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` split by rows over every mesh axis that ``like`` is sharded on (an all-to-all, no gather).
+
+  Row-independent algorithms (SparseGPT's per-output OBS sweep) run locally on such a layout
+  whatever the layout of the parameter they came from. Unsharded inputs are returned as they are.
+  """
+  sharding = getattr(like, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or sharding.is_fully_replicated:
+    return x
+  axes = tuple(a for spec in sharding.spec if spec is not None for a in ((spec,) if isinstance(spec, str) else spec))
+  size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+  if x.shape[0] % size:
+    return x
+  return jax.device_put(x, NamedSharding(sharding.mesh, P(axes, *([None] * (x.ndim - 1)))))
+
+
+def place_like(tree: Any, like: Any) -> Any:
+  """Puts every array leaf of ``tree`` (e.g. masks) on the sharding of the matching leaf of ``like`` (params).
+
+  ``tree`` may hold None (not pruned) where ``like`` holds arrays; those stay None.
+  """
+  return jax.tree.map(lambda x, ref: x if x is None or not hasattr(ref, "sharding") else jax.device_put(x, ref.sharding),
+                      tree, like, is_leaf=lambda x: x is None)

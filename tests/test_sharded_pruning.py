@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprune._select import ordered_key, prune_masks_by_count, prune_rows_by_count
-from jaxprune._topk import keep_mask, keep_mask_rows
+from jaxprune._topk import keep_mask_sorted as keep_mask
 
 
 def test_ordered_key_is_monotone():
@@ -26,7 +26,7 @@ def test_counting_selection_equals_stable_sort(seed):
     np.testing.assert_array_equal(np.asarray(~pruned), np.asarray(keep_mask(s, k)))
     assert int(pruned.sum()) == k
   rows = prune_rows_by_count(s, 2, axis=1)
-  np.testing.assert_array_equal(np.asarray(~rows), np.asarray(keep_mask_rows(s, 2)))
+  np.testing.assert_array_equal(np.asarray(~rows), np.asarray(jax.vmap(lambda r: keep_mask(r, 2))(s)))
 
 
 def test_counting_selection_on_sharded_array_gathers_nothing():
@@ -47,3 +47,59 @@ def test_counting_selection_on_sharded_array_gathers_nothing():
   assert got[0].sharding.spec == P(None, "tp")
   hlo = fn.lower(sa, sb).compile().as_text()
   assert "all-gather" not in hlo and "all-reduce" in hlo
+
+
+def _mesh4():
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  from jaxserve.sharding import make_mesh
+  return make_mesh(4)
+
+
+@pytest.mark.parametrize("spec", [P(None, "tp"), P("tp", None)], ids=["column-parallel", "row-parallel"])
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}], ids=["50%", "2:4"])
+def test_sparsegpt_and_wanda_on_sharded_kernels_equal_unsharded(spec, target):
+  from jaxprune import sparsegpt_layer, wanda_layer
+  mesh = _mesh4()
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(512, 64)).astype(np.float32)
+  gram = x.T @ x
+  kernel = rng.normal(size=(64, 128)).astype(np.float32)
+  sharded = jax.device_put(kernel, NamedSharding(mesh, spec))
+  for fn, kw in ((sparsegpt_layer, {"blocksize": 32}), (wanda_layer, {})):
+    w_ref, m_ref = fn(kernel, gram, **target, **kw)
+    w, m = fn(sharded, gram, **target, **kw)
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(m_ref))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), atol=1e-5)
+    assert w.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2)  # the result stays where the parameter was
+
+
+def test_sparsegpt_solve_on_row_split_weights_gathers_nothing():
+  from jaxprune._sparsegpt import _solve
+  mesh = _mesh4()
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(256, 64)).astype(np.float32)
+  w = jax.device_put(rng.normal(size=(128, 64)).astype(np.float32), NamedSharding(mesh, P("tp", None)))
+  counts = jnp.full((2,), 128 * 32 // 2, jnp.int32)
+  hlo = _solve.lower(w, jnp.asarray(x.T @ x), counts, jnp.float32(0.01), blocksize=32, n=None, m=None
+                     ).compile().as_text()
+  assert "all-gather" not in hlo
+
+
+def test_global_magnitude_masks_of_sharded_model_equal_unsharded():
+  from jaxprune import magnitude_scores, topk_masks
+  from jaxserve.loaders import load_model
+  from jaxserve.sharding import place_like, shard_params
+  mesh = _mesh4()
+  m = load_model()
+  sharded = shard_params(m.params, m.cfg, mesh)
+  for scope in ("layer", "global"):
+    fn = jax.jit(lambda p: topk_masks(magnitude_scores(p), 0.5, scope=scope))
+    ref, got = fn(m.params), fn(sharded)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "all-gather" not in fn.lower(sharded).compile().as_text()
+    placed = place_like(got, sharded)  # masks inherit the parameters' sharding
+    q = placed["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tp")), 2)
+    assert {s.data.shape for s in q.addressable_shards} == {(64, 16)}
