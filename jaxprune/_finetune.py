@@ -24,8 +24,9 @@ PyTree = Any
 class FinetuneConfig:
   """Recovery fine-tuning settings (defaults: 600 steps of 16 x 128 tokens, AdamW, cosine from 2e-3).
 
-  The defaults are what ``benchmarks/pruning.py`` measured to work on stories260K (better
-  than 600 x 16 x 256 at 1e-3, and 3x cheaper on CPU).
+  With these defaults ``benchmarks/pruning.py`` recovers stories260K pruned by iterative OBS
+  to within 1.05x (50%) and 1.19x (2:4) of dense perplexity; 128-token windows cost about
+  a third of 256-token ones on CPU.
 
   ``distill`` mixes in knowledge distillation from the dense model: the loss is
   ``(1 - distill) * CE(student) + distill * KL(teacher || student)`` per token (the

@@ -154,3 +154,14 @@ def test_distillation_pulls_the_student_toward_the_teacher(model):
   assert float(distill_loss(params, params, cfg, x.inputs, x.targets, 1.0)) == pytest.approx(0.0, abs=1e-5)
   for path, m in leaf_masks(res.masks).items():
     assert (np.asarray(dict(leaves_with_paths(ft.params))[path])[~np.asarray(m)] == 0).all()
+
+
+def test_prune_equals_scores_then_topk(model):
+  """prune() for a score method is its score function followed by top-k (what the benchmark reuses)."""
+  from jaxprune import apply_masks, magnitude_scores, nm_masks, topk_masks
+  cfg, params = model
+  for target, masks in ((dict(sparsity=0.4), topk_masks(magnitude_scores(params), 0.4)),
+                        (dict(pattern="2:4"), nm_masks(magnitude_scores(params), "2:4"))):
+    res = prune(params, cfg, PruneConfig(method="magnitude", **target))
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(apply_masks(params, masks))):
+      np.testing.assert_array_equal(a, b)
