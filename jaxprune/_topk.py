@@ -7,6 +7,7 @@ leaf; for global scope, leaves in tree-flatten order) is pruned first.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ def num_pruned(sparsity: Any, size: int) -> Any:
   return jnp.floor(jnp.asarray(sparsity, jnp.float32) * size + 0.5).astype(jnp.int32)
 
 
+@jax.jit
 def keep_mask(scores: jax.Array, k: Any) -> jax.Array:
   """Bool mask of ``scores``' shape pruning its ``k`` lowest entries (``k`` may be traced).
 
@@ -44,6 +46,7 @@ def keep_mask_sorted(scores: jax.Array, k: Any) -> jax.Array:
   return (ranks >= k).reshape(scores.shape)
 
 
+@jax.jit
 def keep_mask_rows(scores: jax.Array, k: Any) -> jax.Array:
   """Like :func:`keep_mask` independently for each row of a 2-D ``scores``."""
   return jax.vmap(lambda row: keep_mask(row, k))(scores)
@@ -118,6 +121,7 @@ def nm_incompatible(scores: PyTree, pattern: Any) -> list[str]:
   return [p for p, s in leaves_with_paths(scores) if not nm_compatible(tuple(s.shape), m)]
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m"))
 def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   """N:M mask of one ``(in, out)`` score array: in every M consecutive inputs of each output, keep the N best."""
   i, o = scores.shape
