@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
   print(f"\nstories260K, perplexity on {n_eval} windows of 256 tokens of held-out TinyStories text; "
         f"calibration: {args.nsamples} windows of {args.seq_len} tokens of TinyStories train text\n")
-  print(f"| {'model':<28} | sparsity | perplexity | prune s | eval s |")
+  print(f"| {'model':<28} | sparsity | perplexity | time s  | eval s |")
   print(f"|{'-' * 30}|----------|------------|---------|--------|")
   for r in rows:
     print(f"| {r['model']:<28} | {r['sparsity']:8.3f} | {r['perplexity']:10.3f} | {r['prune_seconds']:7.2f} | "
           f"{r['eval_seconds']:6.2f} |")
+  print("\ntime: pruning (plus fine-tuning where listed), including JIT compilation; sparsity: of the blocks' "
+        "projection kernels")
   return 0
