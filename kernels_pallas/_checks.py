@@ -110,7 +110,7 @@ def compiled_kernel_supported(head_dim: int, page_size: int) -> bool:
   """
   if head_dim < 1 or page_size < 1:
     return False
-  ppcb = _core.auto_pages_per_compute_block(page_size, 1 << 20)
+  ppcb = _core.auto_pages_per_compute_block(page_size, 1 << 20, head_dim)
   try:
     check_compiled_shapes(head_dim, page_size, ppcb * page_size,
                           interpret=False)

@@ -61,9 +61,18 @@ def num_rows(tokens_per_block: int, group: int) -> int:
   return max(MIN_ROWS, next_pow2(tokens_per_block * group))
 
 
-def auto_pages_per_compute_block(page_size: int, max_pages: int) -> int:
-  """About 128 keys per inner step, never fewer than 16, at most the table."""
-  want = max(1, 128 // page_size)
+def auto_pages_per_compute_block(page_size: int, max_pages: int,
+                                 head_dim: int = 128,
+                                 itemsize: int = 2) -> int:
+  """About 128 keys per inner step, never fewer than 16, at most the table.
+
+  Wide tiles are capped at 32 KiB per K (and V) tile: two pipeline stages of
+  128 float32 keys x head_dim 128 ask for more shared memory than an H100/H200
+  SM has (270 KiB against 227 KiB, seen on an H200), so float32 and
+  head_dim 256 take 64 keys per step.
+  """
+  keys = max(16, min(128, (32 << 10) // max(1, head_dim * itemsize)))
+  want = max(1, keys // page_size)
   floor = max(1, 16 // page_size)
   return max(floor, min(want, next_pow2(max_pages)))
 

@@ -165,7 +165,8 @@ def paged_attention(
   interpret = _compat.resolve_interpret(interpret)
   config = make_config(
       page_size=page_size, max_blocks=max_blocks,
-      num_programs=batch * k_pages.shape[0],
+      num_programs=batch * k_pages.shape[0], head_dim=head_dim,
+      itemsize=jnp.dtype(k_pages.dtype).itemsize,
       pages_per_compute_block=pages_per_compute_block, num_splits=num_splits,
       num_warps=num_warps, num_stages=num_stages, interpret=interpret,
       poison_outputs=poison_outputs)
@@ -181,12 +182,12 @@ def paged_attention(
 
 
 def make_config(*, page_size: int, max_blocks: int, num_programs: int,
-                pages_per_compute_block: int | None, num_splits: int | None,
+                head_dim: int, itemsize: int, pages_per_compute_block: int | None, num_splits: int | None,
                 num_warps: int, num_stages: int, interpret: bool,
                 poison_outputs: bool = False) -> _core.KernelConfig:
   """Fills in default tuning knobs (shared with the ragged wrapper)."""
   ppcb = pages_per_compute_block or _core.auto_pages_per_compute_block(
-      page_size, max_blocks)
+      page_size, max_blocks, head_dim, itemsize)
   max_splits = max(1, -(-max_blocks // ppcb))
   if num_splits is None:
     splits = _core.auto_num_splits(num_programs, max_blocks, ppcb)

@@ -240,6 +240,7 @@ def ragged_paged_attention(
   n_blocks = num_query_blocks(num_tokens, num_seqs_max, block_q)
   config = make_config(
       page_size=page_size, max_blocks=max_blocks, num_programs=n_blocks * kvh,
+      head_dim=head_dim, itemsize=jnp.dtype(k_pages.dtype).itemsize,
       pages_per_compute_block=pages_per_compute_block, num_splits=num_splits,
       num_warps=num_warps, num_stages=num_stages, interpret=interpret,
       poison_outputs=poison_outputs)

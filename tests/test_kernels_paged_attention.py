@@ -77,6 +77,26 @@ def test_auto_knobs_and_padding_columns():
                   want, F32)
 
 
+def test_auto_compute_block_fits_shared_memory():
+  # float32 at head_dim 128 with 128 keys per step asked an H200 for 270 KiB
+  # of shared memory (it has 227 KiB): wide tiles take fewer keys.
+  from kernels_pallas import _core
+  keys = lambda ps, d, size: ps * _core.auto_pages_per_compute_block(
+      ps, 1 << 20, d, size)
+  assert keys(16, 128, 2) == 128  # bfloat16, head_dim 128
+  assert keys(16, 128, 4) == 64  # float32
+  assert keys(16, 256, 2) == 64
+  assert keys(8, 64, 4) == 128
+  assert keys(32, 256, 4) == 32  # never below one page
+  assert keys(4, 512, 4) == 16  # never below 16 keys (Triton dot minimum)
+  for ps in (1, 2, 4, 8, 16, 32):
+    for d in (16, 64, 128, 256):
+      for size in (2, 4):
+        assert keys(ps, d, size) * d * size <= max(32 << 10, 16 * d * size,
+                                                   ps * d * size)
+  assert _core.auto_pages_per_compute_block(16, 2, 128, 4) == 2  # short table
+
+
 def test_shared_pages_between_sequences():
   # Prefix sharing: two sequences point at the same physical pages.
   rng = np.random.default_rng(3)
