@@ -71,9 +71,12 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
 
 
-def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
-  """KV pools ``[num_kv_heads, num_blocks, block_size, head_dim]`` split by KV head."""
-  return NamedSharding(mesh, P(AXIS))
+def kv_pool_sharding(mesh: Mesh, layout: str = "head") -> NamedSharding:
+  """KV pools split by KV head: ``[num_kv_heads, num_blocks, ...]`` (``"head"``) or
+  ``[num_blocks, num_kv_heads, ...]`` (``"block"``)."""
+  if layout not in ("head", "block"):
+    raise ValueError(f"layout must be 'head' or 'block', got {layout!r}")
+  return NamedSharding(mesh, P(AXIS) if layout == "head" else P(None, AXIS))
 
 
 def shard_rows_like(x: jax.Array, like: jax.Array) -> jax.Array:

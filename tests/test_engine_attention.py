@@ -36,9 +36,12 @@ def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, hea
   vp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
   q = jnp.asarray(rng.standard_normal((t, heads, d)), jnp.float32)
   attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk, decode_kv_chunk=max(1, kv_chunk // 2))
-  got = jax.jit(attn.attend)(q, kp, vp, meta)
+  assert attn.kv_layout == "block"
+  kb, vb = jnp.swapaxes(kp, 0, 1), jnp.swapaxes(vp, 0, 1)  # [NB, KVH, bs, D]
+  got = jax.jit(attn.attend)(q, kb, vb, meta)
   ref = paged_attention_reference(q, kp, vp, meta, sliding_window=window)
   np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(paged_attention_reference(q, kb, vb, meta, sliding_window=window, layout="block"), ref)
   assert not np.any(np.asarray(got)[sum(s[0] for s in seqs):])  # padding rows are zero
 
 
@@ -49,7 +52,7 @@ def test_bfloat16_pools_within_tolerance():
   kp = jnp.asarray(rng.standard_normal((2, 40, 8, 32)), jnp.bfloat16)
   vp = jnp.asarray(rng.standard_normal((2, 40, 8, 32)), jnp.bfloat16)
   q = jnp.asarray(rng.standard_normal((16, 4, 32)), jnp.bfloat16)
-  got = PagedAttention(kv_chunk=8).attend(q, kp, vp, meta)
+  got = PagedAttention(kv_chunk=8).attend(q, jnp.swapaxes(kp, 0, 1), jnp.swapaxes(vp, 0, 1), meta)
   ref = paged_attention_reference(q, kp, vp, meta)
   np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=3e-2, rtol=3e-2)
 
@@ -65,7 +68,7 @@ def test_pallas_backend_in_interpret_mode_matches_xla():
     meta = make_meta(seqs, len(decodes), num_tokens=t, decode_slots=dslots, prefill_slots=pslots, block_size=bs,
                      table_width=8)
     q = jnp.asarray(rng.standard_normal((t, 4, 16)), jnp.float32)
-    xla = PagedAttention(kv_chunk=4).attend(q, kp, vp, meta)
+    xla = PagedAttention(kv_chunk=4).attend(q, jnp.swapaxes(kp, 0, 1), jnp.swapaxes(vp, 0, 1), meta)
     pallas = PagedAttention(impl="pallas", interpret=True).attend(q, kp, vp, meta)
     np.testing.assert_allclose(pallas, xla, atol=2e-5, rtol=2e-5)
 
@@ -81,6 +84,15 @@ def test_write_and_copy_blocks():
   np.testing.assert_array_equal(kp2[:, 4], kp[:, 2])
   np.testing.assert_array_equal(vp2[:, 4], vp[:, 2])
   np.testing.assert_array_equal(kp2[:, 2], kp[:, 2])
+  # the XLA path's block layout [NB, KVH, bs, D] holds the same values
+  kb, vb = write_kv(jnp.zeros((6, 2, 4, 3)), jnp.zeros((6, 2, 4, 3)), k, -k, jnp.int32([9, 22]), layout="block")
+  np.testing.assert_array_equal(kb, jnp.swapaxes(kp, 0, 1))
+  np.testing.assert_array_equal(vb, jnp.swapaxes(vp, 0, 1))
+  (kb2, vb2), = copy_blocks([(kb, vb)], jnp.int32([2, 0]), jnp.int32([4, 0]), layout="block")
+  np.testing.assert_array_equal(kb2, jnp.swapaxes(kp2, 0, 1))
+  np.testing.assert_array_equal(vb2, jnp.swapaxes(vp2, 0, 1))
+  with pytest.raises(ValueError, match="KV layout"):
+    write_kv(kp, vp, k, -k, jnp.int32([9, 22]), layout="heads")
 
 
 def test_pallas_rejects_sliding_window():

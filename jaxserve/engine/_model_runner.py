@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta
+from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample
 from jaxserve.engine._scheduler import SchedulerOutput
 from jaxserve.model import forward
@@ -55,14 +56,14 @@ class ModelRunner:
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
     dtype = jnp.dtype(cfg.dtype)
-    self.kv = [(jnp.zeros((cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim), dtype),
-                jnp.zeros((cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim), dtype))
-               for i in range(cfg.num_layers)]
+    shapes = [pool_shape(cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim, attention.kv_layout)
+              for i in range(cfg.num_layers)]
+    self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
     if kv_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
       self.kv = jax.device_put(self.kv, kv_sharding)
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2,))
-    self._copy = jax.jit(copy_blocks, donate_argnums=(0,))
+    self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self.program_keys: set[tuple] = set()  # one jit program per distinct key
 
   def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):

@@ -96,7 +96,7 @@ class LLM:
     attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret)
     runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
-                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh))
+                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout))
     self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
