@@ -176,6 +176,26 @@ def waste_at_block_size(model_dir: str, workload: list[dict], block_size: int) -
   return llm.stats()["kv_waste_fraction"]
 
 
+def waste_paper_lengths(model_dir: str, n: int = 32, block_size: int = 16, seed: int = 2) -> dict:
+  """KV waste with the sequence lengths of the vLLM paper's ShareGPT trace (mean 161 in, 338 out).
+
+  The issue's 4% target is that paper's figure; this workload's short sequences (median 64 in,
+  48 out) leave a larger share of each sequence in its last, partly filled block.
+  """
+  from jaxserve.engine import LLM, SamplingParams
+  rng = np.random.default_rng(seed)
+  prompt_lens = np.clip(np.round(rng.lognormal(np.log(110), 0.85, n)), 4, 1024).astype(int)
+  output_lens = np.clip(np.round(rng.lognormal(np.log(260), 0.7, n)), 8, 1024).astype(int)
+  llm = LLM(model_dir, max_model_len=2048, block_size=block_size)
+  prompts = [{"prompt_token_ids": rng.integers(3, MODEL_KW["vocab_size"], p).tolist()} for p in prompt_lens]
+  params = [SamplingParams(temperature=0, max_tokens=int(o), ignore_eos=True, detokenize=False) for o in output_lens]
+  llm.generate(prompts, params, use_tqdm=False)
+  s = llm.stats()
+  return dict(num_requests=n, mean_prompt_len=float(prompt_lens.mean()), mean_output_len=float(output_lens.mean()),
+              block_size=block_size, kv_waste_fraction=s["kv_waste_fraction"],
+              kv_contiguous_waste_fraction=s["kv_contiguous_waste_fraction"], max_model_len=2048)
+
+
 def n4_block_savings(model_dir: str, prompt_len: int = 200, block_size: int = 16) -> dict:
   """KV blocks held after the prefill of one n=4 request vs four separate requests of the same prompt."""
   from jaxserve.engine import LLM, SamplingParams
@@ -265,6 +285,7 @@ def main() -> None:
 
   res["kv_waste_block8"] = waste_at_block_size(model_dir, workload, 8)
   res["kv_budget"] = kv_budget_fit(model_dir, workload, budget_tokens=4096)
+  res["kv_waste_paper_lengths"] = waste_paper_lengths(model_dir)
   res["n4_sharing"] = n4_block_savings(model_dir)
 
   s = js["stats"]
@@ -279,6 +300,10 @@ def main() -> None:
   print(f"\ngreedy tokens equal to jaxserve's: {res['greedy_match_vs_jaxserve']}")
   print(f"KV waste: paged {s['kv_waste_fraction']:.1%} (block 16), {res['kv_waste_block8']:.1%} (block 8) vs "
         f"contiguous (max_model_len {MAX_MODEL_LEN}) {s['kv_contiguous_waste_fraction']:.1%}")
+  wp = res["kv_waste_paper_lengths"]
+  print(f"KV waste with the vLLM paper's ShareGPT lengths (mean {wp['mean_prompt_len']:.0f} in, "
+        f"{wp['mean_output_len']:.0f} out, block 16): paged {wp['kv_waste_fraction']:.1%} vs contiguous "
+        f"(max_model_len 2048) {wp['kv_contiguous_waste_fraction']:.1%}")
   kb = res["kv_budget"]
   print(f"sequences running at once in {kb['budget_tokens']} KV slots: paged {kb['paged_peak_running_seqs']} "
         f"(preemptions {kb['paged_preemptions']}) vs contiguous {kb['contiguous_seqs']}")

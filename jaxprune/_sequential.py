@@ -52,7 +52,7 @@ def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer
 
   b, t, _ = x.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  cos, sin = model_lib._rope_tables(cfg, positions)
+  cos, sin = model_lib.rope_tables(cfg, positions)
   block = model_lib.Block(cfg, layer, model_lib.default_attention(cfg))
   with nn.intercept_methods(interceptor):
     y, _ = block.apply({"params": block_params}, x, cos, sin, None, {"positions": positions})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 from jaxserve._cli_args import add_model_args
 
@@ -28,6 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  "(default: the model's context)")
   e.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
   e.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
+  e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                 help="compile the decode step of every batch-size bucket (and, with --background-compile, catch-all "
+                      "mixed steps) before listening (default: on)")
+  e.add_argument("--background-compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="run a step whose shape bucket is not compiled yet in a larger compiled one while its own "
+                      "compiles on a helper thread, instead of stalling every stream (default: on)")
   p.add_argument("--shutdown-timeout", type=float, default=30.0,
                  help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
   p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -57,7 +64,13 @@ def run(args: argparse.Namespace) -> int:
   llm = LLM(model=loaded, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, dtype=args.dtype,
-            enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+            enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+            background_compile=args.background_compile)
+  if args.warmup:
+    t0 = time.perf_counter()
+    n = llm.warmup(mixed=args.background_compile)
+    logging.getLogger("jaxserve.serve").info("warm-up: compiled %d step programs in %.1f s", n,
+                                             time.perf_counter() - t0)
   config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
                         max_model_len=llm.max_model_len, vocab_size=loaded.cfg.vocab_size, api_key=args.api_key)
   app = create_app(llm, loaded.tokenizer, config)

@@ -370,8 +370,9 @@ def load_native(path: str, dtype: str | None = None) -> LoadedModel:
   if dtype is not None and dtype != cfg.dtype:
     cfg = cfg.replace(dtype=dtype)
   target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(cfg.replace(dtype="float32")))
-  with ocp.PyTreeCheckpointer() as ckpt:
-    params = ckpt.restore(os.path.join(path, "params"), item=target)
+  with ocp.PyTreeCheckpointer() as ckpt:  # restore_args from numpy leaves: no sharding to guess
+    params = ckpt.restore(os.path.join(path, "params"), item=target,
+                          restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   _check_shapes(params, cfg, path)
   tok = None
   for name in ("tokenizer.json", "tokenizer.model", "tokenizer.bin"):

@@ -139,7 +139,7 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
   return inv_freq
 
 
-def _rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
   """cos and sin tables ``[B, T, 1, D]`` (rotate-half convention), float32."""
   freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
@@ -228,7 +228,7 @@ class Llama(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, name="embed_tokens")
     x = embed(tokens)
-    cos, sin = _rope_tables(cfg, positions)
+    cos, sin = rope_tables(cfg, positions)
     new_kv, layer_inputs = [], []
     for i in range(cfg.num_layers):
       if return_layer_inputs:

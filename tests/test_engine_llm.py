@@ -209,10 +209,11 @@ def test_abort_frees_blocks_and_no_recompilation_after_warmup(hf_model):
   llm = LLM(loaded, block_size=8, max_num_batched_tokens=64)
   prompts = [{"prompt_token_ids": p} for p in _prompts(6, (3, 17, 33, 50, 9))]
   runner = llm.engine.runner
-  jit_cache = lambda: sum(f._cache_size() for f in (runner._forward, runner._sample, runner._copy))
+  jit_cache = lambda: len(runner._executables) + sum(f._cache_size() for f in (runner._sample, runner._copy))
   first = _ids(llm.generate(prompts, GREEDY, use_tqdm=False))
   warm, cached = llm.stats()["num_compiled_programs"], jit_cache()
-  assert runner._forward._cache_size() == sum(k[0] == "forward" for k in runner.program_keys)
+  assert len(runner._executables) == sum(k[0] == "forward" for k in runner.program_keys)
+  assert runner._forward._cache_size() == 0  # forward programs are compiled ahead of time, per bucket
   llm.reset_prefix_cache()  # else the second run hits the cache and its steps have other shapes
   assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == first
   assert llm.stats()["num_compiled_programs"] == warm and jit_cache() == cached  # nothing recompiled
@@ -224,6 +225,32 @@ def test_abort_frees_blocks_and_no_recompilation_after_warmup(hf_model):
   llm.abort_request("a")
   llm.abort_request("b")
   assert not llm.has_unfinished_requests() and llm.stats()["kv_blocks_used"] == 0
+
+
+def test_warmup_and_background_compile_never_block_a_step(hf_model):
+  _, loaded = hf_model
+  prompts = [{"prompt_token_ids": p} for p in _prompts(7, (3, 17, 33, 50, 9, 26, 61, 4))]
+  params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (14, 3, 9, 20, 5, 11, 2, 17)]
+  plain = LLM(loaded, block_size=8, max_num_batched_tokens=64, max_num_seqs=16)
+  want = _ids(plain.generate(prompts, params, use_tqdm=False))
+  assert plain.engine.runner.num_blocking_compiles > 0 and plain.engine.runner.num_fallback_steps == 0
+
+  llm = LLM(loaded, block_size=8, max_num_batched_tokens=64, max_num_seqs=16, background_compile=True)
+  # decode buckets 8 and 16, and one catch-all mixed bucket per token bucket 16, 32, 64
+  assert llm.warmup(mixed=True) == 5 and llm.warmup(mixed=True) == 0
+  runner = llm.engine.runner
+  assert {k for k in runner._executables} == {(8, 8, 0), (16, 16, 0), (32, 16, 16), (48, 16, 16), (80, 16, 16)}
+  for _ in range(2):
+    assert _ids(llm.generate(prompts, params, use_tqdm=False)) == want
+    llm.reset_prefix_cache()
+  assert runner.num_blocking_compiles == 0  # every step ran at once, in its bucket or a compiled larger one
+  assert runner.num_fallback_steps > 0
+  for f in list(runner._compiling.values()):
+    f.result(timeout=120)
+  assert len(runner._executables) > 5  # the steps' own buckets were compiled on the helper thread
+
+  with pytest.raises(ValueError, match="max_num_seqs must be an int >= 1"):
+    llm.warmup(max_num_seqs=0)
 
 
 def test_stop_conditions_and_text_on_stories260k():

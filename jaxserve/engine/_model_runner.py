@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -47,10 +49,16 @@ class ModelRunner:
   ``(logits rows, sample rows, sampler config)`` for the sampler, so the number of compiled
   programs stays small and stops growing after warm-up. The pools are donated to each call
   so XLA updates them in place.
+
+  With ``background_compile``, a step whose bucket has no compiled program yet runs in the
+  smallest compiled bucket that holds it (more padding, same results up to float rounding)
+  while its own program compiles on a helper thread; only a step that fits no compiled bucket
+  waits for a compile. A server then does not stall every stream on each new bucket.
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_blocks: int, block_size: int, max_model_len: int,
-               max_num_seqs: int, attention: PagedAttention, kv_sharding: Any = None):
+               max_num_seqs: int, attention: PagedAttention, kv_sharding: Any = None,
+               background_compile: bool = False):
     self.cfg, self.params, self.attn = cfg, params, attention
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
@@ -65,6 +73,14 @@ class ModelRunner:
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self.program_keys: set[tuple] = set()  # one jit program per distinct key
+    self.max_num_seqs = max_num_seqs
+    self._executables: dict[tuple[int, int, int], Any] = {}  # forward bucket -> compiled program
+    self._compiling: dict[tuple[int, int, int], concurrent.futures.Future] = {}
+    self._lock = threading.Lock()
+    self._compiler = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-compile")
+                      if background_compile else None)
+    self.num_fallback_steps = 0  # steps run in a larger bucket while their own compiled
+    self.num_blocking_compiles = 0  # steps that waited for their program to compile
 
   def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):
     out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
@@ -100,10 +116,9 @@ class ModelRunner:
     order = sorted(range(nd), key=lambda j: -sched.seqs[j].start) + list(range(nd, len(sched.seqs)))
     seqs = [sched.seqs[j] for j in order]
     num_prefill = len(seqs) - nd
-    decode_slots = decode_bucket(nd) if nd else 0
-    prefill_slots = pow2_bucket(num_prefill) if num_prefill else 0
     prefill_tokens = sum(s.num_tokens for s in seqs[nd:])
-    num_tokens = decode_slots + (token_bucket(prefill_tokens) if num_prefill else 0)
+    key = self.bucket(nd, num_prefill, prefill_tokens)
+    num_tokens, decode_slots, prefill_slots = self._choose(key, nd, num_prefill, prefill_tokens)
     tokens = np.zeros((1, num_tokens), np.int32)
     positions = np.zeros((1, num_tokens), np.int32)
     logits_index = np.zeros((1, decode_slots + prefill_slots), np.int32)
@@ -119,9 +134,74 @@ class ModelRunner:
     meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd,
                      num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
                      block_size=self.block_size, table_width=self.table_width)
-    self.program_keys.add(("forward", num_tokens, decode_slots, prefill_slots))
-    logits, greedy, self.kv = self._forward(self.params, self.kv, tokens, positions, meta, logits_index)
+    bucket = (num_tokens, decode_slots, prefill_slots)
+    exe = self._executables.get(bucket)
+    if exe is None:  # compile here (the first step of this bucket waits for it)
+      self.num_blocking_compiles += 1
+      exe = self._compile(bucket, (tokens, positions, meta, logits_index))
+    logits, greedy, self.kv = exe(self.params, self.kv, tokens, positions, meta, logits_index)
     return logits, greedy, rows
+
+  @staticmethod
+  def bucket(num_decode: int, num_prefill: int, prefill_tokens: int) -> tuple[int, int, int]:
+    """``(tokens, decode slots, prefill slots)`` a step of this many decodes and prefill chunks pads to."""
+    decode_slots = decode_bucket(num_decode) if num_decode else 0
+    prefill_slots = pow2_bucket(num_prefill) if num_prefill else 0
+    return decode_slots + (token_bucket(prefill_tokens) if num_prefill else 0), decode_slots, prefill_slots
+
+  def _choose(self, key, nd, num_prefill, prefill_tokens) -> tuple[int, int, int]:
+    """The step's own bucket, or with background compilation a compiled one that holds it."""
+    with self._lock:
+      for done in [k for k, f in self._compiling.items() if f.done()]:
+        self._compiling.pop(done).result()  # re-raises a compile error here
+    if self._compiler is None or key in self._executables:
+      return key
+    fits = [k for k in self._executables
+            if k[1] >= nd and k[2] >= num_prefill and k[0] - k[1] >= prefill_tokens and (k[2] > 0) == (num_prefill > 0)]
+    if not fits:
+      return key
+    with self._lock:
+      if key not in self._compiling:
+        self._compiling[key] = self._compiler.submit(self._compile, key, self._example_inputs(key))
+    self.num_fallback_steps += 1
+    return min(fits, key=lambda k: (k[0], k[1] + k[2]))
+
+  def _example_inputs(self, key):
+    """Inputs of the right shapes for compiling bucket ``key`` (all padding)."""
+    num_tokens, decode_slots, prefill_slots = key
+    meta = make_meta([], 0, num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
+                     block_size=self.block_size, table_width=self.table_width)
+    zeros = np.zeros((1, num_tokens), np.int32)
+    return zeros, zeros, meta, np.zeros((1, decode_slots + prefill_slots), np.int32)
+
+  def _compile(self, key, inputs):
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    exe = self._forward.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.kv), *inputs).compile()
+    with self._lock:
+      self._executables[key] = exe
+      self.program_keys.add(("forward",) + key)
+    return exe
+
+  def warmup(self, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None) -> int:
+    """Compiles programs ahead of use; returns how many it compiled.
+
+    Always the decode-only bucket of every batch size up to ``max_num_seqs``. With
+    ``max_num_batched_tokens``, also one catch-all mixed bucket per prefill-token bucket up to it
+    (every decode slot and as many prefill slots as tokens): any mixed step fits one of them, so
+    with background compilation no step ever waits for a compile.
+    """
+    top = max_num_seqs or self.max_num_seqs
+    keys = [(slots, slots, 0) for slots in sorted({decode_bucket(i) for i in range(1, top + 1)})]
+    if max_num_batched_tokens:
+      d = decode_bucket(top)
+      tokens = sorted({token_bucket(t) for t in range(1, max_num_batched_tokens + 1)})
+      keys += [(d + t, d, pow2_bucket(min(top, t))) for t in tokens]
+    n = 0
+    for key in keys:
+      if key not in self._executables:
+        self._compile(key, self._example_inputs(key))
+        n += 1
+    return n
 
   def sample(self, logits: jax.Array, tensors: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
     """Samples on the device and brings the (small) results to the host: the step's one sync."""

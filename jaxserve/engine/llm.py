@@ -45,13 +45,17 @@ class LLM:
     pallas_interpret: run the Pallas kernels in interpret mode (testing on CPU).
     tensor_parallel_size: devices to shard the model over (Megatron layout; KV pools split by
       KV head); must divide every layer's KV heads. The scheduler and block pool are unchanged.
+    background_compile: when a step needs a shape bucket that has no compiled program yet, run it
+      padded into a larger compiled bucket and compile its own on a helper thread (for servers,
+      where a synchronous compile stalls every stream). Outputs can differ from a run without it
+      by float rounding only.
   """
 
   def __init__(self, model: Any = None, block_size: int = 16, num_kv_blocks: int | None = None,
                kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
                seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None,
-               tensor_parallel_size: int = 1):
+               tensor_parallel_size: int = 1, background_compile: bool = False):
     from jaxserve.loaders import LoadedModel, load_model
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
@@ -96,7 +100,8 @@ class LLM:
     attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret)
     runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
-                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout))
+                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
+                         background_compile=bool(background_compile))
     self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
@@ -192,6 +197,19 @@ class LLM:
 
   def reset_stats(self) -> None:
     self.engine.reset_stats()
+
+  def warmup(self, max_num_seqs: int | None = None, mixed: bool = False) -> int:
+    """Compiles step programs now rather than on first use; returns how many were compiled.
+
+    Compiles the decode-only program of every batch-size bucket up to ``max_num_seqs`` (default the
+    engine's). With ``mixed``, also one catch-all program per prefill-token bucket up to
+    ``max_num_batched_tokens``, into which ``background_compile`` pads any step whose own
+    bucket is still compiling. Other buckets compile on first use.
+    """
+    if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
+      raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+    tokens = self.engine.scheduler.max_num_batched_tokens if mixed else None
+    return self.engine.runner.warmup(max_num_seqs, tokens)
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prefix (the blocks stay free); e.g. between a warm-up and a timed run."""
