@@ -98,3 +98,41 @@ def test_write_and_copy_blocks():
 def test_pallas_rejects_sliding_window():
   with pytest.raises(ValueError, match="sliding window"):
     PagedAttention(impl="pallas", sliding_window=8)
+
+
+def _compiler_present():
+  import shutil
+  return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.parametrize("heads, kv_heads, bs, d", [(8, 4, 16, 64), (4, 4, 8, 16), (8, 1, 4, 32), (6, 2, 16, 8)])
+def test_cpu_decode_kernel_matches_reference(heads, kv_heads, bs, d):
+  from jaxserve.engine import _cpu_attention
+  if not _cpu_attention.available():
+    assert not _compiler_present(), f"the kernel did not build: {_cpu_attention._state.get('error')}"
+    pytest.skip("no C++ compiler")
+  rng = np.random.default_rng(heads * 7 + bs)
+  nb = 120
+  lens = [1, bs, bs + 1, 7 * bs - 1, 3, 40]
+  seqs = _batch(rng, kv_heads, bs, nb, lens, [], width=8)
+  meta = make_meta(seqs, len(seqs), num_tokens=8, decode_slots=8, prefill_slots=0, block_size=bs, table_width=16)
+  kb = jnp.asarray(rng.standard_normal((nb, kv_heads, bs, d)), jnp.float32)  # block layout
+  vb = jnp.asarray(rng.standard_normal((nb, kv_heads, bs, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((8, heads, d)), jnp.float32)
+  ref = np.asarray(paged_attention_reference(q, kb, vb, meta, layout="block"))
+  for threads in (0, 1, 3):
+    got = jax.jit(lambda *a, t=threads: _cpu_attention.paged_decode(*a, scale=1 / np.sqrt(d), num_threads=t))(
+        q, kb, vb, meta.block_tables, meta.kv_lens)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
+    assert not np.any(np.asarray(got)[len(seqs):])  # padding slots (length 0) are zero
+  # through PagedAttention (decodes and a prefill chunk in one step): kernel == XLA loops
+  seqs = _batch(rng, kv_heads, bs, nb, [5, 2 * bs + 3], [(9, 9), (4, 3 * bs)], width=8)
+  meta = make_meta(seqs, 2, num_tokens=20, decode_slots=4, prefill_slots=2, block_size=bs, table_width=8)
+  q = jnp.asarray(rng.standard_normal((20, heads, d)), jnp.float32)
+  assert PagedAttention().use_cpu_kernel(jnp.float32) and not PagedAttention(cpu_kernel=False).use_cpu_kernel(
+      jnp.float32)
+  with_kernel = jax.jit(PagedAttention().attend)(q, kb, vb, meta)
+  without = jax.jit(PagedAttention(cpu_kernel=False).attend)(q, kb, vb, meta)
+  np.testing.assert_allclose(with_kernel, without, atol=2e-5, rtol=2e-5)
+  assert not PagedAttention().use_cpu_kernel(jnp.bfloat16) and not PagedAttention(sliding_window=4).use_cpu_kernel(
+      jnp.float32)

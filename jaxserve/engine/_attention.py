@@ -284,6 +284,8 @@ class PagedAttention:
     decode_groups: decode slots are split into this many groups, each looping to its own longest
       sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    cpu_kernel: decode attention through the C++ kernel of ``_cpu_attention`` (XLA path, CPU,
+      float32, no sliding window, one device). None: when it builds and applies; False: never.
   """
 
   impl: str = "xla"
@@ -293,6 +295,16 @@ class PagedAttention:
   decode_kv_chunk: int = 2
   decode_groups: int = 8
   interpret: bool | None = None
+  cpu_kernel: bool | None = None
+
+  def use_cpu_kernel(self, dtype) -> bool:
+    """Whether decodes go through the C++ kernel (decided when the step is traced)."""
+    from jaxserve.engine import _cpu_attention
+    if self.impl != "xla" or self.cpu_kernel is False or jax.default_backend() != "cpu":
+      return False
+    if not _cpu_attention.supported(dtype, self.sliding_window):
+      return False
+    return _cpu_attention.available()
 
   @property
   def kv_layout(self) -> str:
@@ -322,7 +334,14 @@ class PagedAttention:
     qp = jnp.pad(q, ((0, self.q_tile), (0, 0), (0, 0)))
     out = jnp.zeros(qp.shape, jnp.float32)
     num_seqs = meta.kv_lens.shape[0]
-    if meta.num_decode:
+    if meta.num_decode and self.use_cpu_kernel(k_pages.dtype):
+      from jaxserve.engine import _cpu_attention
+      nd = meta.num_decode
+      live = (meta.cu_q_lens[1:nd + 1] - meta.cu_q_lens[:nd]) == 1
+      o = _cpu_attention.paged_decode(qp[:nd], k_pages, v_pages, meta.block_tables[:nd],
+                                      jnp.where(live, meta.kv_lens[:nd], 0), scale=1.0 / math.sqrt(q.shape[-1]))
+      out = out.at[:nd].set(jnp.where(live[:, None, None], o, out[:nd]))
+    elif meta.num_decode:
       out = _decode_attention(qp, k_pages, v_pages, meta, out, self.decode_kv_chunk, self.sliding_window,
                               self.decode_groups)
     if num_seqs > meta.num_decode:

@@ -97,7 +97,8 @@ class LLM:
       kernel_ok = (jax.default_backend() == "gpu" and cfg.sliding_window is None and mesh is None
                    and compiled_kernel_supported(head_dim=cfg.head_dim, page_size=block_size))
       attention_backend = "pallas" if kernel_ok else "xla"
-    attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret)
+    attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret,
+                          cpu_kernel=False if mesh is not None else None)  # a custom call does not shard
     runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
                          kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),

@@ -1,0 +1,180 @@
+// Paged decode attention for the CPU, called from XLA as an FFI custom call.
+//
+// One query token per sequence. For sequence s, KV head k and query head h = k * G + g:
+//   out[s, h] = softmax_p(q[s, h] . K[s, p, k] * scale) @ V[s, p, k],  p < lens[s]
+// where position p lives in block tables[s, p / BS] at offset p % BS of the pools
+// k_pages / v_pages, laid out [num_blocks, KVH, BS, D] (jaxserve's "block" layout, so a
+// block's keys for every head are one contiguous run). A sequence with length 0 gets zeros.
+// Two passes per sequence: scores from K, then the weighted sum of V, each block read once.
+// Sequences are split between XLA's intra-op threads (interleaved: the engine sorts them longest
+// first).
+//
+// Built on first use by jaxserve.engine._cpu_attention with the system C++ compiler.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <condition_variable>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Asks for the next block while this one is processed: blocks sit at random places in the pool,
+// and the hardware prefetcher does not cross the 4 KiB pages of a block.
+inline void Prefetch(const float* p, int64_t floats) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < floats * 4; i += 64) __builtin_prefetch(c + i, 0, 0);
+}
+
+int64_t BlockAt(const int32_t* table, int64_t i, int64_t num_blocks) {
+  const int64_t b = table[i];
+  return (b < 0 || b >= num_blocks) ? 0 : b;
+}
+
+struct Dims {
+  int64_t batch, heads, dim, kv_heads, block, width;
+};
+
+void DecodeRange(const float* q, const float* kp, const float* vp, const int32_t* tables,
+                 const int32_t* lens, float* out, const Dims& d, float scale, int64_t num_blocks,
+                 int64_t first, int64_t step) {
+  const int64_t group = d.heads / d.kv_heads;
+  const int64_t block_elems = d.kv_heads * d.block * d.dim;
+  std::vector<float> scores;
+  std::vector<float> acc(d.heads * d.dim);
+  for (int64_t s = first; s < d.batch; s += step) {
+    float* o = out + s * d.heads * d.dim;
+    const int64_t len = std::min<int64_t>(lens[s], d.width * d.block);
+    if (len <= 0) {
+      std::fill(o, o + d.heads * d.dim, 0.0f);
+      continue;
+    }
+    const float* qs = q + s * d.heads * d.dim;
+    const int32_t* table = tables + s * d.width;
+    scores.assign(d.heads * len, 0.0f);  // [H, len]
+    // pass 1: scores
+    for (int64_t p0 = 0; p0 < len; p0 += d.block) {
+      const float* kb = kp + BlockAt(table, p0 / d.block, num_blocks) * block_elems;
+      if (p0 + d.block < len) Prefetch(kp + BlockAt(table, p0 / d.block + 1, num_blocks) * block_elems, block_elems);
+      else Prefetch(vp + BlockAt(table, 0, num_blocks) * block_elems, block_elems);
+      const int64_t n = std::min<int64_t>(d.block, len - p0);
+      for (int64_t k = 0; k < d.kv_heads; ++k) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* key = kb + (k * d.block + j) * d.dim;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = k * group + g;
+            const float* qh = qs + h * d.dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d.dim; ++i) dot += qh[i] * key[i];
+            scores[h * len + p0 + j] = dot * scale;
+          }
+        }
+      }
+    }
+    // softmax per head
+    for (int64_t h = 0; h < d.heads; ++h) {
+      float* sc = scores.data() + h * len;
+      float m = sc[0];
+      for (int64_t p = 1; p < len; ++p) m = std::max(m, sc[p]);
+      float total = 0.0f;
+      for (int64_t p = 0; p < len; ++p) {
+        sc[p] = std::exp(sc[p] - m);
+        total += sc[p];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t p = 0; p < len; ++p) sc[p] *= inv;
+    }
+    // pass 2: weighted sum of values
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t p0 = 0; p0 < len; p0 += d.block) {
+      const float* vb = vp + BlockAt(table, p0 / d.block, num_blocks) * block_elems;
+      if (p0 + d.block < len) Prefetch(vp + BlockAt(table, p0 / d.block + 1, num_blocks) * block_elems, block_elems);
+      const int64_t n = std::min<int64_t>(d.block, len - p0);
+      for (int64_t k = 0; k < d.kv_heads; ++k) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* val = vb + (k * d.block + j) * d.dim;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = k * group + g;
+            const float w = scores[h * len + p0 + j];
+            float* a = acc.data() + h * d.dim;
+#pragma omp simd
+            for (int64_t i = 0; i < d.dim; ++i) a[i] += w * val[i];
+          }
+        }
+      }
+    }
+    std::copy(acc.begin(), acc.end(), o);
+  }
+}
+
+ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                           ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
+                           ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out, float scale,
+                           int64_t num_threads) {
+  auto qd = q.dimensions();
+  auto kd = k_pages.dimensions();
+  auto td = tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || lens.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("paged_decode_cpu: expected q [B,H,D], pools [NB,KVH,BS,D], "
+                                       "tables [B,W], lens [B]");
+  }
+  Dims d{qd[0], qd[1], qd[2], kd[1], kd[2], td[1]};
+  if (kd[3] != d.dim || td[0] != d.batch || lens.dimensions()[0] != d.batch || d.kv_heads < 1 ||
+      d.heads % d.kv_heads != 0 || v_pages.dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument("paged_decode_cpu: inconsistent shapes");
+  }
+  for (size_t i = 0; i < 4; ++i) {
+    if (v_pages.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("paged_decode_cpu: K/V pools differ");
+  }
+  if (false) {
+    return ffi::Error::InvalidArgument("paged_decode_cpu: inconsistent shapes");
+  }
+  // num_threads <= 0: one part per thread of XLA's intra-op pool (those threads would otherwise wait)
+  const int64_t want = num_threads > 0 ? num_threads : std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(want, d.batch));
+  const float* qp = q.typed_data();
+  const float* kp = k_pages.typed_data();
+  const float* vp = v_pages.typed_data();
+  const int32_t* tp = tables.typed_data();
+  const int32_t* lp = lens.typed_data();
+  float* op = out->typed_data();
+  if (threads == 1) {
+    DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], 0, 1);
+  } else {
+    // parts 1.. run as tasks on XLA's pool, part 0 here; wait for all before returning
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t remaining = threads - 1;
+    for (int64_t t = 1; t < threads; ++t) {
+      pool.Schedule([&, t] {
+        DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], t, threads);
+        std::lock_guard<std::mutex> lock(mu);
+        if (--remaining == 0) cv.notify_one();
+      });
+    }
+    DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], 0, threads);
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return remaining == 0; });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeCpu, PagedDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("num_threads"));
