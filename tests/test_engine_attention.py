@@ -24,7 +24,8 @@ def _batch(rng, kvh, bs, nb, decodes, prefills, width):
 @pytest.mark.parametrize("bs, q_tile, kv_chunk, window", [(4, 8, 2, None), (8, 32, 8, None), (4, 4, 1, 6),
                                                           (16, 16, 4, None)])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (8, 1)])
-def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, heads, kv_heads):
+@pytest.mark.parametrize("cpu_kernel", [False, None])  # the XLA loops; the C++ kernel where it applies
+def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, heads, kv_heads, cpu_kernel):
   rng = np.random.default_rng(bs * 100 + heads * 10 + kv_heads)
   d, nb = 16, 80
   # lengths: 1, exactly one block, one past a block, long; prefill chunks with and without context
@@ -35,7 +36,8 @@ def test_xla_paged_attention_matches_reference(bs, q_tile, kv_chunk, window, hea
   kp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
   vp = jnp.asarray(rng.standard_normal((kv_heads, nb, bs, d)), jnp.float32)
   q = jnp.asarray(rng.standard_normal((t, heads, d)), jnp.float32)
-  attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk, decode_kv_chunk=max(1, kv_chunk // 2))
+  attn = PagedAttention(sliding_window=window, q_tile=q_tile, kv_chunk=kv_chunk, decode_kv_chunk=max(1, kv_chunk // 2),
+                        cpu_kernel=cpu_kernel)
   assert attn.kv_layout == "block"
   kb, vb = jnp.swapaxes(kp, 0, 1), jnp.swapaxes(vp, 0, 1)  # [NB, KVH, bs, D]
   got = jax.jit(attn.attend)(q, kb, vb, meta)

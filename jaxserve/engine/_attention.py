@@ -284,8 +284,8 @@ class PagedAttention:
     decode_groups: decode slots are split into this many groups, each looping to its own longest
       sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    cpu_kernel: decode attention through the C++ kernel of ``_cpu_attention`` (XLA path, CPU,
-      float32, no sliding window, one device). None: when it builds and applies; False: never.
+    cpu_kernel: attention through the C++ kernel of ``_cpu_attention`` instead of the XLA loops
+      (CPU, float32, no sliding window, one device). None: when it builds and applies; False: never.
   """
 
   impl: str = "xla"
@@ -298,7 +298,7 @@ class PagedAttention:
   cpu_kernel: bool | None = None
 
   def use_cpu_kernel(self, dtype) -> bool:
-    """Whether decodes go through the C++ kernel (decided when the step is traced)."""
+    """Whether the step's attention goes through the C++ kernel (decided when the step is traced)."""
     from jaxserve.engine import _cpu_attention
     if self.impl != "xla" or self.cpu_kernel is False or jax.default_backend() != "cpu":
       return False
@@ -331,17 +331,15 @@ class PagedAttention:
     if self.impl == "pallas":
       return self._attend_pallas(q, k_pages, v_pages, meta)
     t = q.shape[0]
+    if self.use_cpu_kernel(k_pages.dtype):  # every row (decodes and prefill chunks) in one kernel call
+      from jaxserve.engine import _cpu_attention
+      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, t)
+      return _cpu_attention.paged_rows(q, k_pages, v_pages, meta.block_tables, row_seq, row_len,
+                                       scale=1.0 / math.sqrt(q.shape[-1]))
     qp = jnp.pad(q, ((0, self.q_tile), (0, 0), (0, 0)))
     out = jnp.zeros(qp.shape, jnp.float32)
     num_seqs = meta.kv_lens.shape[0]
-    if meta.num_decode and self.use_cpu_kernel(k_pages.dtype):
-      from jaxserve.engine import _cpu_attention
-      nd = meta.num_decode
-      live = (meta.cu_q_lens[1:nd + 1] - meta.cu_q_lens[:nd]) == 1
-      o = _cpu_attention.paged_decode(qp[:nd], k_pages, v_pages, meta.block_tables[:nd],
-                                      jnp.where(live, meta.kv_lens[:nd], 0), scale=1.0 / math.sqrt(q.shape[-1]))
-      out = out.at[:nd].set(jnp.where(live[:, None, None], o, out[:nd]))
-    elif meta.num_decode:
+    if meta.num_decode:
       out = _decode_attention(qp, k_pages, v_pages, meta, out, self.decode_kv_chunk, self.sliding_window,
                               self.decode_groups)
     if num_seqs > meta.num_decode:

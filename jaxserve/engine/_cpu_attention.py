@@ -1,7 +1,7 @@
 """A C++ paged decode-attention kernel for the CPU, called from jitted code as an XLA FFI custom call.
 
 XLA's code for gathered KV blocks reads them at about a third of the memory bandwidth on a small
-CPU, and decode attention is mostly reading. The kernel (``csrc/paged_decode_cpu.cc``) reads each
+CPU, and attention in a small model's step is mostly reading. The kernel (``csrc/paged_attention_cpu.cc``) reads each
 block of K and V once, contiguously (prefetching the next block), and splits sequences between
 the threads of XLA's own pool. It is compiled on
 first use with the system C++ compiler against the FFI headers shipped in jaxlib, cached under
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGET = "jaxserve_paged_decode_cpu"
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cc"
+TARGET = "jaxserve_paged_attention_cpu"
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cc"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _build() -> Path:
   flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
   key = hashlib.sha256(src + include.encode() + " ".join(flags).encode() + platform.machine().encode()
                        + platform.node().encode()).hexdigest()[:16]
-  out = _cache_dir() / f"paged_decode_cpu-{key}.so"
+  out = _cache_dir() / f"paged_attention_cpu-{key}.so"
   if out.exists():
     return out
   try:
@@ -79,7 +79,7 @@ def available() -> bool:
         return False
       try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedDecodeCpu), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedAttentionCpu), platform="cpu")
         _state["ok"], _state["lib"] = True, lib
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
         log.warning("jaxserve: CPU attention kernel unavailable, using XLA attention (%s)", e)
@@ -92,13 +92,39 @@ def supported(dtype, sliding_window) -> bool:
   return jnp.dtype(dtype) == jnp.float32 and sliding_window is None
 
 
-def paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
-                 lens: jax.Array, *, scale: float, num_threads: int = 0) -> jax.Array:
-  """Decode attention over block-layout pools: ``q [B, H, D]``, pools ``[NB, KVH, BS, D]``,
-  ``block_tables [B, W]``, ``lens [B]`` (0: the row is zero). float32. Call :func:`available` first.
+def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, row_seq: jax.Array,
+               row_len: jax.Array, *, scale: float, num_threads: int = 0) -> jax.Array:
+  """Attention of query rows over block-layout pools, float32 (call :func:`available` first).
 
-  ``num_threads``: parts the batch is split into, run on XLA's intra-op thread pool (0: one per
-  pool thread)."""
+  Args:
+    q: ``[T, H, D]`` query rows.
+    k_pages, v_pages: ``[NB, KVH, BS, D]`` pools.
+    block_tables: ``[S, W]`` physical blocks of each sequence.
+    row_seq: ``[T]`` sequence of each row.
+    row_len: ``[T]`` positions each row sees (its position + 1: causal); 0 makes the row zero.
+    scale: softmax scale.
+    num_threads: parts the rows are split into, run on XLA's intra-op thread pool (0: one per
+      pool thread).
+  """
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-  return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32), lens.astype(jnp.int32),
-              scale=np.float32(scale), num_threads=np.int64(num_threads))
+  return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32), row_seq.astype(jnp.int32),
+              row_len.astype(jnp.int32), scale=np.float32(scale), num_threads=np.int64(num_threads))
+
+
+def paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lens: jax.Array,
+                 *, scale: float, num_threads: int = 0) -> jax.Array:
+  """One query row per sequence (``q [B, H, D]``, ``block_tables [B, W]``, ``lens [B]``)."""
+  return paged_rows(q, k_pages, v_pages, block_tables, jnp.arange(q.shape[0], dtype=jnp.int32), lens, scale=scale,
+                    num_threads=num_threads)
+
+
+def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """``(row_seq, row_len)`` of a flattened step: sequence ``s`` owns rows ``cu_q_lens[s]:cu_q_lens[s+1]``,
+  the last of its ``kv_lens[s]`` positions; rows past the step's tokens get length 0."""
+  rows = jnp.arange(num_rows, dtype=jnp.int32)
+  seq = jnp.searchsorted(cu_q_lens, rows, side="right").astype(jnp.int32) - 1
+  seq = jnp.clip(seq, 0, kv_lens.shape[0] - 1)
+  q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+  pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
+  valid = rows < cu_q_lens[-1]
+  return seq, jnp.where(valid, pos + 1, 0)

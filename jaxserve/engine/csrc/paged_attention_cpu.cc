@@ -1,11 +1,13 @@
-// Paged decode attention for the CPU, called from XLA as an FFI custom call.
+// Paged attention for the CPU, called from XLA as an FFI custom call.
 //
-// One query token per sequence. For sequence s, KV head k and query head h = k * G + g:
-//   out[s, h] = softmax_p(q[s, h] . K[s, p, k] * scale) @ V[s, p, k],  p < lens[s]
-// where position p lives in block tables[s, p / BS] at offset p % BS of the pools
+// Each query row r belongs to sequence seq[r] and sees that sequence's first len[r] positions
+// (a decode sees all its tokens; a prefill token at position p sees p + 1: causal). For KV head k
+// and query head h = k * G + g:
+//   out[r, h] = softmax_p(q[r, h] . K[seq[r], p, k] * scale) @ V[seq[r], p, k],  p < len[r]
+// where position p lives in block tables[seq[r], p / BS] at offset p % BS of the pools
 // k_pages / v_pages, laid out [num_blocks, KVH, BS, D] (jaxserve's "block" layout, so a
-// block's keys for every head are one contiguous run). A sequence with length 0 gets zeros.
-// Two passes per sequence: scores from K, then the weighted sum of V, each block read once.
+// block's keys for every head are one contiguous run). A row with length 0 gets zeros.
+// Two passes per row: scores from K, then the weighted sum of V, each block read once.
 // Sequences are split between XLA's intra-op threads (interleaved: the engine sorts them longest
 // first).
 //
@@ -40,22 +42,23 @@ struct Dims {
   int64_t batch, heads, dim, kv_heads, block, width;
 };
 
-void DecodeRange(const float* q, const float* kp, const float* vp, const int32_t* tables,
-                 const int32_t* lens, float* out, const Dims& d, float scale, int64_t num_blocks,
-                 int64_t first, int64_t step) {
+void RowRange(const float* q, const float* kp, const float* vp, const int32_t* tables,
+              const int32_t* row_seq, const int32_t* lens, float* out, const Dims& d, float scale,
+              int64_t num_blocks, int64_t num_seqs, int64_t first, int64_t step) {
   const int64_t group = d.heads / d.kv_heads;
   const int64_t block_elems = d.kv_heads * d.block * d.dim;
   std::vector<float> scores;
   std::vector<float> acc(d.heads * d.dim);
   for (int64_t s = first; s < d.batch; s += step) {
     float* o = out + s * d.heads * d.dim;
+    const int64_t seq = row_seq[s];
     const int64_t len = std::min<int64_t>(lens[s], d.width * d.block);
-    if (len <= 0) {
+    if (len <= 0 || seq < 0 || seq >= num_seqs) {
       std::fill(o, o + d.heads * d.dim, 0.0f);
       continue;
     }
     const float* qs = q + s * d.heads * d.dim;
-    const int32_t* table = tables + s * d.width;
+    const int32_t* table = tables + seq * d.width;
     scores.assign(d.heads * len, 0.0f);  // [H, len]
     // pass 1: scores
     for (int64_t p0 = 0; p0 < len; p0 += d.block) {
@@ -115,25 +118,27 @@ void DecodeRange(const float* q, const float* kp, const float* vp, const int32_t
 
 ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                            ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
-                           ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out, float scale,
+                           ffi::Buffer<ffi::S32> row_seq, ffi::Buffer<ffi::S32> lens,
+                           ffi::ResultBuffer<ffi::F32> out, float scale,
                            int64_t num_threads) {
   auto qd = q.dimensions();
   auto kd = k_pages.dimensions();
   auto td = tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || lens.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument("paged_decode_cpu: expected q [B,H,D], pools [NB,KVH,BS,D], "
-                                       "tables [B,W], lens [B]");
+    return ffi::Error::InvalidArgument("paged_attention_cpu: expected q [T,H,D], pools [NB,KVH,BS,D], "
+                                       "tables [S,W], row_seq [T], lens [T]");
   }
   Dims d{qd[0], qd[1], qd[2], kd[1], kd[2], td[1]};
-  if (kd[3] != d.dim || td[0] != d.batch || lens.dimensions()[0] != d.batch || d.kv_heads < 1 ||
+  if (kd[3] != d.dim || lens.dimensions()[0] != d.batch || row_seq.dimensions().size() != 1 ||
+      row_seq.dimensions()[0] != d.batch || d.kv_heads < 1 ||
       d.heads % d.kv_heads != 0 || v_pages.dimensions().size() != 4) {
-    return ffi::Error::InvalidArgument("paged_decode_cpu: inconsistent shapes");
+    return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
   }
   for (size_t i = 0; i < 4; ++i) {
-    if (v_pages.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("paged_decode_cpu: K/V pools differ");
+    if (v_pages.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("paged_attention_cpu: K/V pools differ");
   }
   if (false) {
-    return ffi::Error::InvalidArgument("paged_decode_cpu: inconsistent shapes");
+    return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
   }
   // num_threads <= 0: one part per thread of XLA's intra-op pool (those threads would otherwise wait)
   const int64_t want = num_threads > 0 ? num_threads : std::max<int64_t>(1, pool.num_threads());
@@ -143,9 +148,11 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const float* vp = v_pages.typed_data();
   const int32_t* tp = tables.typed_data();
   const int32_t* lp = lens.typed_data();
+  const int32_t* sp = row_seq.typed_data();
+  const int64_t num_seqs = td[0];
   float* op = out->typed_data();
   if (threads == 1) {
-    DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], 0, 1);
+    RowRange(qp, kp, vp, tp, sp, lp, op, d, scale, kd[0], num_seqs, 0, 1);
   } else {
     // parts 1.. run as tasks on XLA's pool, part 0 here; wait for all before returning
     std::mutex mu;
@@ -153,12 +160,12 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     int64_t remaining = threads - 1;
     for (int64_t t = 1; t < threads; ++t) {
       pool.Schedule([&, t] {
-        DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], t, threads);
+        RowRange(qp, kp, vp, tp, sp, lp, op, d, scale, kd[0], num_seqs, t, threads);
         std::lock_guard<std::mutex> lock(mu);
         if (--remaining == 0) cv.notify_one();
       });
     }
-    DecodeRange(qp, kp, vp, tp, lp, op, d, scale, kd[0], 0, threads);
+    RowRange(qp, kp, vp, tp, sp, lp, op, d, scale, kd[0], num_seqs, 0, threads);
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return remaining == 0; });
   }
@@ -167,12 +174,13 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeCpu, PagedDecodeImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, PagedDecodeImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
