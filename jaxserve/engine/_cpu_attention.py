@@ -1,12 +1,14 @@
-"""A C++ paged decode-attention kernel for the CPU, called from jitted code as an XLA FFI custom call.
+"""A C++ paged-attention kernel for the CPU, called from jitted code as an XLA FFI custom call.
 
 XLA's code for gathered KV blocks reads them at about a third of the memory bandwidth on a small
-CPU, and attention in a small model's step is mostly reading. The kernel (``csrc/paged_attention_cpu.cc``) reads each
-block of K and V once, contiguously (prefetching the next block), and splits sequences between
-the threads of XLA's own pool. It is compiled on
-first use with the system C++ compiler against the FFI headers shipped in jaxlib, cached under
+CPU, and attention in a small model's step is mostly reading. The kernel
+(``csrc/paged_attention_cpu.cc``) handles every query row of a step (decodes and causal prefill
+chunks), reads each block of K and V once per row, contiguously, prefetching the next block, and
+splits the rows between the threads of XLA's own intra-op pool. It is compiled on first use with
+the system C++ compiler against the FFI headers shipped in jaxlib, cached under
 ``$JAXSERVE_CACHE_DIR`` (default ``~/.cache/jaxserve``), and registered with JAX. Without a
-compiler, :func:`available` is False and the engine keeps the pure-XLA path.
+compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and the engine keeps the
+pure-XLA path.
 """
 
 from __future__ import annotations

@@ -42,11 +42,33 @@ struct Dims {
   int64_t batch, heads, dim, kv_heads, block, width;
 };
 
+// Calls f(h, p, row) for every query head h and position p < len, where row is the D values of
+// head h's KV head at p in `pages`, walking the row's blocks in order (each read once) and
+// prefetching the block after the current one, or `next` after the last.
+template <typename F>
+void ForEachPosition(const float* pages, const int32_t* table, int64_t len, const Dims& d,
+                     int64_t num_blocks, const float* next, F&& f) {
+  const int64_t group = d.heads / d.kv_heads;
+  const int64_t block_elems = d.kv_heads * d.block * d.dim;
+  for (int64_t p0 = 0; p0 < len; p0 += d.block) {
+    const float* blk = pages + BlockAt(table, p0 / d.block, num_blocks) * block_elems;
+    Prefetch(p0 + d.block < len ? pages + BlockAt(table, p0 / d.block + 1, num_blocks) * block_elems : next,
+             block_elems);
+    const int64_t n = std::min<int64_t>(d.block, len - p0);
+    for (int64_t k = 0; k < d.kv_heads; ++k) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* row = blk + (k * d.block + j) * d.dim;
+        for (int64_t g = 0; g < group; ++g) f(k * group + g, p0 + j, row);
+      }
+    }
+  }
+}
+
 void RowRange(const float* q, const float* kp, const float* vp, const int32_t* tables,
               const int32_t* row_seq, const int32_t* lens, float* out, const Dims& d, float scale,
               int64_t num_blocks, int64_t num_seqs, int64_t first, int64_t step) {
-  const int64_t group = d.heads / d.kv_heads;
   const int64_t block_elems = d.kv_heads * d.block * d.dim;
+  const int64_t dim = d.dim;
   std::vector<float> scores;
   std::vector<float> acc(d.heads * d.dim);
   for (int64_t s = first; s < d.batch; s += step) {
@@ -60,26 +82,15 @@ void RowRange(const float* q, const float* kp, const float* vp, const int32_t* t
     const float* qs = q + s * d.heads * d.dim;
     const int32_t* table = tables + seq * d.width;
     scores.assign(d.heads * len, 0.0f);  // [H, len]
-    // pass 1: scores
-    for (int64_t p0 = 0; p0 < len; p0 += d.block) {
-      const float* kb = kp + BlockAt(table, p0 / d.block, num_blocks) * block_elems;
-      if (p0 + d.block < len) Prefetch(kp + BlockAt(table, p0 / d.block + 1, num_blocks) * block_elems, block_elems);
-      else Prefetch(vp + BlockAt(table, 0, num_blocks) * block_elems, block_elems);
-      const int64_t n = std::min<int64_t>(d.block, len - p0);
-      for (int64_t k = 0; k < d.kv_heads; ++k) {
-        for (int64_t j = 0; j < n; ++j) {
-          const float* key = kb + (k * d.block + j) * d.dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t h = k * group + g;
-            const float* qh = qs + h * d.dim;
-            float dot = 0.0f;
+    // pass 1: scores (prefetching the first V block at the end)
+    ForEachPosition(kp, table, len, d, num_blocks, vp + BlockAt(table, 0, num_blocks) * block_elems,
+                    [&](int64_t h, int64_t p, const float* key) {
+                      const float* qh = qs + h * dim;
+                      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d.dim; ++i) dot += qh[i] * key[i];
-            scores[h * len + p0 + j] = dot * scale;
-          }
-        }
-      }
-    }
+                      for (int64_t i = 0; i < dim; ++i) dot += qh[i] * key[i];
+                      scores[h * len + p] = dot * scale;
+                    });
     // softmax per head
     for (int64_t h = 0; h < d.heads; ++h) {
       float* sc = scores.data() + h * len;
@@ -95,28 +106,17 @@ void RowRange(const float* q, const float* kp, const float* vp, const int32_t* t
     }
     // pass 2: weighted sum of values
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t p0 = 0; p0 < len; p0 += d.block) {
-      const float* vb = vp + BlockAt(table, p0 / d.block, num_blocks) * block_elems;
-      if (p0 + d.block < len) Prefetch(vp + BlockAt(table, p0 / d.block + 1, num_blocks) * block_elems, block_elems);
-      const int64_t n = std::min<int64_t>(d.block, len - p0);
-      for (int64_t k = 0; k < d.kv_heads; ++k) {
-        for (int64_t j = 0; j < n; ++j) {
-          const float* val = vb + (k * d.block + j) * d.dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t h = k * group + g;
-            const float w = scores[h * len + p0 + j];
-            float* a = acc.data() + h * d.dim;
+    ForEachPosition(vp, table, len, d, num_blocks, vp, [&](int64_t h, int64_t p, const float* val) {
+      const float w = scores[h * len + p];
+      float* a = acc.data() + h * dim;
 #pragma omp simd
-            for (int64_t i = 0; i < d.dim; ++i) a[i] += w * val[i];
-          }
-        }
-      }
-    }
+      for (int64_t i = 0; i < dim; ++i) a[i] += w * val[i];
+    });
     std::copy(acc.begin(), acc.end(), o);
   }
 }
 
-ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                            ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
                            ffi::Buffer<ffi::S32> row_seq, ffi::Buffer<ffi::S32> lens,
                            ffi::ResultBuffer<ffi::F32> out, float scale,
@@ -174,7 +174,7 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, PagedDecodeImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
