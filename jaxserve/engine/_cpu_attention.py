@@ -55,7 +55,8 @@ def _build() -> Path:
     if not os.access(out.parent, os.W_OK):
       raise OSError(f"{out.parent} is not writable")
   except OSError:  # e.g. a read-only home: build in the temp directory instead
-    out = Path(tempfile.gettempdir()) / f"jaxserve-{os.getuid()}" / out.name
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    out = Path(tempfile.gettempdir()) / f"jaxserve-{user}" / out.name
     if out.exists():
       return out
   cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
