@@ -123,8 +123,11 @@ def test_cpu_decode_kernel_matches_reference(heads, kv_heads, bs, d):
   q = jnp.asarray(rng.standard_normal((8, heads, d)), jnp.float32)
   ref = np.asarray(paged_attention_reference(q, kb, vb, meta, layout="block"))
   for threads in (0, 1, 3):
-    got = jax.jit(lambda *a, t=threads: _cpu_attention.paged_decode(*a, scale=1 / np.sqrt(d), num_threads=t))(
-        q, kb, vb, meta.block_tables, meta.kv_lens)
+    def call(q, kb, vb, meta, t=threads):
+      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
+      return _cpu_attention.paged_rows(q, kb, vb, meta.block_tables, row_seq, row_len, scale=1 / np.sqrt(d),
+                                       num_threads=t)
+    got = jax.jit(call)(q, kb, vb, meta)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
     assert not np.any(np.asarray(got)[len(seqs):])  # padding slots (length 0) are zero
   # through PagedAttention (decodes and a prefill chunk in one step): kernel == XLA loops

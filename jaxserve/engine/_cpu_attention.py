@@ -114,13 +114,6 @@ def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table
               row_len.astype(jnp.int32), scale=np.float32(scale), num_threads=np.int64(num_threads))
 
 
-def paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lens: jax.Array,
-                 *, scale: float, num_threads: int = 0) -> jax.Array:
-  """One query row per sequence (``q [B, H, D]``, ``block_tables [B, W]``, ``lens [B]``)."""
-  return paged_rows(q, k_pages, v_pages, block_tables, jnp.arange(q.shape[0], dtype=jnp.int32), lens, scale=scale,
-                    num_threads=num_threads)
-
-
 def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
   """``(row_seq, row_len)`` of a flattened step: sequence ``s`` owns rows ``cu_q_lens[s]:cu_q_lens[s+1]``,
   the last of its ``kv_lens[s]`` positions; rows past the step's tokens get length 0."""

@@ -130,15 +130,12 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   }
   Dims d{qd[0], qd[1], qd[2], kd[1], kd[2], td[1]};
   if (kd[3] != d.dim || lens.dimensions()[0] != d.batch || row_seq.dimensions().size() != 1 ||
-      row_seq.dimensions()[0] != d.batch || d.kv_heads < 1 ||
-      d.heads % d.kv_heads != 0 || v_pages.dimensions().size() != 4) {
+      row_seq.dimensions()[0] != d.batch || d.kv_heads < 1 || d.heads % d.kv_heads != 0 ||
+      v_pages.dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
   }
   for (size_t i = 0; i < 4; ++i) {
     if (v_pages.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("paged_attention_cpu: K/V pools differ");
-  }
-  if (false) {
-    return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
   }
   // num_threads <= 0: one part per thread of XLA's intra-op pool (those threads would otherwise wait)
   const int64_t want = num_threads > 0 ? num_threads : std::max<int64_t>(1, pool.num_threads());

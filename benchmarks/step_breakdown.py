@@ -1,0 +1,139 @@
+"""Where a step of the paged engine spends its time on the CPU (the serving benchmark's model).
+
+Times one jitted model step of ``benchmarks/serving.py``'s model with the engine's attention
+backend swapped: the C++ kernel (the default on the CPU), the XLA loops (``cpu_kernel=False``),
+no attention (K/V still written), and neither. Two steps: a batch of 64 decodes with lengths
+drawn like the serving workload's (prompt + half the output), and a 2048-token prefill of the
+workload's first prompts. Also reported: the attention's read rate (K/V bytes the decodes must
+read / (full step - step without attention)), a plain numpy read of 512 MiB for comparison, and
+the prefill matmuls' GFLOP/s (2 x weight-matrix parameters x tokens / the step without attention).
+Median of ``--reps`` runs after one warm-up. Output: a table and
+``benchmarks/results/step_breakdown.json``.
+
+  python benchmarks/step_breakdown.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serving import MAX_MODEL_LEN, make_model, make_workload  # noqa: E402
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "jaxserve-bench-llama-8l-512"))
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_breakdown.json"))
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  from jaxserve.engine import LLM
+  from jaxserve.engine._attention import PagedAttention, make_meta
+
+  class NoAttention(PagedAttention):
+    def attend(self, q, k_pages, v_pages, meta):
+      return q.astype(jnp.float32)
+
+  class NoAttentionNoWrite(PagedAttention):
+    def __call__(self, layer, q, k, v, layer_kv, meta):
+      return q, layer_kv
+
+  llm = LLM(make_model(args.model_dir), max_model_len=MAX_MODEL_LEN)
+  runner, cfg = llm.engine.runner, llm.engine.runner.cfg
+  bs, rng = runner.block_size, np.random.default_rng(0)
+  perm = rng.permutation(np.arange(1, runner.num_blocks))
+  workload = make_workload(64)
+
+  def place(lengths, q_lens):
+    seqs, used = [], 0
+    for length, q_len in zip(lengths, q_lens):
+      n = -(-int(length) // bs)
+      seqs.append((int(q_len), int(length), tuple(int(b) for b in perm[used:used + n])))
+      used += n
+    return seqs
+
+  # decode: 64 sequences, longest first (as the runner orders them)
+  lens = np.sort([len(w["prompt_token_ids"]) + w["max_tokens"] // 2 for w in workload])[::-1]
+  dec_meta = make_meta(place(lens, [1] * 64), 64, num_tokens=64, decode_slots=64, prefill_slots=0, block_size=bs,
+                       table_width=runner.table_width)
+  dec_inputs = (rng.integers(3, cfg.vocab_size, (1, 64)).astype(np.int32), (lens - 1)[None].astype(np.int32),
+                dec_meta, np.arange(64, dtype=np.int32)[None])
+  # prefill: the first prompts, 2048 tokens in all
+  plens, total = [], 0
+  for w in workload:
+    n = min(len(w["prompt_token_ids"]), 2048 - total)
+    plens.append(n)
+    total += n
+    if total == 2048:
+      break
+  slots = 1 << (len(plens) - 1).bit_length()
+  pre_meta = make_meta(place(plens, plens), 0, num_tokens=2048, decode_slots=0, prefill_slots=slots, block_size=bs,
+                       table_width=runner.table_width)
+  logits_index = np.zeros((1, slots), np.int32)
+  logits_index[0, :len(plens)] = np.cumsum(plens) - 1
+  pre_inputs = (rng.integers(3, cfg.vocab_size, (1, 2048)).astype(np.int32),
+                np.concatenate([np.arange(n) for n in plens])[None].astype(np.int32), pre_meta, logits_index)
+
+  def time_step(attn, inputs):
+    runner.attn = attn
+    fwd = jax.jit(runner._forward_impl, donate_argnums=(1,))
+    times = []
+    for i in range(args.reps + 1):
+      t0 = time.perf_counter()
+      _, greedy, runner.kv = fwd(runner.params, runner.kv, *inputs)
+      jax.block_until_ready(greedy)
+      if i:
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+  variants = {"C++ kernel": PagedAttention(), "XLA loops": PagedAttention(cpu_kernel=False),
+              "no attention": NoAttention(), "no attention, no KV write": NoAttentionNoWrite()}
+  decode = {name: time_step(a, dec_inputs) for name, a in variants.items()}
+  prefill = {name: time_step(variants[name], pre_inputs) for name in ("C++ kernel", "XLA loops", "no attention")}
+
+  kv_bytes = int(lens.sum()) * sum(2 * cfg.kv_heads(i) * cfg.head_dim * 4 for i in range(cfg.num_layers))
+  rate = {name: kv_bytes / (decode[name] - decode["no attention"]) / 1e9 for name in ("C++ kernel", "XLA loops")}
+  big = np.ones(128 << 20, np.float32)
+  big.sum()
+  t0 = time.perf_counter()
+  big.sum()
+  plain_read = big.nbytes / (time.perf_counter() - t0) / 1e9
+  matmul_params = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(runner.params)[0]
+                      if x.ndim == 2 and "embed" not in jax.tree_util.keystr(path)
+                      and "lm_head" not in jax.tree_util.keystr(path))
+  prefill_gflops = 2 * matmul_params * 2048 / prefill["no attention"] / 1e9
+
+  print(f"decode step, batch 64, mean context {lens.mean():.0f} ({kv_bytes / 1e6:.0f} MB of K/V to read):")
+  for name, t in decode.items():
+    print(f"  {name:<28} {t * 1e3:7.2f} ms")
+  print(f"prefill step, {len(plens)} prompts, 2048 tokens:")
+  for name, t in prefill.items():
+    print(f"  {name:<28} {t * 1e3:7.1f} ms")
+  print(f"attention read rate: C++ kernel {rate['C++ kernel']:.1f} GB/s, XLA loops {rate['XLA loops']:.1f} GB/s; "
+        f"plain numpy read {plain_read:.1f} GB/s")
+  print(f"prefill matmuls: {prefill_gflops:.0f} GFLOP/s")
+  res = dict(decode_ms={k: v * 1e3 for k, v in decode.items()}, prefill_ms={k: v * 1e3 for k, v in prefill.items()},
+             decode_mean_context=float(lens.mean()), kv_bytes=kv_bytes, attention_read_GBps=rate,
+             plain_read_GBps=plain_read, prefill_matmul_GFLOPs=prefill_gflops, reps=args.reps,
+             loadavg=os.getloadavg(), cpus=os.cpu_count())
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(json.dumps(res, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
