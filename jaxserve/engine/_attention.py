@@ -157,6 +157,14 @@ def paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, meta: Pa
   return jnp.asarray(out)
 
 
+def _visible(k_pos: Array, q_pos: Array, sliding_window: int | None) -> Array:
+  """``[len(q_pos), len(k_pos)]``: which key positions each query position sees (causal, windowed)."""
+  mask = k_pos[None, :] <= q_pos[:, None]
+  if sliding_window is not None:
+    mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+  return mask
+
+
 def _sequence_attention(q: Array, k_pages: Array, v_pages: Array, meta: PagedMeta, out: Array,
                         seq_lo: int, seq_hi: int, q_tile: int, kv_chunk: int, sliding_window: int | None) -> Array:
   """Online-softmax attention of sequences ``seq_lo..seq_hi``, query tile by tile, kv chunk by chunk.
@@ -193,10 +201,7 @@ def _sequence_attention(q: Array, k_pages: Array, v_pages: Array, meta: PagedMet
         ids = jax.lax.dynamic_slice_in_dim(table, c * kv_chunk, kv_chunk)
         k = k_pages[ids].astype(jnp.float32)  # [kc, KVH, bs, D]
         v = v_pages[ids].astype(jnp.float32)
-        k_pos = c * span + jnp.arange(span)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [Qt, span]
-        if sliding_window is not None:
-          mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        mask = _visible(c * span + jnp.arange(span), q_pos, sliding_window)  # [Qt, span]
         sc = jnp.einsum("qkgd,ckpd->kgqcp", qt, k).reshape(kvh, g, q_tile, span)
         sc = jnp.where(mask, sc, _NEG)
         m_new = jnp.maximum(m, sc.max(-1))
@@ -248,10 +253,7 @@ def _decode_attention(q: Array, k_pages: Array, v_pages: Array, meta: PagedMeta,
       ids = jax.lax.dynamic_slice_in_dim(tables, c * kv_chunk, kv_chunk, axis=1)  # [b, kc]
       k = k_pages[ids].astype(jnp.float32)  # [b, kc, KVH, bs, D]: whole blocks, contiguous
       v = v_pages[ids].astype(jnp.float32)
-      k_pos = c * span + jnp.arange(span)
-      mask = k_pos[None, :] <= q_pos[:, None]  # [b, span]
-      if sliding_window is not None:
-        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+      mask = _visible(c * span + jnp.arange(span), q_pos, sliding_window)  # [b, span]
       sc = jnp.einsum("bkgd,bckpd->bkgcp", qg, k).reshape(b, kvh, g, span)
       sc = jnp.where(mask[:, None, None, :], sc, _NEG)
       m_new = jnp.maximum(m, sc.max(-1))
