@@ -107,20 +107,23 @@ def _compiler_present():
   return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
-@pytest.mark.parametrize("heads, kv_heads, bs, d", [(8, 4, 16, 64), (4, 4, 8, 16), (8, 1, 4, 32), (6, 2, 16, 8)])
-def test_cpu_decode_kernel_matches_reference(heads, kv_heads, bs, d):
+@pytest.mark.parametrize("heads, kv_heads, bs, d", [(8, 4, 16, 64), (4, 4, 8, 16), (8, 1, 4, 32), (6, 2, 16, 8),
+                                                   (4, 2, 16, 128)])
+def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
   from jaxserve.engine import _cpu_attention
   if not _cpu_attention.available():
     assert not _compiler_present(), f"the kernel did not build: {_cpu_attention._state.get('error')}"
     pytest.skip("no C++ compiler")
-  rng = np.random.default_rng(heads * 7 + bs)
-  nb = 120
-  lens = [1, bs, bs + 1, 7 * bs - 1, 3, 40]
-  seqs = _batch(rng, kv_heads, bs, nb, lens, [], width=8)
-  meta = make_meta(seqs, len(seqs), num_tokens=8, decode_slots=8, prefill_slots=0, block_size=bs, table_width=16)
+  rng = np.random.default_rng(heads * 7 + bs + d)
+  nb = 160
+  # decodes (one row each) and prefill chunks (causal runs, cut into tiles of 16 / G rows and single rows)
+  prefills = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 3 * bs), (17, 17), (40, 48)]
+  seqs = _batch(rng, kv_heads, bs, nb, [1, bs, bs + 1, 7 * bs - 1, 3, 40], prefills, width=8)
+  t = sum(s[0] for s in seqs)
+  meta = make_meta(seqs, 6, num_tokens=t + 5, decode_slots=8, prefill_slots=8, block_size=bs, table_width=16)
   kb = jnp.asarray(rng.standard_normal((nb, kv_heads, bs, d)), jnp.float32)  # block layout
   vb = jnp.asarray(rng.standard_normal((nb, kv_heads, bs, d)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((8, heads, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((t + 5, heads, d)), jnp.float32)
   ref = np.asarray(paged_attention_reference(q, kb, vb, meta, layout="block"))
   for threads in (0, 1, 3):
     def call(q, kb, vb, meta, t=threads):
@@ -129,7 +132,23 @@ def test_cpu_decode_kernel_matches_reference(heads, kv_heads, bs, d):
                                        num_threads=t)
     got = jax.jit(call)(q, kb, vb, meta)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
-    assert not np.any(np.asarray(got)[len(seqs):])  # padding slots (length 0) are zero
+    assert not np.any(np.asarray(got)[t:])  # padding rows (length 0) are zero
+  # the engine's fused call: the step's K/V written into their slots (in place), then attention
+  k_new = jnp.asarray(rng.standard_normal((t + 5, kv_heads, d)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((t + 5, kv_heads, d)), jnp.float32)
+  kw, vw = write_kv(kb, vb, k_new, v_new, meta.slot_mapping, layout="block")
+  ref = np.asarray(paged_attention_reference(q, kw, vw, meta, layout="block"))
+
+  def fused(q, k_new, v_new, kb, vb, meta):
+    row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
+    return _cpu_attention.write_paged_rows(q, k_new, v_new, meta.slot_mapping, kb, vb, meta.block_tables, row_seq,
+                                           row_len, scale=1 / np.sqrt(d))
+  out, k2, v2 = jax.jit(fused, donate_argnums=(3, 4))(q, k_new, v_new, kb.copy(), vb.copy(), meta)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  real = np.unique(np.asarray(meta.slot_mapping)[:t] // bs)  # the padding rows all write the null block
+  np.testing.assert_array_equal(np.asarray(k2)[real], np.asarray(kw)[real])
+  np.testing.assert_array_equal(np.asarray(v2)[real], np.asarray(vw)[real])
+  np.testing.assert_array_equal(np.asarray(k2)[1:], np.asarray(kw)[1:])
   # through PagedAttention (decodes and a prefill chunk in one step): kernel == XLA loops
   seqs = _batch(rng, kv_heads, bs, nb, [5, 2 * bs + 3], [(9, 9), (4, 3 * bs)], width=8)
   meta = make_meta(seqs, 2, num_tokens=20, decode_slots=4, prefill_slots=2, block_size=bs, table_width=8)

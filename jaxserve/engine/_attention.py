@@ -323,6 +323,14 @@ class PagedAttention:
 
   def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_kv: Any, meta: PagedMeta):
     del layer
+    if self.use_cpu_kernel(layer_kv[0].dtype):  # K/V write and attention in one kernel call, pools in place
+      from jaxserve.engine import _cpu_attention
+      meta = jax.tree.map(jnp.asarray, meta)
+      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[1])
+      out, k_pages, v_pages = _cpu_attention.write_paged_rows(
+          q[0], k[0], v[0], meta.slot_mapping, *layer_kv, meta.block_tables, row_seq, row_len,
+          scale=1.0 / math.sqrt(q.shape[-1]))
+      return out[None].astype(q.dtype), (k_pages, v_pages)
     k_pages, v_pages = write_kv(*layer_kv, k[0], v[0], meta.slot_mapping, self.kv_layout)
     out = self.attend(q[0], k_pages, v_pages, meta)
     return out[None].astype(q.dtype), (k_pages, v_pages)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "jaxserve_paged_attention_cpu"
+WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cc"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -83,6 +84,8 @@ def available() -> bool:
       try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedAttentionCpu), platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionCpu),
+                                    platform="cpu")
         _state["ok"], _state["lib"] = True, lib
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
         log.warning("jaxserve: CPU attention kernel unavailable, using XLA attention (%s)", e)
@@ -112,6 +115,24 @@ def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32), row_seq.astype(jnp.int32),
               row_len.astype(jnp.int32), scale=np.float32(scale), num_threads=np.int64(num_threads))
+
+
+def write_paged_rows(q: jax.Array, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, block_tables: jax.Array, row_seq: jax.Array, row_len: jax.Array, *,
+                     scale: float, num_threads: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The engine's step in one call: writes ``k_new, v_new`` ``[N, KVH, D]`` into their slots
+  (``slot_mapping`` ``[N]``; slots outside the pool are skipped), then :func:`paged_rows`.
+
+  The pools are aliased input to output, so inside a jitted step whose pools are donated they
+  are updated in place (no scatter, no copy). Returns ``(out, k_pages, v_pages)``.
+  """
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_pages.shape, jnp.float32),
+               jax.ShapeDtypeStruct(v_pages.shape, jnp.float32))
+  call = jax.ffi.ffi_call(WRITE_TARGET, out_types, input_output_aliases={4: 1, 5: 2})
+  return call(q.astype(jnp.float32), k_new.astype(jnp.float32), v_new.astype(jnp.float32),
+              slot_mapping.astype(jnp.int32), k_pages, v_pages, block_tables.astype(jnp.int32),
+              row_seq.astype(jnp.int32), row_len.astype(jnp.int32), scale=np.float32(scale),
+              num_threads=np.int64(num_threads))
 
 
 def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
