@@ -110,9 +110,9 @@ def _compiler_present():
 @pytest.mark.parametrize("heads, kv_heads, bs, d", [(8, 4, 16, 64), (4, 4, 8, 16), (8, 1, 4, 32), (6, 2, 16, 8),
                                                    (4, 2, 16, 128)])
 def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
-  from jaxserve.engine import _cpu_attention
-  if not _cpu_attention.available():
-    assert not _compiler_present(), f"the kernel did not build: {_cpu_attention._state.get('error')}"
+  from jaxserve.engine import _cpu_kernels
+  if not _cpu_kernels.available():
+    assert not _compiler_present(), f"the kernel did not build: {_cpu_kernels._state.get('error')}"
     pytest.skip("no C++ compiler")
   rng = np.random.default_rng(heads * 7 + bs + d)
   nb = 160
@@ -127,8 +127,8 @@ def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
   ref = np.asarray(paged_attention_reference(q, kb, vb, meta, layout="block"))
   for threads in (0, 1, 3):
     def call(q, kb, vb, meta, t=threads):
-      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
-      return _cpu_attention.paged_rows(q, kb, vb, meta.block_tables, row_seq, row_len, scale=1 / np.sqrt(d),
+      row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
+      return _cpu_kernels.paged_rows(q, kb, vb, meta.block_tables, row_seq, row_len, scale=1 / np.sqrt(d),
                                        num_threads=t)
     got = jax.jit(call)(q, kb, vb, meta)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
@@ -140,8 +140,8 @@ def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
   ref = np.asarray(paged_attention_reference(q, kw, vw, meta, layout="block"))
 
   def fused(q, k_new, v_new, kb, vb, meta):
-    row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
-    return _cpu_attention.write_paged_rows(q, k_new, v_new, meta.slot_mapping, kb, vb, meta.block_tables, row_seq,
+    row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[0])
+    return _cpu_kernels.write_paged_rows(q, k_new, v_new, meta.slot_mapping, kb, vb, meta.block_tables, row_seq,
                                            row_len, scale=1 / np.sqrt(d))
   out, k2, v2 = jax.jit(fused, donate_argnums=(3, 4))(q, k_new, v_new, kb.copy(), vb.copy(), meta)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

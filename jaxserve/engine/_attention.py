@@ -286,7 +286,7 @@ class PagedAttention:
     decode_groups: decode slots are split into this many groups, each looping to its own longest
       sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    cpu_kernel: attention through the C++ kernel of ``_cpu_attention`` instead of the XLA loops
+    cpu_kernel: attention through the C++ kernel of ``_cpu_kernels`` instead of the XLA loops
       (CPU, float32, no sliding window, one device). None: when it builds and applies; False: never.
   """
 
@@ -301,12 +301,12 @@ class PagedAttention:
 
   def use_cpu_kernel(self, dtype) -> bool:
     """Whether the step's attention goes through the C++ kernel (decided when the step is traced)."""
-    from jaxserve.engine import _cpu_attention
+    from jaxserve.engine import _cpu_kernels
     if self.impl != "xla" or self.cpu_kernel is False or jax.default_backend() != "cpu":
       return False
-    if not _cpu_attention.supported(dtype, self.sliding_window):
+    if not _cpu_kernels.supported(dtype, self.sliding_window):
       return False
-    return _cpu_attention.available()
+    return _cpu_kernels.available()
 
   @property
   def kv_layout(self) -> str:
@@ -324,10 +324,10 @@ class PagedAttention:
   def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_kv: Any, meta: PagedMeta):
     del layer
     if self.use_cpu_kernel(layer_kv[0].dtype):  # K/V write and attention in one kernel call, pools in place
-      from jaxserve.engine import _cpu_attention
+      from jaxserve.engine import _cpu_kernels
       meta = jax.tree.map(jnp.asarray, meta)
-      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[1])
-      out, k_pages, v_pages = _cpu_attention.write_paged_rows(
+      row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[1])
+      out, k_pages, v_pages = _cpu_kernels.write_paged_rows(
           q[0], k[0], v[0], meta.slot_mapping, *layer_kv, meta.block_tables, row_seq, row_len,
           scale=1.0 / math.sqrt(q.shape[-1]))
       return out[None].astype(q.dtype), (k_pages, v_pages)
@@ -342,9 +342,9 @@ class PagedAttention:
       return self._attend_pallas(q, k_pages, v_pages, meta)
     t = q.shape[0]
     if self.use_cpu_kernel(k_pages.dtype):  # every row (decodes and prefill chunks) in one kernel call
-      from jaxserve.engine import _cpu_attention
-      row_seq, row_len = _cpu_attention.step_rows(meta.cu_q_lens, meta.kv_lens, t)
-      return _cpu_attention.paged_rows(q, k_pages, v_pages, meta.block_tables, row_seq, row_len,
+      from jaxserve.engine import _cpu_kernels
+      row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, t)
+      return _cpu_kernels.paged_rows(q, k_pages, v_pages, meta.block_tables, row_seq, row_len,
                                        scale=1.0 / math.sqrt(q.shape[-1]))
     qp = jnp.pad(q, ((0, self.q_tile), (0, 0), (0, 0)))
     out = jnp.zeros(qp.shape, jnp.float32)

@@ -15,12 +15,13 @@
 //   queries (rows x the G query heads of a KV head), one query per vector lane, with the tile's
 //   queries transposed, so each key is one broadcast FMA per dimension for all 16 queries and no
 //   horizontal sums are needed; values are summed four queries at a time in registers.
-// Work items (rows, tiles) are handed out to XLA's intra-op threads through an atomic counter.
+// Work items (rows, tiles) are handed out to XLA's intra-op threads through an atomic counter;
+// the calling thread works too and never waits for a helper that has not started.
 //
 // Two entry points: attention alone, and the engine's step: write this step's K/V into their
 // slots (pools aliased input to output, updated in place), then attention.
 //
-// Built on first use by jaxserve.engine._cpu_attention with the system C++ compiler.
+// Built on first use by jaxserve.engine._cpu_kernels with the system C++ compiler.
 
 #include <algorithm>
 #include <atomic>
@@ -28,6 +29,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -348,6 +350,16 @@ std::vector<Item> MakeItems(const Step& st) {
   return items;
 }
 
+// Helpers of one call, on XLA's pool. A helper that starts after the caller has finished every
+// item does nothing and is not waited for: the caller never waits for a thread to wake up, only
+// for helpers still working on an item. The state outlives the call (a late helper reads it).
+struct Helpers {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool closed = false;  // the caller is done: late helpers return at once
+  int64_t active = 0;   // helpers working on items (the caller waits for these)
+};
+
 ffi::Error Attend(ffi::ThreadPool& pool, const Step& st, int64_t num_threads) {
   const std::vector<Item> items = MakeItems(st);
   // num_threads <= 0: one worker per thread of XLA's intra-op pool (those threads would otherwise wait)
@@ -358,20 +370,23 @@ ffi::Error Attend(ffi::ThreadPool& pool, const Step& st, int64_t num_threads) {
     RunAll(st, items, next);
     return ffi::Error::Success();
   }
-  // workers 1.. run as tasks on XLA's pool, worker 0 here; wait for all before returning
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t remaining = workers - 1;
+  auto helpers = std::make_shared<Helpers>();
   for (int64_t t = 1; t < workers; ++t) {
-    pool.Schedule([&] {
+    pool.Schedule([helpers, &st, &items, &next] {
+      {
+        std::lock_guard<std::mutex> lock(helpers->mu);
+        if (helpers->closed) return;
+        ++helpers->active;
+      }
       RunAll(st, items, next);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--remaining == 0) cv.notify_one();
+      std::lock_guard<std::mutex> lock(helpers->mu);
+      if (--helpers->active == 0) helpers->cv.notify_one();
     });
   }
   RunAll(st, items, next);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return remaining == 0; });
+  std::unique_lock<std::mutex> lock(helpers->mu);
+  helpers->closed = true;
+  helpers->cv.wait(lock, [&] { return helpers->active == 0; });
   return ffi::Error::Success();
 }
 

@@ -1,14 +1,16 @@
-"""A C++ paged-attention kernel for the CPU, called from jitted code as an XLA FFI custom call.
+"""C++ kernels for the CPU (paged attention, a matmul over packed weights), called from jitted code as XLA FFI custom calls.
 
-XLA's code for gathered KV blocks reads them at about a third of the memory bandwidth on a small
-CPU, and attention in a small model's step is mostly reading. The kernel
-(``csrc/paged_attention_cpu.cc``) handles every query row of a step (decodes and causal prefill
-chunks), reads each block of K and V once per row, contiguously, prefetching the next block, and
-splits the rows between the threads of XLA's own intra-op pool. It is compiled on first use with
-the system C++ compiler against the FFI headers shipped in jaxlib, cached under
-``$JAXSERVE_CACHE_DIR`` (default ``~/.cache/jaxserve``), and registered with JAX. Without a
-compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and the engine keeps the
-pure-XLA path.
+A small model's decode step on a small CPU is mostly reading memory: the K/V blocks and every
+weight matrix. XLA reads gathered KV blocks at about a third of the memory bandwidth and packs
+each weight matrix again on every matmul. The attention kernel (``csrc/paged_attention_cpu.cc``)
+writes the step's K/V into their slots in place and handles every query row of a step (decodes
+and causal prefill chunks), reading each block once per pass; the matmul
+(``csrc/matmul_cpu.cc``) reads weights packed once, at load time, into column panels
+(:func:`pack_dense`). Both split their work between the threads of XLA's own intra-op pool.
+They are compiled on first use with the system C++ compiler against the FFI headers shipped in
+jaxlib, cached under ``$JAXSERVE_CACHE_DIR`` (default ``~/.cache/jaxserve``), and registered
+with JAX. Without a compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and
+the engine keeps the pure-XLA path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,8 @@ import numpy as np
 
 TARGET = "jaxserve_paged_attention_cpu"
 WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cc"
+MATMUL_TARGET = "jaxserve_matmul_cpu"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cc", "matmul_cpu.cc")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
@@ -42,13 +46,13 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-  """Compiles the kernel (once per source, jaxlib headers and machine) and returns the library path."""
-  src = _SOURCE.read_bytes()
+  """Compiles the kernels (once per sources, jaxlib headers and machine) and returns the library path."""
+  src = b"".join(path.read_bytes() for path in _SOURCES)
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
   key = hashlib.sha256(src + include.encode() + " ".join(flags).encode() + platform.machine().encode()
                        + platform.node().encode()).hexdigest()[:16]
-  out = _cache_dir() / f"paged_attention_cpu-{key}.so"
+  out = _cache_dir() / f"cpu_kernels-{key}.so"
   if out.exists():
     return out
   try:
@@ -66,16 +70,16 @@ def _build() -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     lib = os.path.join(tmp, out.name)
-    proc = subprocess.run([cxx, *flags, "-I", include, str(_SOURCE), "-o", lib], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([cxx, *flags, "-I", include, *map(str, _SOURCES), "-o", lib], capture_output=True,
+                          text=True, timeout=300)
     if proc.returncode != 0:
-      raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+      raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
     os.replace(lib, out)  # atomic: concurrent builders each produce the same file
   return out
 
 
 def available() -> bool:
-  """Whether the kernel is built and registered (builds it on the first call; False on failure)."""
+  """Whether the kernels are built and registered (builds them on the first call; False on failure)."""
   with _lock:
     if "ok" not in _state:
       if os.environ.get("JAXSERVE_CPU_KERNEL", "1") == "0":
@@ -86,9 +90,10 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedAttentionCpu), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionCpu),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveMatmulCpu), platform="cpu")
         _state["ok"], _state["lib"] = True, lib
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
-        log.warning("jaxserve: CPU attention kernel unavailable, using XLA attention (%s)", e)
+        log.warning("jaxserve: CPU kernels unavailable, using XLA's attention and matmul (%s)", e)
         _state["ok"], _state["error"] = False, str(e)
     return bool(_state["ok"])
 
@@ -145,3 +150,69 @@ def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[
   pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
   valid = rows < cu_q_lens[-1]
   return seq, jnp.where(valid, pos + 1, 0)
+
+
+_WIDE, _NARROW = 48, 16  # panel widths of matmul_cpu.cc
+
+
+def packable(shape: tuple[int, ...], dtype) -> bool:
+  """Whether a weight matrix of this shape and dtype can be packed for :func:`packed_matmul` (2-D float32, N % 16 == 0)."""
+  return len(shape) == 2 and shape[1] % _NARROW == 0 and jnp.dtype(dtype) == jnp.float32
+
+
+def pack_dense(w: jax.Array) -> jax.Array:
+  """Packs a ``[K, N]`` weight matrix into the column panels :func:`packed_matmul` reads.
+
+  Panels of 48 columns, then the last ``N % 48`` in panels of 16, each ``[K, width]`` and
+  contiguous. The result keeps the shape ``[K, N]`` (a permutation of the elements), so a Flax
+  ``Dense`` holding it still sees its kernel's shape; only :func:`packed_matmul` may read it.
+  """
+  k, n = w.shape
+  if not packable(w.shape, w.dtype):
+    raise ValueError(f"pack_dense needs a float32 [K, N] matrix with N a multiple of 16, got {w.dtype} {w.shape}")
+  wide = n // _WIDE * _WIDE
+  parts = [jnp.transpose(w[:, :wide].reshape(k, -1, _WIDE), (1, 0, 2)).reshape(-1),
+           jnp.transpose(w[:, wide:].reshape(k, -1, _NARROW), (1, 0, 2)).reshape(-1)]
+  return jnp.concatenate(parts).reshape(k, n)
+
+
+def unpack_dense(packed: jax.Array) -> jax.Array:
+  """The inverse of :func:`pack_dense`."""
+  k, n = packed.shape
+  wide = n // _WIDE * _WIDE
+  flat = packed.reshape(-1)
+  head = jnp.transpose(flat[:k * wide].reshape(-1, k, _WIDE), (1, 0, 2)).reshape(k, wide)
+  tail = jnp.transpose(flat[k * wide:].reshape(-1, k, _NARROW), (1, 0, 2)).reshape(k, n - wide)
+  return jnp.concatenate([head, tail], axis=1)
+
+
+def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0) -> jax.Array:
+  """``x @ W`` for ``x`` ``[..., K]`` and ``packed = pack_dense(W)``, float32 (call :func:`available` first)."""
+  k, n = packed.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
+  return call(x2, packed, num_threads=np.int64(num_threads)).reshape(*lead, n)
+
+
+def packed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                       preferred_element_type=None) -> jax.Array:
+  """A ``dot_general`` for Flax ``Dense`` whose packable kernels were packed by :func:`pack_dense`.
+
+  ``Dense`` contracts the last axis of its input with the first of its kernel; a kernel that
+  :func:`packable` accepts goes through :func:`packed_matmul`, any other through ``lax.dot_general``.
+  """
+  (contract_lhs, contract_rhs), batch = dimension_numbers
+  dense = tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not batch[0] and not batch[1]
+  if dense and packable(rhs.shape, rhs.dtype):
+    return packed_matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def pack_params(params: Any) -> Any:
+  """``params`` with every packable Dense ``kernel`` packed (the tree to run with :func:`packed_dot_general`)."""
+  def pack(path, x):
+    name = getattr(path[-1], "key", None)
+    return pack_dense(x) if name == "kernel" and packable(x.shape, x.dtype) else x
+  return jax.tree_util.tree_map_with_path(pack, params)
