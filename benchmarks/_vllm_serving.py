@@ -1,6 +1,9 @@
 """Runs the serving workload on vLLM's CPU backend (in vLLM's own venv; called by benchmarks/serving.py).
 
-Usage: VLLM_ENABLE_V1_MULTIPROCESSING=0 python _vllm_serving.py MODEL_DIR WORKLOAD.json OUT.json MAX_MODEL_LEN
+Usage: VLLM_ENABLE_V1_MULTIPROCESSING=0 python _vllm_serving.py MODEL_DIR WORKLOAD.json OUT.json MAX_MODEL_LEN [REPEATS]
+
+One warm-up pass, then REPEATS (default 1) timed passes, prefix cache reset before each;
+``elapsed_s`` is their median.
 """
 
 import json
@@ -9,6 +12,7 @@ import time
 
 if __name__ == "__main__":
   model_dir, workload_path, out_path, max_len = sys.argv[1:5]
+  repeats = int(sys.argv[5]) if len(sys.argv) > 5 else 1
   import vllm
   from vllm import LLM, SamplingParams
 
@@ -21,11 +25,9 @@ if __name__ == "__main__":
   t0 = time.perf_counter()
   llm.generate(prompts, params, use_tqdm=False)  # warm-up, as for jaxserve
   warmup = time.perf_counter() - t0
-  llm.reset_prefix_cache()
-  t0 = time.perf_counter()
-  outs = llm.generate(prompts, params, use_tqdm=False)
-  elapsed = time.perf_counter() - t0
+  from serving import timed_passes  # this script's folder is on sys.path
+  outs, runs = timed_passes(lambda: llm.generate(prompts, params, use_tqdm=False), llm.reset_prefix_cache, repeats)
   import torch
   with open(out_path, "w") as f:
-    json.dump(dict(elapsed_s=elapsed, warmup_s=warmup, version=vllm.__version__, torch_threads=torch.get_num_threads(),
-                   tokens=[list(o.outputs[0].token_ids) for o in outs]), f)
+    json.dump(dict(elapsed_s=sorted(runs)[len(runs) // 2], runs_s=runs, warmup_s=warmup, version=vllm.__version__,
+                   torch_threads=torch.get_num_threads(), tokens=[list(o.outputs[0].token_ids) for o in outs]), f)

@@ -13,8 +13,9 @@ Usage::
   python benchmarks/serving.py --vllm-python /tmp/vllm-venv/bin/python
   python benchmarks/serving.py --num-requests 16 --skip-hf   # quick
 
-Timing: jaxserve and vLLM run the workload once to warm up (compilation), then once timed
-(prefix cache reset in between); transformers (eager) runs once. Output tokens/s = sum of the
+Timing: jaxserve and vLLM run the workload once to warm up (compilation), then ``--repeats``
+times timed (default 3, prefix cache reset before each; the median counts: single runs of either
+engine vary by about 10% on this machine); transformers (eager) runs once. Output tokens/s = sum of the
 requested output lengths / wall time of the timed run. Threads: a short transformers probe
 picks one thread or every core, whichever is faster on this machine now (on a shared machine,
 one), and every engine gets that count. vLLM runs twice, with its threads bound to cores (its
@@ -64,7 +65,19 @@ def make_workload(n: int, seed: int = 0) -> list[dict]:
           for p, o in zip(prompt_lens, output_lens)]
 
 
-def run_jaxserve(model_dir: str, workload: list[dict], **engine_kw) -> dict:
+def timed_passes(generate, reset, repeats: int):
+  """``repeats`` timed calls of ``generate()``, each after ``reset()``; returns (last output, seconds per pass)."""
+  runs, out = [], None
+  for _ in range(repeats):
+    reset()
+    t0 = time.perf_counter()
+    out = generate()
+    runs.append(time.perf_counter() - t0)
+  return out, runs
+
+
+def run_jaxserve(model_dir: str, workload: list[dict], repeats: int = 1, **engine_kw) -> dict:
+  """One warm-up pass, then ``repeats`` timed passes (prefix cache reset before each); ``elapsed_s`` is their median."""
   from jaxserve.engine import LLM, SamplingParams
   llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, **engine_kw)
   prompts = [{"prompt_token_ids": w["prompt_token_ids"]} for w in workload]
@@ -74,12 +87,10 @@ def run_jaxserve(model_dir: str, workload: list[dict], **engine_kw) -> dict:
   llm.generate(prompts, params, use_tqdm=False)
   warmup = time.perf_counter() - t0
   programs = llm.stats()["num_compiled_programs"]
-  llm.reset_prefix_cache()
-  t0 = time.perf_counter()
-  outs = llm.generate(prompts, params, use_tqdm=False)
-  elapsed = time.perf_counter() - t0
+  outs, runs = timed_passes(lambda: llm.generate(prompts, params, use_tqdm=False), llm.reset_prefix_cache, repeats)
   stats = llm.stats()
-  return dict(elapsed_s=elapsed, warmup_s=warmup, tokens=[o.outputs[0].token_ids for o in outs], stats=stats,
+  return dict(elapsed_s=float(np.median(runs)), runs_s=runs, warmup_s=warmup,
+              tokens=[o.outputs[0].token_ids for o in outs], stats=stats,
               recompiled_after_warmup=stats["num_compiled_programs"] - programs)
 
 
@@ -137,7 +148,7 @@ def run_transformers(model_dir: str, workload: list[dict], threads: int) -> dict
   return dict(elapsed_s=time.perf_counter() - t0, tokens=tokens, torch_threads=torch.get_num_threads())
 
 
-def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bind: bool) -> dict:
+def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bind: bool, repeats: int = 1) -> dict:
   """Runs benchmarks/_vllm_serving.py in vLLM's own virtual environment.
 
   ``bind``: vLLM's default, OpenMP threads bound to cores (and memory to the NUMA node); else
@@ -153,7 +164,7 @@ def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bi
     if not bind:
       env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "_vllm_serving.py"), model_dir, wl, out,
-                           str(MAX_MODEL_LEN)], env=env, capture_output=True, text=True, timeout=1800)
+                           str(MAX_MODEL_LEN), str(repeats)], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0 or not os.path.exists(out):
       return dict(error=(proc.stderr or proc.stdout)[-3000:])
     with open(out) as f:
@@ -237,6 +248,8 @@ def main() -> None:
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--threads", default="auto", help="threads per engine: 'auto' (probe 1 vs all cores) or a number")
   ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+  ap.add_argument("--repeats", type=int, default=3,
+                  help="timed passes of jaxserve and of each vLLM run (median reported; runs vary ~10%% here)")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
   args = ap.parse_args()
 
@@ -264,10 +277,12 @@ def main() -> None:
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
   print(f"threads per engine: {threads} (probe: {res.get('thread_probe_s')})", flush=True)
 
-  js = run_jaxserve(model_dir, workload)
-  res["jaxserve"] = dict(elapsed_s=js["elapsed_s"], warmup_s=js["warmup_s"], tok_s=out_tokens / js["elapsed_s"],
-                         stats=js["stats"], recompiled_after_warmup=js["recompiled_after_warmup"])
-  print(f"jaxserve: {out_tokens / js['elapsed_s']:.1f} tok/s ({js['elapsed_s']:.1f} s)", flush=True)
+  js = run_jaxserve(model_dir, workload, repeats=args.repeats)
+  res["jaxserve"] = dict(elapsed_s=js["elapsed_s"], runs_s=js["runs_s"], warmup_s=js["warmup_s"],
+                         tok_s=out_tokens / js["elapsed_s"], stats=js["stats"],
+                         recompiled_after_warmup=js["recompiled_after_warmup"])
+  print(f"jaxserve: {out_tokens / js['elapsed_s']:.1f} tok/s (median of {', '.join(f'{t:.2f}' for t in js['runs_s'])} s)",
+        flush=True)
   engines = {"jaxserve": js["tokens"]}
   if not args.skip_hf:
     hf = run_transformers(model_dir, workload, threads)
@@ -277,7 +292,7 @@ def main() -> None:
     print(f"transformers: {out_tokens / hf['elapsed_s']:.1f} tok/s ({hf['elapsed_s']:.1f} s)", flush=True)
   if os.path.exists(args.vllm_python):
     # both thread placements; the faster one is vLLM's figure
-    runs = {mode: run_vllm(args.vllm_python, model_dir, workload, threads, bind=mode == "bind")
+    runs = {mode: run_vllm(args.vllm_python, model_dir, workload, threads, bind=mode == "bind", repeats=args.repeats)
             for mode in ("bind", "nobind")}
     ok = {mode: r for mode, r in runs.items() if "error" not in r}
     if not ok:
@@ -287,7 +302,8 @@ def main() -> None:
       mode = min(ok, key=lambda m: ok[m]["elapsed_s"])
       vl = ok[mode]
       res["vllm"] = dict(elapsed_s=vl["elapsed_s"], warmup_s=vl.get("warmup_s"), tok_s=out_tokens / vl["elapsed_s"],
-                         version=vl.get("version"), torch_threads=vl.get("torch_threads"), threads_bind=mode,
+                         runs_s=vl.get("runs_s"), version=vl.get("version"), torch_threads=vl.get("torch_threads"),
+                         threads_bind=mode,
                          tok_s_by_bind={m: out_tokens / r["elapsed_s"] for m, r in ok.items()})
       engines["vllm"] = vl["tokens"]
       print(f"vllm: {out_tokens / vl['elapsed_s']:.1f} tok/s ({vl['elapsed_s']:.1f} s, threads {mode}; "
@@ -313,6 +329,8 @@ def main() -> None:
   print(f"\ngreedy tokens equal to jaxserve's: {res['greedy_match_vs_jaxserve']}")
   print(f"KV waste: paged {s['kv_waste_fraction']:.1%} (block 16), {res['kv_waste_block8']:.1%} (block 8) vs "
         f"contiguous (max_model_len {MAX_MODEL_LEN}) {s['kv_contiguous_waste_fraction']:.1%}")
+  print(f"  floor (the partial last blocks alone): {s['kv_waste_floor_fraction']:.1%}; a live sequence holds "
+        f"{s['kv_mean_tokens_per_seq']:.0f} tokens on average, and a last block wastes ~7.5 of 16 slots on average")
   wp = res["kv_waste_paper_lengths"]
   print(f"KV waste with the vLLM paper's ShareGPT lengths (mean {wp['mean_prompt_len']:.0f} in, "
         f"{wp['mean_output_len']:.0f} out, block 16): paged {wp['kv_waste_fraction']:.1%} vs contiguous "

@@ -267,6 +267,9 @@ def test_stats_count_waste_and_hits():
   s = engine.stats()
   assert s["prefix_cache_hits"] == 16 and s["prefix_cache_queries"] == 17
   assert 0 < s["kv_waste_fraction"] < 0.5
+  # no block is allocated ahead of its tokens: the waste is that of the partial last block alone
+  assert s["kv_waste_floor_fraction"] == s["kv_waste_fraction"]
+  assert 17 <= s["kv_mean_tokens_per_seq"] <= 21
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

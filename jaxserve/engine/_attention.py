@@ -286,8 +286,9 @@ class PagedAttention:
     decode_groups: decode slots are split into this many groups, each looping to its own longest
       sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    cpu_kernel: attention through the C++ kernel of ``_cpu_kernels`` instead of the XLA loops
-      (CPU, float32, no sliding window, one device). None: when it builds and applies; False: never.
+    cpu_kernel: attention (with the K/V write) through the C++ kernel of ``_cpu_kernels`` instead of
+      the XLA loops (CPU, float32, no sliding window, one device); the model runner then also runs
+      every Dense through the packed-weight matmul. None: when it builds and applies; False: never.
   """
 
   impl: str = "xla"

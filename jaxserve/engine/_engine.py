@@ -343,6 +343,7 @@ class EngineCore:
     self._steps = 0
     self._slots_allocated = 0
     self._slots_filled = 0
+    self._slots_nonempty = 0
     self._preemptions0 = self.scheduler.num_preemptions
     self._queries0, self._hits0 = self.kv.prefix_queries, self.kv.prefix_hits
     self._copies0 = self.kv.num_copies
@@ -353,10 +354,11 @@ class EngineCore:
 
   def _record_step(self, sched: SchedulerOutput) -> None:
     live = {seq.seq_id: seq.num_computed_tokens for r in self.scheduler.running for seq in r.seqs}
-    allocated, filled = self.kv.slot_usage(live)
+    allocated, filled, nonempty = self.kv.slot_usage(live)
     self._steps += 1
     self._slots_allocated += allocated
     self._slots_filled += filled
+    self._slots_nonempty += nonempty
     self._tokens += sched.num_tokens
     self._seq_steps += len(live)
     self._peak_seqs = max(self._peak_seqs, self.scheduler.num_running_seqs)
@@ -370,6 +372,9 @@ class EngineCore:
         "kv_blocks_used": self.kv.num_used_blocks,
         "kv_block_size": self.block_size,
         "kv_waste_fraction": 1 - self._slots_filled / self._slots_allocated if self._slots_allocated else 0.0,
+        # the least any block-granular cache could waste on the same steps: only the partial last blocks
+        "kv_waste_floor_fraction": 1 - self._slots_filled / self._slots_nonempty if self._slots_nonempty else 0.0,
+        "kv_mean_tokens_per_seq": self._slots_filled / self._seq_steps if self._seq_steps else 0.0,
         # what a cache reserving max_model_len slots per running sequence would have wasted on the same steps
         "kv_contiguous_waste_fraction":
             1 - self._slots_filled / (self._seq_steps * self.max_model_len) if self._seq_steps else 0.0,

@@ -159,8 +159,9 @@ class KVCacheManager:
     self.pool.free_blocks(reversed(table))
 
   # ---- statistics and checks
-  def slot_usage(self, num_computed: dict[int, int]) -> tuple[int, int]:
-    """(allocated slots, slots holding a computed token) over distinct blocks in use."""
+  def slot_usage(self, num_computed: dict[int, int]) -> tuple[int, int, int]:
+    """(allocated slots, slots holding a computed token, slots of the blocks holding at least one) over
+    distinct blocks in use; the last minus the second is the unavoidable waste of partial last blocks."""
     bs = self.block_size
     filled: dict[int, int] = {}
     for seq_id, table in self._tables.items():
@@ -169,7 +170,7 @@ class KVCacheManager:
         f = min(bs, max(0, c - j * bs))
         if f > filled.get(b.block_id, -1):
           filled[b.block_id] = f
-    return len(filled) * bs, sum(filled.values())
+    return len(filled) * bs, sum(filled.values()), sum(bs for f in filled.values() if f)
 
   def check_invariants(self) -> None:
     """Pool invariants, plus: each block's ref_cnt equals the number of tables holding it."""

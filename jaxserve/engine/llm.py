@@ -192,7 +192,8 @@ class LLM:
   def stats(self) -> dict[str, Any]:
     """Engine statistics: the KV pool now, and since the last ``generate`` call (or ``reset_stats``):
     ``kv_waste_fraction`` (allocated slots not holding a token over allocated slots, summed over
-    the steps), ``num_preemptions``, ``prefix_cache_hit_rate`` (prompt tokens served from the
+    the steps), ``kv_waste_floor_fraction`` (the same with only blocks holding a token counted: the
+    partial last blocks' share, the least a block-granular cache can waste), ``num_preemptions``, ``prefix_cache_hit_rate`` (prompt tokens served from the
     cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs."""
     return self.engine.stats()
 
