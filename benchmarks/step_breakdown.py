@@ -9,7 +9,8 @@ workload's first prompts. Also reported: the attention's read rate (K/V bytes th
 read / (full step - step without attention; for the kernel, without attention or K/V write,
 which it does itself)), a plain numpy read of 512 MiB for comparison, and
 the prefill matmuls' GFLOP/s (2 x weight-matrix parameters x tokens / the step without attention).
-Median of ``--reps`` runs after one warm-up. Output: a table and
+Every variant runs the engine's packed C++ matmul; a last table times decode steps of 2, 8 and 64
+sequences with it and with XLA's matmul on the unpacked weights. Median of ``--reps`` runs after one warm-up. Output: a table and
 ``benchmarks/results/step_breakdown.json``.
 
   python benchmarks/step_breakdown.py
@@ -69,12 +70,17 @@ def main() -> None:
       used += n
     return seqs
 
-  # decode: 64 sequences, longest first (as the runner orders them)
-  lens = np.sort([len(w["prompt_token_ids"]) + w["max_tokens"] // 2 for w in workload])[::-1]
-  dec_meta = make_meta(place(lens, [1] * 64), 64, num_tokens=64, decode_slots=64, prefill_slots=0, block_size=bs,
-                       table_width=runner.table_width)
-  dec_inputs = (rng.integers(3, cfg.vocab_size, (1, 64)).astype(np.int32), (lens - 1)[None].astype(np.int32),
-                dec_meta, np.arange(64, dtype=np.int32)[None])
+  # decode: sequences longest first (as the runner orders them); batch b takes every (64 / b)-th of 64
+  all_lens = np.sort([len(w["prompt_token_ids"]) + w["max_tokens"] // 2 for w in workload])[::-1]
+
+  def decode_inputs(b):
+    lens = all_lens[::64 // b][:b]
+    meta = make_meta(place(lens, [1] * b), b, num_tokens=b, decode_slots=b, prefill_slots=0, block_size=bs,
+                     table_width=runner.table_width)
+    return (rng.integers(3, cfg.vocab_size, (1, b)).astype(np.int32), (lens - 1)[None].astype(np.int32), meta,
+            np.arange(b, dtype=np.int32)[None])
+
+  lens, dec_inputs = all_lens, decode_inputs(64)
   # prefill: the first prompts, 2048 tokens in all
   plens, total = [], 0
   for w in workload:
@@ -91,13 +97,16 @@ def main() -> None:
   pre_inputs = (rng.integers(3, cfg.vocab_size, (1, 2048)).astype(np.int32),
                 np.concatenate([np.arange(n) for n in plens])[None].astype(np.int32), pre_meta, logits_index)
 
-  def time_step(attn, inputs):
+  packed_params, packed_dot = runner.params, runner._dot_general
+
+  def time_step(attn, inputs, params=packed_params):
     runner.attn = attn
+    runner._dot_general = packed_dot if params is packed_params else None
     fwd = jax.jit(runner._forward_impl, donate_argnums=(1,))
     times = []
     for i in range(args.reps + 1):
       t0 = time.perf_counter()
-      _, greedy, runner.kv = fwd(runner.params, runner.kv, *inputs)
+      _, greedy, runner.kv = fwd(params, runner.kv, *inputs)
       jax.block_until_ready(greedy)
       if i:
         times.append(time.perf_counter() - t0)
@@ -107,6 +116,15 @@ def main() -> None:
               "no attention": NoAttention(cpu_kernel=False), "no attention, no KV write": NoAttentionNoWrite()}
   decode = {name: time_step(a, dec_inputs) for name, a in variants.items()}
   prefill = {name: time_step(variants[name], pre_inputs) for name in ("C++ kernel", "XLA loops", "no attention")}
+  # the decode step with the packed C++ matmul (the engine's) vs XLA's matmul on the unpacked weights
+  matmul = {}
+  if packed_dot is not None:
+    from jaxserve.engine import _cpu_kernels
+    unpacked = _cpu_kernels.unpack_params(packed_params)
+    for b in (2, 8, 64):
+      inputs = decode_inputs(b)
+      matmul[b] = {"packed C++ matmul": time_step(variants["C++ kernel"], inputs),
+                   "XLA matmul": time_step(variants["C++ kernel"], inputs, unpacked)}
 
   kv_bytes = int(lens.sum()) * sum(2 * cfg.kv_heads(i) * cfg.head_dim * 4 for i in range(cfg.num_layers))
   # each path against the same step without its attention: the kernel does its own K/V write
@@ -131,9 +149,12 @@ def main() -> None:
   print(f"attention read rate: C++ kernel {rate['C++ kernel']:.1f} GB/s, XLA loops {rate['XLA loops']:.1f} GB/s; "
         f"plain numpy read {plain_read:.1f} GB/s")
   print(f"prefill matmuls: {prefill_gflops:.0f} GFLOP/s")
+  for b, row in matmul.items():
+    print(f"decode step, batch {b:>2}: " + ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in row.items()))
   res = dict(decode_ms={k: v * 1e3 for k, v in decode.items()}, prefill_ms={k: v * 1e3 for k, v in prefill.items()},
              decode_mean_context=float(lens.mean()), kv_bytes=kv_bytes, attention_read_GBps=rate,
              plain_read_GBps=plain_read, prefill_matmul_GFLOPs=prefill_gflops, reps=args.reps,
+             decode_matmul_ms={b: {k: v * 1e3 for k, v in row.items()} for b, row in matmul.items()},
              loadavg=os.getloadavg(), cpus=os.cpu_count())
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(res, indent=1))

@@ -56,6 +56,7 @@ def test_model_with_packed_weights_matches_plain():
   up = "layers_0", "mlp", "up_proj", "kernel"
   assert not np.array_equal(packed[up[0]][up[1]][up[2]][up[3]], params[up[0]][up[1]][up[2]][up[3]])
   np.testing.assert_array_equal(packed["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
+  jax.tree.map(np.testing.assert_array_equal, _cpu_kernels.unpack_params(packed), params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 11)), jnp.int32)
   plain = forward(params, cfg, tokens).logits
   fast = jax.jit(lambda p, t: forward(p, cfg, t, dot_general=_cpu_kernels.packed_dot_general).logits)(packed, tokens)

@@ -35,6 +35,7 @@ TARGET = "jaxserve_paged_attention_cpu"
 WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
 MATMUL_TARGET = "jaxserve_matmul_cpu"
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cc", "matmul_cpu.cc")]
+_HEADERS = [Path(__file__).parent / "csrc" / "parallel.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _cache_dir() -> Path:
 
 def _build() -> Path:
   """Compiles the kernels (once per sources, jaxlib headers and machine) and returns the library path."""
-  src = b"".join(path.read_bytes() for path in _SOURCES)
+  src = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
   key = hashlib.sha256(src + include.encode() + " ".join(flags).encode() + platform.machine().encode()
@@ -210,9 +211,17 @@ def packed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
                              preferred_element_type=preferred_element_type)
 
 
+def _map_packable_kernels(fn, params: Any) -> Any:
+  def apply(path, x):
+    return fn(x) if getattr(path[-1], "key", None) == "kernel" and packable(x.shape, x.dtype) else x
+  return jax.tree_util.tree_map_with_path(apply, params)
+
+
 def pack_params(params: Any) -> Any:
   """``params`` with every packable Dense ``kernel`` packed (the tree to run with :func:`packed_dot_general`)."""
-  def pack(path, x):
-    name = getattr(path[-1], "key", None)
-    return pack_dense(x) if name == "kernel" and packable(x.shape, x.dtype) else x
-  return jax.tree_util.tree_map_with_path(pack, params)
+  return _map_packable_kernels(pack_dense, params)
+
+
+def unpack_params(params: Any) -> Any:
+  """The inverse of :func:`pack_params`."""
+  return _map_packable_kernels(unpack_dense, params)

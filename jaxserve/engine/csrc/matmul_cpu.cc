@@ -7,7 +7,7 @@
 // A decode step multiplies a few dozen activation rows by every weight matrix of the model, and
 // the matrices do not fit the caches: the step streams the weights from memory. XLA's matmul
 // packs them on every call and reads them at about a third of the memory bandwidth at a handful
-// of rows. Here a thread takes a panel (atomic counter; helpers on XLA's intra-op pool) and
+// of rows. Here a thread takes a panel (atomic counter; helpers on XLA's intra-op pool, parallel.h) and
 // computes it for every row, R rows at a time with the R x P accumulators in vector registers:
 // each weight is read from memory once, sequentially, then from the L2 cache for the panel's
 // other row tiles.
@@ -16,12 +16,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -77,10 +75,12 @@ void Panel(const float* x, const float* w, float* out, int64_t m_dim, int64_t n0
   }
 }
 
+inline int64_t NumPanels(int64_t n_dim) { return n_dim / kWide + (n_dim % kWide) / kNarrow; }
+
 // Work item i: the i-th 48-column panel, then the 16-column panels of the last columns.
 void RunPanels(const float* x, const float* w, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim,
                std::atomic<int64_t>& next) {
-  const int64_t wide = n_dim / kWide, items = wide + (n_dim % kWide) / kNarrow;
+  const int64_t wide = n_dim / kWide, items = NumPanels(n_dim);
   for (int64_t i = next++; i < items; i = next++) {
     if (i < wide) {
       Panel<kWide / kLanes>(x, w + i * k_dim * kWide, out, m_dim, i * kWide, k_dim, n_dim);
@@ -90,13 +90,6 @@ void RunPanels(const float* x, const float* w, float* out, int64_t m_dim, int64_
     }
   }
 }
-
-struct Helpers {  // as in paged_attention_cpu.cc: late helpers return at once, nobody waits for a wake-up
-  std::mutex mu;
-  std::condition_variable cv;
-  bool closed = false;
-  int64_t active = 0;
-};
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
@@ -113,26 +106,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   float* op = out->typed_data();
   std::atomic<int64_t> next{0};
   auto run = [=, &next] { RunPanels(xp, wp, op, m_dim, k_dim, n_dim, next); };
-  const int64_t items = n_dim / kWide + (n_dim % kWide) / kNarrow;
-  const int64_t want = num_threads > 0 ? num_threads : std::max<int64_t>(1, pool.num_threads());
-  const int64_t workers = std::max<int64_t>(1, std::min(want, items));
-  auto helpers = std::make_shared<Helpers>();
-  for (int64_t t = 1; t < workers; ++t) {
-    pool.Schedule([helpers, run] {
-      {
-        std::lock_guard<std::mutex> lock(helpers->mu);
-        if (helpers->closed) return;
-        ++helpers->active;
-      }
-      run();
-      std::lock_guard<std::mutex> lock(helpers->mu);
-      if (--helpers->active == 0) helpers->cv.notify_one();
-    });
-  }
-  run();
-  std::unique_lock<std::mutex> lock(helpers->mu);
-  helpers->closed = true;
-  helpers->cv.wait(lock, [&] { return helpers->active == 0; });
+  jaxserve::RunOnPool(pool, num_threads, NumPanels(n_dim), run);
   return ffi::Error::Success();
 }
 

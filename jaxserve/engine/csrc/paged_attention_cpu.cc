@@ -26,13 +26,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -211,7 +209,6 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
   const int64_t num_blocks = (last + bs - 1) / bs, used = it.num_rows * group;
   s.qt.assign(dim * kLanes, 0.0f);  // [D, lanes]
   s.scores.resize(num_blocks * bs * kLanes);  // [positions, lanes]
-  s.acc.resize(kLanes);
   float lane_len[kLanes];
   for (int l = 0; l < kLanes; ++l) lane_len[l] = l < used ? static_cast<float>(st.Len(it.row + l / group)) : 0.0f;
   for (int64_t k = 0; k < st.kv_heads; ++k) {
@@ -226,16 +223,15 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
       const int64_t step = bs % kKeysPerStep == 0 ? kKeysPerStep : 1;
       for (int64_t j0 = 0; j0 < bs; j0 += step) {
         float a[kKeysPerStep][kLanes] = {};
-        const int64_t nk = step;
         for (int64_t i = 0; i < dim; ++i) {
           const float* qt = s.qt.data() + i * kLanes;
-          for (int64_t u = 0; u < nk; ++u) {
+          for (int64_t u = 0; u < step; ++u) {
             const float kv = keys[(j0 + u) * dim + i];
 #pragma omp simd
             for (int l = 0; l < kLanes; ++l) a[u][l] += qt[l] * kv;
           }
         }
-        for (int64_t u = 0; u < nk; ++u) {
+        for (int64_t u = 0; u < step; ++u) {
           const float pos = static_cast<float>(b * bs + j0 + u);
           float* sc = s.scores.data() + (b * bs + j0 + u) * kLanes;
 #pragma omp simd
@@ -350,43 +346,10 @@ std::vector<Item> MakeItems(const Step& st) {
   return items;
 }
 
-// Helpers of one call, on XLA's pool. A helper that starts after the caller has finished every
-// item does nothing and is not waited for: the caller never waits for a thread to wake up, only
-// for helpers still working on an item. The state outlives the call (a late helper reads it).
-struct Helpers {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool closed = false;  // the caller is done: late helpers return at once
-  int64_t active = 0;   // helpers working on items (the caller waits for these)
-};
-
 ffi::Error Attend(ffi::ThreadPool& pool, const Step& st, int64_t num_threads) {
   const std::vector<Item> items = MakeItems(st);
-  // num_threads <= 0: one worker per thread of XLA's intra-op pool (those threads would otherwise wait)
-  const int64_t want = num_threads > 0 ? num_threads : std::max<int64_t>(1, pool.num_threads());
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(items.size())));
   std::atomic<int64_t> next{0};
-  if (workers == 1) {
-    RunAll(st, items, next);
-    return ffi::Error::Success();
-  }
-  auto helpers = std::make_shared<Helpers>();
-  for (int64_t t = 1; t < workers; ++t) {
-    pool.Schedule([helpers, &st, &items, &next] {
-      {
-        std::lock_guard<std::mutex> lock(helpers->mu);
-        if (helpers->closed) return;
-        ++helpers->active;
-      }
-      RunAll(st, items, next);
-      std::lock_guard<std::mutex> lock(helpers->mu);
-      if (--helpers->active == 0) helpers->cv.notify_one();
-    });
-  }
-  RunAll(st, items, next);
-  std::unique_lock<std::mutex> lock(helpers->mu);
-  helpers->closed = true;
-  helpers->cv.wait(lock, [&] { return helpers->active == 0; });
+  jaxserve::RunOnPool(pool, num_threads, static_cast<int64_t>(items.size()), [&] { RunAll(st, items, next); });
   return ffi::Error::Success();
 }
 
