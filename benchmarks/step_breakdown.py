@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -45,7 +46,9 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   from jaxserve.engine import LLM
+  from jaxserve import weights
   from jaxserve.engine._attention import PagedAttention, make_meta
+  from jaxserve.engine._weight_forms import weight_formats
 
   class NoAttention(PagedAttention):
     def attend(self, q, k_pages, v_pages, meta):
@@ -97,11 +100,10 @@ def main() -> None:
   pre_inputs = (rng.integers(3, cfg.vocab_size, (1, 2048)).astype(np.int32),
                 np.concatenate([np.arange(n) for n in plens])[None].astype(np.int32), pre_meta, logits_index)
 
-  packed_params, packed_dot = runner.params, runner._dot_general
+  packed_params = runner.params  # every packable kernel a PackedDense when the C++ kernels run
 
   def time_step(attn, inputs, params=packed_params):
     runner.attn = attn
-    runner._dot_general = packed_dot if params is packed_params else None
     fwd = jax.jit(runner._forward_impl, donate_argnums=(1,))
     times = []
     for i in range(args.reps + 1):
@@ -118,9 +120,8 @@ def main() -> None:
   prefill = {name: time_step(variants[name], pre_inputs) for name in ("C++ kernel", "XLA loops", "no attention")}
   # the decode step with the packed C++ matmul (the engine's) vs XLA's matmul on the unpacked weights
   matmul = {}
-  if packed_dot is not None:
-    from jaxserve.engine import _cpu_kernels
-    unpacked = _cpu_kernels.unpack_params(packed_params)
+  if weight_formats(packed_params).get("packed"):
+    unpacked = weights.densify(packed_params)
     for b in (2, 8, 64):
       inputs = decode_inputs(b)
       matmul[b] = {"packed C++ matmul": time_step(variants["C++ kernel"], inputs),
@@ -135,8 +136,9 @@ def main() -> None:
   t0 = time.perf_counter()
   big.sum()
   plain_read = big.nbytes / (time.perf_counter() - t0) / 1e9
-  matmul_params = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(runner.params)[0]
-                      if x.ndim == 2 and "embed" not in jax.tree_util.keystr(path)
+  matmul_params = sum(math.prod(x.shape) for path, x in
+                      jax.tree_util.tree_flatten_with_path(runner.params, is_leaf=weights.is_typed)[0]
+                      if len(x.shape) == 2 and "embed" not in jax.tree_util.keystr(path)
                       and "lm_head" not in jax.tree_util.keystr(path))
   prefill_gflops = 2 * matmul_params * 2048 / prefill["no attention"] / 1e9
 

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
       text = f.read()
   except OSError as e:
     raise ValueError(f"{path}: cannot read ({e.strerror})") from e
-  m = load_model(args.model, args.dtype, args.tokenizer)
+  m = load_model(args.model, args.dtype, args.tokenizer, dense=True)
   if m.tokenizer is None:
     raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
   t0 = time.perf_counter()

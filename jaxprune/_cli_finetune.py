@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"training and evaluation text are the same file ({calib_path}); use held-out text")
   if ft.distill > 0 and args.teacher is None:
     raise ValueError("--distill needs --teacher (the dense model; 'embedded' for the built-in stories260K)")
-  m = load_model(args.model, args.dtype, args.tokenizer)
+  m = load_model(args.model, args.dtype, args.tokenizer, dense=True)
   teacher = None
   if ft.distill > 0:
-    teacher = load_model(None if args.teacher == "embedded" else args.teacher, args.dtype)
+    teacher = load_model(None if args.teacher == "embedded" else args.teacher, args.dtype, dense=True)
     if teacher.cfg != m.cfg:
       raise ValueError(f"--teacher {args.teacher} has a different architecture than {args.model}")
   if m.tokenizer is None:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
   if calib_path and eval_path and os.path.abspath(calib_path) == os.path.abspath(eval_path):
     raise ValueError(f"calibration and evaluation text are the same file ({calib_path}); use held-out text")
 
-  m = load_model(args.model, args.dtype, args.tokenizer)
+  m = load_model(args.model, args.dtype, args.tokenizer, dense=True)
   if (need_calib or args.eval) and m.tokenizer is None:
     raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
   progress = not args.no_progress and not args.json

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
   from jaxserve.loaders import EVAL_TEXT, hf_config, load_model, save_hf, save_native
   t0 = time.perf_counter()
   sc, lora = _configs(args)
-  m = load_model(args.model, args.dtype, args.tokenizer)
+  m = load_model(args.model, args.dtype, args.tokenizer, dense=True)
   sc = _with_ranges(sc, args, m.cfg.num_layers)
   validate(m.cfg, sc)
   sizes = planned_layer_sizes(m.cfg, sc)

@@ -20,8 +20,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  help="also fine-tune each pruned model this many steps with masks fixed (600 in the README)")
   p.add_argument("--prompt", default="Once upon a time, there was a little dog")
   p.add_argument("--max-new-tokens", type=int, default=40)
+  p.add_argument("--decode-batch", type=int, default=8, help="sequences decoded at once for the tok/s column")
+  p.add_argument("--decode-tokens", type=int, default=128, help="tokens each of them decodes")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.set_defaults(func=run)
+
+
+def serving_speed(model, batch: int, tokens: int) -> dict:
+  """Decode throughput and weight bytes of ``model`` in jaxserve (sparse kernels where they pay)."""
+  from jaxserve.engine import LLM, SamplingParams
+  llm = LLM(model, max_num_seqs=batch, max_model_len=min(model.cfg.max_position_embeddings, 16 + tokens))
+  vocab, bos = model.cfg.vocab_size, model.cfg.bos_token_id or 1
+  prompts = [{"prompt_token_ids": [bos] + [(3 + 7 * i + j) % vocab for j in range(15)]} for i in range(batch)]
+  sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+  llm.generate(prompts, sp, use_tqdm=False)  # compiles
+  llm.reset_prefix_cache()
+  t0 = time.perf_counter()
+  llm.generate(prompts, sp, use_tqdm=False)
+  stats = llm.stats()
+  return {"decode_tok_s": batch * tokens / (time.perf_counter() - t0), "weight_bytes": stats["weight_bytes"],
+          "weight_formats": stats["weight_formats"]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
   from jaxserve.generate import generate
   from jaxserve.loaders import CALIB_TEXT, EVAL_TEXT, load_model
 
-  if args.eval_windows < 0 or args.max_new_tokens < 1 or args.finetune_steps < 0:
-    raise ValueError("need --eval-windows >= 0, --max-new-tokens >= 1 and --finetune-steps >= 0")
+  if (args.eval_windows < 0 or args.max_new_tokens < 1 or args.finetune_steps < 0 or args.decode_batch < 1
+      or args.decode_tokens < 1):
+    raise ValueError("need --eval-windows >= 0, --finetune-steps >= 0, and --max-new-tokens, --decode-batch and "
+                     "--decode-tokens >= 1")
   quiet = args.json
   m = load_model()
   calib_ids = m.tokenizer.encode(read_text(CALIB_TEXT))
@@ -48,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     eval_seconds = time.perf_counter() - t0
     out = generate(params, m.cfg, [prompt], args.max_new_tokens, eos_id=m.tokenizer.eos_id)[0]
     row = {"model": name, "sparsity": sparsity, "perplexity": ppl, "prune_seconds": prune_seconds,
-           "eval_seconds": eval_seconds, "text": m.tokenizer.decode(prompt + out)}
+           "eval_seconds": eval_seconds, "text": m.tokenizer.decode(prompt + out),
+           **serving_speed(m._replace(params=params), args.decode_batch, args.decode_tokens)}
     if not quiet:
-      print(f"[{name}] perplexity {ppl:.3f}\n  {row['text']!r}", flush=True)
+      print(f"[{name}] perplexity {ppl:.3f}, {row['decode_tok_s']:.0f} tok/s decoding, "
+            f"{row['weight_bytes'] / 1e6:.2f} MB of weights in jaxserve\n  {row['text']!r}", flush=True)
     return row
 
   rows = [measure("dense", m.params, 0.0, 0.0)]
@@ -69,11 +91,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
   print(f"\nstories260K, perplexity on {n_eval} windows of 256 tokens of held-out TinyStories text; "
         f"calibration: {args.nsamples} windows of {args.seq_len} tokens of TinyStories train text\n")
-  print(f"| {'model':<28} | sparsity | perplexity | time s  | eval s |")
-  print(f"|{'-' * 30}|----------|------------|---------|--------|")
+  print(f"| {'model':<28} | sparsity | perplexity | time s  | eval s | decode tok/s | weight MB | kernels run as |")
+  print(f"|{'-' * 30}|----------|------------|---------|--------|--------------|-----------|----------------|")
   for r in rows:
+    forms = ", ".join(f"{k} {v}" for k, v in sorted(r["weight_formats"].items()))
     print(f"| {r['model']:<28} | {r['sparsity']:8.3f} | {r['perplexity']:10.3f} | {r['prune_seconds']:7.2f} | "
-          f"{r['eval_seconds']:6.2f} |")
+          f"{r['eval_seconds']:6.2f} | {r['decode_tok_s']:12.0f} | {r['weight_bytes'] / 1e6:9.3f} | {forms} |")
   print("\ntime: pruning (plus fine-tuning where listed), including JIT compilation; sparsity: of the blocks' "
-        "projection kernels")
+        "projection kernels;\ndecode tok/s: jaxserve's LLM, "
+        f"{args.decode_batch} sequences x {args.decode_tokens} greedy tokens after a warm-up pass (the pruned models "
+        "run their sparse kernels compressed);\nweight MB: the parameters as the engine holds them "
+        "(llm.stats()['weight_bytes'])")
   return 0

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import weights
 from jaxprune._tree import leaves_with_paths, map_with_path
 from jaxprune._validate import check_masks
 
@@ -95,7 +96,7 @@ class SparsityReport:
 
 
 def sparsity(tree: PyTree, *, include: str = DEFAULT_INCLUDE, exclude: str | None = None) -> SparsityReport:
-  """Measures sparsity of a mask tree or of a parameter tree.
+  """Measures sparsity of a mask tree or of a parameter tree (typed weight leaves count as their dense form).
 
   For a mask tree (bool leaves) every bool leaf counts (the fraction of False entries);
   None / True leaves are dense and not counted. For a parameter tree the leaves chosen
@@ -113,7 +114,7 @@ def sparsity(tree: PyTree, *, include: str = DEFAULT_INCLUDE, exclude: str | Non
     chosen = [(p, x) for p, x in items if p in paths]
   per_leaf, zeros, size = {}, 0, 0
   for p, x in chosen:
-    arr = np.asarray(x)
+    arr = np.asarray(weights.to_dense(x))
     z = int(arr.size - np.count_nonzero(arr))
     per_leaf[p] = z / arr.size if arr.size else 0.0
     zeros += z
@@ -124,7 +125,7 @@ def sparsity(tree: PyTree, *, include: str = DEFAULT_INCLUDE, exclude: str | Non
 def masks_from_params(params: PyTree, *, include: str = DEFAULT_INCLUDE, exclude: str | None = None) -> PyTree:
   """Masks that keep exactly the nonzero entries of the selected leaves (None elsewhere)."""
   selected = set(prunable_paths(params, include=include, exclude=exclude))
-  return map_with_path(lambda p, x: (x != 0) if p in selected else None, params)
+  return map_with_path(lambda p, x: (weights.to_dense(x) != 0) if p in selected else None, params)
 
 
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:

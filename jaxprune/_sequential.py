@@ -2,7 +2,7 @@
 
 Inside a block the linears are pruned in execution order ("true sequential"): q/k/v, then
 o (its inputs recomputed with the pruned q/k/v), then gate/up, then down. Their inputs are
-captured by intercepting the model's ``nn.Dense`` calls, so the model code is used as is.
+captured by intercepting the model's ``Linear`` calls, so the model code is used as is.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if capture and context.method_name == "__call__" and isinstance(mod, nn.Dense):
+    if capture and context.method_name == "__call__" and isinstance(mod, model_lib.Linear):
       name = "/".join(mod.path[-2:])
       if name in heads:
         xin = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)

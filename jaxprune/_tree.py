@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import jax
 
+from jaxserve import weights
+
 PyTree = Any
 
 
@@ -22,20 +24,21 @@ def path_str(keypath: tuple) -> str:
 
 
 def _is_none(x: Any) -> bool:
-  return x is None
+  return x is None or weights.is_typed(x)
 
 
 def leaves_with_paths(tree: PyTree, *, keep_none: bool = False) -> list[tuple[str, Any]]:
-  """Returns ``[(path, leaf)]`` in tree-flatten order (None leaves kept if asked)."""
+  """Returns ``[(path, leaf)]`` in tree-flatten order (None leaves kept if asked; typed weight
+  leaves of :mod:`jaxserve.weights` are single leaves)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_is_none if keep_none else None)
+      tree, is_leaf=_is_none if keep_none else weights.is_typed)
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
   """``jax.tree.map`` whose function also gets the leaf's path string first.
 
-  None leaves of ``tree`` are passed to ``fn`` as ``None`` (not skipped).
+  None leaves of ``tree`` are passed to ``fn`` as ``None`` (not skipped); typed weight leaves whole.
   """
   return jax.tree_util.tree_map_with_path(
       lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest, is_leaf=_is_none)

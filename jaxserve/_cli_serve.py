@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   e.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence "
                  "(default: the model's context)")
   e.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+  e.add_argument("--sparse-weights", choices=["auto", "off"], default="auto",
+                 help="auto: a pruned model's sparse kernels run compressed (N:M, bitmask); off: all dense")
   e.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
   e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                  help="compile the decode step of every batch-size bucket (and, with --background-compile, catch-all "
@@ -65,14 +67,15 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, dtype=args.dtype,
             enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-            background_compile=args.background_compile)
+            background_compile=args.background_compile, sparse_weights=args.sparse_weights)
+  del loaded  # the engine holds the weights in the form it runs them; no dense copy beside them
   if args.warmup:
     t0 = time.perf_counter()
     n = llm.warmup(mixed=args.background_compile)
     logging.getLogger("jaxserve.serve").info("warm-up: compiled %d step programs in %.1f s", n,
                                              time.perf_counter() - t0)
   config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
-                        max_model_len=llm.max_model_len, vocab_size=loaded.cfg.vocab_size, api_key=args.api_key)
-  app = create_app(llm, loaded.tokenizer, config)
+                        max_model_len=llm.max_model_len, vocab_size=llm.model.cfg.vocab_size, api_key=args.api_key)
+  app = create_app(llm, llm.tokenizer, config)
   run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
   return 0

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import weights
 from jaxserve.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from jaxserve.model import Params
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
@@ -42,7 +43,8 @@ def register_loader(matches: Callable[[str], bool], load: Callable[[str, str], L
   _EXTRA_LOADERS.append((matches, load))
 
 
-def load_model(path: str | None = None, dtype: str = "float32", tokenizer: str | None = None) -> LoadedModel:
+def load_model(path: str | None = None, dtype: str = "float32", tokenizer: str | None = None, *,
+               dense: bool = False) -> LoadedModel:
   """Loads a model.
 
   Args:
@@ -50,12 +52,20 @@ def load_model(path: str | None = None, dtype: str = "float32", tokenizer: str |
       (``config.json`` + safetensors); or a directory saved by :func:`save_native`.
     dtype: ``"float32"`` or ``"bfloat16"``.
     tokenizer: optional tokenizer path (default: found beside the model).
+    dense: return every kernel as a dense array; default False keeps a compressed checkpoint's
+      kernels as the typed leaves of :mod:`jaxserve.weights` (the engine runs them compressed;
+      tools that transform parameters, such as pruning, want ``dense=True``).
 
   Returns:
     ``LoadedModel(cfg, params, tokenizer, source)``.
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  loaded = _load(path, dtype, tokenizer)
+  return loaded._replace(params=weights.densify(loaded.params)) if dense else loaded
+
+
+def _load(path: str | None, dtype: str, tokenizer: str | None) -> LoadedModel:
   if path is None:
     return load_llama2c(DEFAULT_MODEL, tokenizer or DEFAULT_TOKENIZER, dtype)
   if not os.path.exists(path):
@@ -75,7 +85,10 @@ def load_model(path: str | None = None, dtype: str = "float32", tokenizer: str |
 
 
 def _cast(params: Params, dtype: str) -> Params:
-  return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), params)
+  """Every parameter in ``dtype`` (typed kernels: their values; their index arrays keep their types)."""
+  def cast(x):
+    return x.astype(jnp.dtype(dtype)) if weights.is_typed(x) else jnp.asarray(x, dtype=jnp.dtype(dtype))
+  return jax.tree.map(cast, params, is_leaf=weights.is_typed)
 
 
 # ----------------------------------------------------------------------------- llama2.c
@@ -283,7 +296,7 @@ def _check_shapes(params: Params, cfg: ModelConfig, source: str) -> None:
   from jaxserve.model import param_shapes
   expected = param_shapes(cfg)
   flat_exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_typed)[0])
   for key, spec in flat_exp.items():
     if key not in flat:
       raise ValueError(f"{source}: missing parameter {jax.tree_util.keystr(key)}")
@@ -346,17 +359,35 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Tokenizer
 
 def save_native(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Tokenizer | None = None,
                 extra: dict[str, Any] | None = None) -> str:
-  """Saves any model (also non-uniform, structurally pruned ones): ``model_config.json`` + orbax params."""
+  """Saves any model (also non-uniform, structurally pruned ones): ``model_config.json`` + orbax params.
+
+  Typed kernels (:mod:`jaxserve.weights`: N:M, bitmask, packed) are saved in their compressed
+  form: their arrays under the kernel's path, their type and sizes under ``"weights"`` in
+  ``model_config.json``.
+  """
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  specs = {}
+
+  def record(path, x):
+    if not weights.is_typed(x):
+      return x
+    arrays, specs[_path_str(path)] = weights.to_record(x)
+    return arrays
+  tree = jax.tree_util.tree_map_with_path(record, params, is_leaf=weights.is_typed)
   with ocp.PyTreeCheckpointer() as ckpt:
-    ckpt.save(os.path.join(out_dir, "params"), params, force=True)
+    ckpt.save(os.path.join(out_dir, "params"), tree, force=True)
   with open(os.path.join(out_dir, NATIVE_CONFIG), "w") as f:
-    json.dump({"format": "jaxserve-native-v1", "config": cfg.to_dict(), **(extra or {})}, f, indent=2)
+    json.dump({"format": "jaxserve-native-v1", "config": cfg.to_dict(), "weights": specs, **(extra or {})}, f,
+              indent=2)
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def load_native(path: str, dtype: str | None = None) -> LoadedModel:
@@ -369,10 +400,23 @@ def load_native(path: str, dtype: str | None = None) -> LoadedModel:
   cfg = ModelConfig.from_dict(meta["config"])
   if dtype is not None and dtype != cfg.dtype:
     cfg = cfg.replace(dtype=dtype)
-  target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(cfg.replace(dtype="float32")))
+  specs = meta.get("weights") or {}
+
+  def like(keypath, s):  # typed kernels restore as their arrays, rebuilt below
+    spec = specs.get(_path_str(keypath))
+    if spec is None:
+      return np.zeros(s.shape, np.float32)
+    return {k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in spec["arrays"].items()}
+  target = jax.tree_util.tree_map_with_path(like, param_shapes(cfg.replace(dtype="float32")))
   with ocp.PyTreeCheckpointer() as ckpt:  # restore_args from numpy leaves: no sharding to guess
     params = ckpt.restore(os.path.join(path, "params"), item=target,
                           restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  for key, spec in specs.items():
+    *parents, leaf = key.split("/")
+    node = params
+    for k in parents:
+      node = node[k]
+    node[leaf] = weights.from_record(node[leaf], spec)
   _check_shapes(params, cfg, path)
   tok = None
   for name in ("tokenizer.json", "tokenizer.model", "tokenizer.bin"):

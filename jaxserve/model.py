@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxserve import weights
 from jaxserve.config import ModelConfig
 
 Array = jax.Array
@@ -166,56 +167,76 @@ class RMSNorm(nn.Module):
     return scale * xf.astype(self.dtype)
 
 
-def _dense(features: int, name: str, dtype: Any, bias: bool = False, dot_general: Any = None) -> nn.Dense:
-  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name, dot_general=dot_general)
+class Linear(nn.Module):
+  """``x @ kernel (+ bias)``, Flax ``Dense``'s parameters and initializers, for any kernel type.
+
+  The kernel is a ``[in, out]`` array or a typed leaf of :mod:`jaxserve.weights` (packed, N:M,
+  bitmask); :func:`jaxserve.weights.matmul` dispatches on its type.
+  """
+
+  features: int
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.has_variable("params", "kernel"):  # a typed leaf is not an array: no shape check against init
+      kernel = self.get_variable("params", "kernel")
+    else:
+      kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+    y = weights.matmul(x, kernel, self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype).astype(self.dtype)
+    return y
+
+
+def _dense(features: int, name: str, dtype: Any, bias: bool = False) -> Linear:
+  return Linear(features, use_bias=bias, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):
   cfg: ModelConfig
   layer: int
   attn: AttentionBackend
-  dot_general: Any = None  # for every Dense (None: lax.dot_general)
 
   @nn.compact
   def __call__(self, x, cos, sin, layer_kv, meta):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     h, kvh, d = cfg.heads(self.layer), cfg.kv_heads(self.layer), cfg.head_dim
     b, t, _ = x.shape
-    q = _dense(h * d, "q_proj", dtype, cfg.attention_bias, self.dot_general)(x).reshape(b, t, h, d)
-    k = _dense(kvh * d, "k_proj", dtype, cfg.attention_bias, self.dot_general)(x).reshape(b, t, kvh, d)
-    v = _dense(kvh * d, "v_proj", dtype, cfg.attention_bias, self.dot_general)(x).reshape(b, t, kvh, d)
+    q = _dense(h * d, "q_proj", dtype, cfg.attention_bias)(x).reshape(b, t, h, d)
+    k = _dense(kvh * d, "k_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    v = _dense(kvh * d, "v_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     out, layer_kv = self.attn(self.layer, q, k, v, layer_kv, meta)
-    out = _dense(cfg.hidden_size, "o_proj", dtype, cfg.attention_out_bias, self.dot_general)(out.reshape(b, t, h * d))
+    out = _dense(cfg.hidden_size, "o_proj", dtype, cfg.attention_out_bias)(out.reshape(b, t, h * d))
     return out, layer_kv
 
 
 class MLP(nn.Module):
   cfg: ModelConfig
   layer: int
-  dot_general: Any = None
 
   @nn.compact
   def __call__(self, x):
     dtype, f = jnp.dtype(self.cfg.dtype), self.cfg.ffn(self.layer)
-    gate = _dense(f, "gate_proj", dtype, dot_general=self.dot_general)(x)
-    up = _dense(f, "up_proj", dtype, dot_general=self.dot_general)(x)
-    return _dense(self.cfg.hidden_size, "down_proj", dtype, dot_general=self.dot_general)(nn.silu(gate) * up)
+    gate = _dense(f, "gate_proj", dtype)(x)
+    up = _dense(f, "up_proj", dtype)(x)
+    return _dense(self.cfg.hidden_size, "down_proj", dtype)(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
   cfg: ModelConfig
   layer: int
   attn: AttentionBackend
-  dot_general: Any = None
 
   @nn.compact
   def __call__(self, x, cos, sin, layer_kv, meta):
     dtype = jnp.dtype(self.cfg.dtype)
-    h, layer_kv = Attention(self.cfg, self.layer, self.attn, self.dot_general, name="self_attn")(
+    h, layer_kv = Attention(self.cfg, self.layer, self.attn, name="self_attn")(
         RMSNorm(self.cfg.rms_norm_eps, dtype, name="input_layernorm")(x), cos, sin, layer_kv, meta)
     x = x + h
-    x = x + MLP(self.cfg, self.layer, self.dot_general, name="mlp")(
+    x = x + MLP(self.cfg, self.layer, name="mlp")(
         RMSNorm(self.cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
     return x, layer_kv
 
@@ -225,7 +246,6 @@ class Llama(nn.Module):
 
   cfg: ModelConfig
   attn: AttentionBackend
-  dot_general: Any = None  # for every Dense (None: lax.dot_general)
 
   @nn.compact
   def __call__(self, tokens, positions, kv=None, meta=None, logits_index=None, return_layer_inputs=False,
@@ -238,14 +258,14 @@ class Llama(nn.Module):
     for i in range(cfg.num_layers):
       if return_layer_inputs:
         layer_inputs.append(x)
-      x, layer_kv = Block(cfg, i, self.attn, self.dot_general, name=f"layers_{i}")(
+      x, layer_kv = Block(cfg, i, self.attn, name=f"layers_{i}")(
           x, cos, sin, None if kv is None else kv[i], meta)
       new_kv.append(layer_kv)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
     logits = (embed.attend(x) if cfg.tie_word_embeddings
-              else _dense(cfg.vocab_size, "lm_head", dtype, dot_general=self.dot_general)(x))
+              else _dense(cfg.vocab_size, "lm_head", dtype)(x))
     return ModelOutput(logits.astype(jnp.float32), new_kv if kv is not None else None,
                        layer_inputs if return_layer_inputs else None)
 
@@ -256,8 +276,7 @@ def default_attention(cfg: ModelConfig) -> CausalAttention:
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None, *,
             kv: list[Any] | None = None, attn: AttentionBackend | None = None, meta: Any = None,
-            logits_index: Array | None = None, return_layer_inputs: bool = False,
-            dot_general: Any = None) -> ModelOutput:
+            logits_index: Array | None = None, return_layer_inputs: bool = False) -> ModelOutput:
   """Runs the model.
 
   Args:
@@ -270,8 +289,6 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | 
     meta: backend-specific metadata (arrays), passed to every layer.
     logits_index: optional ``[B, K]`` indices into T: logits only at those positions.
     return_layer_inputs: also return the hidden states entering each block.
-    dot_general: the matmul of every ``Dense`` layer (e.g. the engine's packed-weight CPU kernel,
-      with ``params`` packed to match); None: ``lax.dot_general``.
 
   Returns:
     ``ModelOutput(logits, kv, layer_inputs)``.
@@ -282,7 +299,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | 
   attn = attn or default_attention(cfg)
   if meta is None:
     meta = {"positions": positions}
-  return Llama(cfg, attn, dot_general).apply({"params": params}, tokens, positions, kv, meta, logits_index,
+  return Llama(cfg, attn).apply({"params": params}, tokens, positions, kv, meta, logits_index,
                                             return_layer_inputs)
 
 

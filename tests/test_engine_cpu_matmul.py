@@ -1,4 +1,4 @@
-"""The C++ CPU matmul over packed weights against numpy, and the engine's model with and without it."""
+"""The C++ CPU matmul over packed weights (``PackedDense``) against numpy, and the engine's model with and without it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from jaxserve.config import ModelConfig
+from jaxserve import weights
 from jaxserve.engine import _cpu_kernels
+from jaxserve.engine._weight_forms import prepare_params, weight_formats
 from jaxserve.model import forward, init_params
 
 
@@ -28,36 +30,28 @@ def test_packed_matmul_matches_numpy(m, k, n):
   rng = np.random.default_rng(m * 1000 + n)
   w = rng.standard_normal((k, n)).astype(np.float32)
   x = rng.standard_normal((2, m, k)).astype(np.float32)  # leading axes are flattened into rows
-  packed = _cpu_kernels.pack_dense(jnp.asarray(w))
-  assert packed.shape == w.shape
-  np.testing.assert_array_equal(_cpu_kernels.unpack_dense(packed), w)
+  packed = weights.PackedDense.pack(jnp.asarray(w))
+  np.testing.assert_array_equal(packed.to_dense(), w)
   for threads in (0, 1, 3):
-    got = jax.jit(lambda x, p, t=threads: _cpu_kernels.packed_matmul(x, p, num_threads=t))(x, packed)
+    got = jax.jit(lambda x, p, t=threads: _cpu_kernels.packed_matmul(x, p.reshape(k, n), num_threads=t))(
+        x, packed.panels)
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
-def test_pack_rejects_unpackable_and_dot_general_falls_back():
-  _require_kernels()
-  with pytest.raises(ValueError, match="multiple of 16"):
-    _cpu_kernels.pack_dense(jnp.zeros((4, 20), jnp.float32))
-  with pytest.raises(ValueError, match="float32"):
-    _cpu_kernels.pack_dense(jnp.zeros((4, 32), jnp.bfloat16))
-  x, w = jnp.ones((3, 4)), jnp.arange(20.0).reshape(4, 5)  # N = 5: not packed, plain dot_general
-  np.testing.assert_array_equal(_cpu_kernels.packed_dot_general(x, w, (((1,), (0,)), ((), ()))), x @ w)
-
-
 def test_model_with_packed_weights_matches_plain():
-  """The engine's forward pass with every Dense packed equals the plain forward (all projections packable)."""
+  """The engine's forward pass with every packable Dense packed equals the plain forward; N % 16 != 0 stays dense."""
   _require_kernels()
-  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=168, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=16, max_position_embeddings=64)
   params = init_params(cfg, seed=3)
-  packed = _cpu_kernels.pack_params(params)
-  up = "layers_0", "mlp", "up_proj", "kernel"
-  assert not np.array_equal(packed[up[0]][up[1]][up[2]][up[3]], params[up[0]][up[1]][up[2]][up[3]])
+  packed = prepare_params(params, native=True)
+  assert weight_formats(packed) == {"packed": 2 * 5 + 1, "dense": 2 * 2}  # gate/up have N = 168
+  up = packed["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert isinstance(packed["layers_0"]["mlp"]["down_proj"]["kernel"], weights.PackedDense)
+  assert not weights.is_typed(up)
   np.testing.assert_array_equal(packed["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
-  jax.tree.map(np.testing.assert_array_equal, _cpu_kernels.unpack_params(packed), params)
+  jax.tree.map(np.testing.assert_array_equal, weights.densify(packed), params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 11)), jnp.int32)
   plain = forward(params, cfg, tokens).logits
-  fast = jax.jit(lambda p, t: forward(p, cfg, t, dot_general=_cpu_kernels.packed_dot_general).logits)(packed, tokens)
+  fast = jax.jit(lambda p, t: forward(p, cfg, t).logits)(packed, tokens)
   np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ from jaxprune import checkpoint
 from jaxprune._masks import apply_masks, dense_masks, sparsity
 from jaxprune._scores import magnitude_scores
 from jaxprune._topk import nm_masks, topk_masks
+from jaxserve import weights
 from jaxserve.loaders import load_model
 from jaxserve.testing import tiny_model
 from jaxserve.tokenizer import load_tokenizer
@@ -76,11 +77,14 @@ def test_load_model_and_load_pruned_agree(tmp_path):
   masks = nm_masks(magnitude_scores(m.params), "2:4")
   params = apply_masks(m.params, masks)
   d = checkpoint.save(str(tmp_path / "pruned"), params, masks, cfg=m.cfg, tokenizer=m.tokenizer)
-  a, b = load_model(d), checkpoint.load_pruned(d)
-  for loaded in (a, b):
+  a, b, c = load_model(d), checkpoint.load_pruned(d), load_model(d, dense=True)
+  for loaded in (a, b, c):
     assert loaded.cfg == m.cfg and loaded.tokenizer is not None
-    _same(loaded.params, params)
+    _same(weights.densify(loaded.params), params)
     assert loaded.tokenizer.encode("Once upon a time") == m.tokenizer.encode("Once upon a time")
+  # the 2:4 kernels (input sizes divisible by 4) load compressed, dense=True expands them
+  assert isinstance(b.params["layers_0"]["mlp"]["up_proj"]["kernel"], weights.NMSparse)
+  assert not any(weights.is_typed(x) for x in jax.tree.leaves(c.params, is_leaf=weights.is_typed))
   assert abs(sparsity(b.params).total - 0.5) < 1e-12
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from jaxprune import checkpoint
 from jaxprune.cli import main
+from jaxserve import LLM, SamplingParams, weights
+from jaxserve.engine import _cpu_kernels
 from jaxserve.loaders import EVAL_TEXT, load_model
 
 
@@ -26,12 +28,19 @@ def test_prune_then_eval_then_finetune(tmp_path, capsys):
   ck = checkpoint.restore(out)
   w = np.asarray(ck.params["layers_2"]["mlp"]["gate_proj"]["kernel"])
   np.testing.assert_array_equal((w.reshape(-1, 4, w.shape[1]) != 0).sum(1), 2)
+  # the directory holds the kernels compressed, and jaxserve serves them so
+  assert isinstance(load_model(out).params["layers_2"]["mlp"]["gate_proj"]["kernel"], weights.NMSparse)
+  llm = LLM(model=out, max_model_len=64, num_kv_blocks=16, max_num_seqs=2)
+  if _cpu_kernels.available():
+    assert llm.stats()["weight_formats"]["2:4"] == 5 * 7
+  text = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+  assert len(text.outputs[0].token_ids) == 8
   ft_out = str(tmp_path / "ft")
   assert main(["finetune", "--model", out, "--finetune-steps", "30", "--finetune-batch-size", "4",
                "--finetune-seq-len", "64", "--out", ft_out, "--json"]) == 0
   ft = _json(capsys)
   assert ft["sparsity"] == 0.5
-  back = load_model(ft_out)
+  back = load_model(ft_out, dense=True)
   w2 = np.asarray(back.params["layers_2"]["mlp"]["gate_proj"]["kernel"])
   assert (w2[w == 0] == 0).all() and not np.array_equal(w2, w)  # trained, zeros kept
   assert checkpoint.restore(ft_out).metadata["method"] == "wanda"
@@ -59,3 +68,5 @@ def test_demo_prints_the_table(capsys):
   assert rows[0]["sparsity"] == 0 and rows[1]["sparsity"] == 0.5 and rows[2]["sparsity"] == 0.5
   assert rows[0]["perplexity"] < rows[1]["perplexity"]
   assert all(r["text"].startswith("Once upon a time") for r in rows)
+  assert all(r["decode_tok_s"] > 0 for r in rows)
+  assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"] and rows[2]["weight_bytes"] < rows[0]["weight_bytes"]

@@ -1,4 +1,4 @@
-"""C++ kernels for the CPU (paged attention, a matmul over packed weights), called from jitted code as XLA FFI custom calls.
+"""C++ kernels for the CPU (paged attention, dense and sparse matmuls), called from jitted code as XLA FFI custom calls.
 
 A small model's decode step on a small CPU is mostly reading memory: the K/V blocks and every
 weight matrix. XLA reads gathered KV blocks at about a third of the memory bandwidth and packs
@@ -6,11 +6,14 @@ each weight matrix again on every matmul. The attention kernel (``csrc/paged_att
 writes the step's K/V into their slots in place and handles every query row of a step (decodes
 and causal prefill chunks), reading each block once per pass; the matmul
 (``csrc/matmul_cpu.cc``) reads weights packed once, at load time, into column panels
-(:func:`pack_dense`). Both split their work between the threads of XLA's own intra-op pool.
+(:class:`jaxserve.weights.PackedDense`); the sparse matmuls (``csrc/sparse_matmul_cpu.cc``, :func:`nm_matmul`,
+:func:`bitmask_matmul`) read N:M or bitmask-compressed weights, fewer bytes than dense. All split
+their work between the threads of XLA's own intra-op pool.
 They are compiled on first use with the system C++ compiler against the FFI headers shipped in
 jaxlib, cached under ``$JAXSERVE_CACHE_DIR`` (default ``~/.cache/jaxserve``), and registered
 with JAX. Without a compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and
-the engine keeps the pure-XLA path.
+the engine keeps the pure-XLA path. ``JAXSERVE_CPU_KERNEL_ISA=generic`` builds without AVX-512
+(the kernels' portable paths), for tests.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,10 @@ import numpy as np
 TARGET = "jaxserve_paged_attention_cpu"
 WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
 MATMUL_TARGET = "jaxserve_matmul_cpu"
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cc", "matmul_cpu.cc")]
+NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
+BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc")]
 _HEADERS = [Path(__file__).parent / "csrc" / "parallel.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -51,6 +56,11 @@ def _build() -> Path:
   src = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+  isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
+  if isa == "generic":
+    flags.append("-mno-avx512f")  # also drops the AVX-512 extensions: the AVX2 (or older) paths
+  elif isa != "native":
+    raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be 'native' or 'generic', got {isa!r}")
   key = hashlib.sha256(src + include.encode() + " ".join(flags).encode() + platform.machine().encode()
                        + platform.node().encode()).hexdigest()[:16]
   out = _cache_dir() / f"cpu_kernels-{key}.so"
@@ -92,6 +102,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionCpu),
                                     platform="cpu")
         jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveMatmulCpu), platform="cpu")
+        jax.ffi.register_ffi_target(NM_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveNmMatmulCpu), platform="cpu")
+        jax.ffi.register_ffi_target(BITMASK_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveBitmaskMatmulCpu),
+                                    platform="cpu")
         _state["ok"], _state["lib"] = True, lib
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
         log.warning("jaxserve: CPU kernels unavailable, using XLA's attention and matmul (%s)", e)
@@ -153,42 +166,12 @@ def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[
   return seq, jnp.where(valid, pos + 1, 0)
 
 
-_WIDE, _NARROW = 48, 16  # panel widths of matmul_cpu.cc
-
-
-def packable(shape: tuple[int, ...], dtype) -> bool:
-  """Whether a weight matrix of this shape and dtype can be packed for :func:`packed_matmul` (2-D float32, N % 16 == 0)."""
-  return len(shape) == 2 and shape[1] % _NARROW == 0 and jnp.dtype(dtype) == jnp.float32
-
-
-def pack_dense(w: jax.Array) -> jax.Array:
-  """Packs a ``[K, N]`` weight matrix into the column panels :func:`packed_matmul` reads.
-
-  Panels of 48 columns, then the last ``N % 48`` in panels of 16, each ``[K, width]`` and
-  contiguous. The result keeps the shape ``[K, N]`` (a permutation of the elements), so a Flax
-  ``Dense`` holding it still sees its kernel's shape; only :func:`packed_matmul` may read it.
-  """
-  k, n = w.shape
-  if not packable(w.shape, w.dtype):
-    raise ValueError(f"pack_dense needs a float32 [K, N] matrix with N a multiple of 16, got {w.dtype} {w.shape}")
-  wide = n // _WIDE * _WIDE
-  parts = [jnp.transpose(w[:, :wide].reshape(k, -1, _WIDE), (1, 0, 2)).reshape(-1),
-           jnp.transpose(w[:, wide:].reshape(k, -1, _NARROW), (1, 0, 2)).reshape(-1)]
-  return jnp.concatenate(parts).reshape(k, n)
-
-
-def unpack_dense(packed: jax.Array) -> jax.Array:
-  """The inverse of :func:`pack_dense`."""
-  k, n = packed.shape
-  wide = n // _WIDE * _WIDE
-  flat = packed.reshape(-1)
-  head = jnp.transpose(flat[:k * wide].reshape(-1, k, _WIDE), (1, 0, 2)).reshape(k, wide)
-  tail = jnp.transpose(flat[k * wide:].reshape(-1, k, _NARROW), (1, 0, 2)).reshape(k, n - wide)
-  return jnp.concatenate([head, tail], axis=1)
-
-
 def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0) -> jax.Array:
-  """``x @ W`` for ``x`` ``[..., K]`` and ``packed = pack_dense(W)``, float32 (call :func:`available` first)."""
+  """``x @ W`` for ``x`` ``[..., K]`` and ``W`` ``[K, N]`` in column panels, float32 (call :func:`available` first).
+
+  ``packed``: ``[K, N]`` elements, the panels of :class:`jaxserve.weights.PackedDense` (its ``panels``
+  reshaped to ``[K, N]``; a permutation of W's elements, not W).
+  """
   k, n = packed.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k).astype(jnp.float32)
@@ -196,32 +179,85 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0) -> j
   return call(x2, packed, num_threads=np.int64(num_threads)).reshape(*lead, n)
 
 
-def packed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                       preferred_element_type=None) -> jax.Array:
-  """A ``dot_general`` for Flax ``Dense`` whose packable kernels were packed by :func:`pack_dense`.
+_PANEL = 16  # lanes of a sparse matmul's column panel
 
-  ``Dense`` contracts the last axis of its input with the first of its kernel; a kernel that
-  :func:`packable` accepts goes through :func:`packed_matmul`, any other through ``lax.dot_general``.
+
+def _rows(x: jax.Array, k: int, name: str) -> jax.Array:
+  if x.ndim < 1 or x.shape[-1] != k:
+    raise ValueError(f"{name}: x must be [..., {k}] (K from the weights), got {x.shape}")
+  return x.reshape(-1, k).astype(jnp.float32)
+
+
+def nm_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, n: int, m: int, n_out: int,
+              num_threads: int = 0) -> jax.Array:
+  """``x @ W`` for a float32 ``W`` ``[K, n_out]`` stored N:M-sparse (call :func:`available` first).
+
+  ``W`` keeps ``n`` of every ``m`` consecutive rows (a group) of each column, in column panels of
+  16 lanes (panel ``p``: columns ``16p .. 16p + 15``; ``NP = ceil(n_out / 16)``; lanes past
+  ``n_out`` hold zeros and index 0). Slot row ``r = g * n + j`` is the ``j``-th kept value of group
+  ``g``; ``b = 2`` index bits if ``m <= 4``, else 4; ``words = b // 2``. Then
+  ``W[g * m + idx, 16p + l] += values[p, r, l]`` with
+  ``idx = (meta[p, r, l // (32 // b)] >> (b * (l % (32 // b)))) & (2**b - 1)``.
+
+  Args:
+    x: ``[..., K]`` activations; leading axes are flattened into rows.
+    values: ``[NP, S, 16]`` float32 kept weights, ``S = K // m * n``.
+    meta: ``[NP, S, words]`` uint32 packed in-group indices.
+    n, m: the pattern, ``2 <= m <= 16``, ``0 < n < m``, ``K % m == 0``.
+    n_out: ``N``, the output columns.
+    num_threads: parts the panels are split into, run on XLA's intra-op thread pool (0: one per
+      pool thread).
+
+  Returns:
+    ``[..., n_out]`` float32.
   """
-  (contract_lhs, contract_rhs), batch = dimension_numbers
-  dense = tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not batch[0] and not batch[1]
-  if dense and packable(rhs.shape, rhs.dtype):
-    return packed_matmul(lhs, rhs)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type)
+  if not (2 <= m <= 16 and 0 < n < m):
+    raise ValueError(f"nm_matmul: need 2 <= m <= 16 and 0 < n < m, got n={n}, m={m}")
+  words = 1 if m <= 4 else 2
+  if values.ndim != 3 or values.shape[2] != _PANEL or values.shape[1] % n:
+    raise ValueError(f"nm_matmul: values must be [NP, S, 16] with S a multiple of n={n}, got {values.shape}")
+  panels, slots = values.shape[:2]
+  k = slots // n * m
+  if panels != -(-n_out // _PANEL) or n_out < 1:
+    raise ValueError(f"nm_matmul: n_out={n_out} needs {-(-n_out // _PANEL)} panels, values has {panels}")
+  if meta.shape != (panels, slots, words) or meta.dtype != jnp.uint32 or values.dtype != jnp.float32:
+    raise ValueError(f"nm_matmul: need float32 values and uint32 meta [{panels}, {slots}, {words}], got "
+                     f"{values.dtype} values and {meta.dtype} meta {meta.shape}")
+  lead, x2 = x.shape[:-1], _rows(x, k, "nm_matmul")
+  call = jax.ffi.ffi_call(NM_MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n_out), jnp.float32))
+  out = call(x2, values, meta, n=np.int64(n), m=np.int64(m), num_threads=np.int64(num_threads))
+  return out.reshape(*lead, n_out)
 
 
-def _map_packable_kernels(fn, params: Any) -> Any:
-  def apply(path, x):
-    return fn(x) if getattr(path[-1], "key", None) == "kernel" and packable(x.shape, x.dtype) else x
-  return jax.tree_util.tree_map_with_path(apply, params)
+def bitmask_matmul(x: jax.Array, bits: jax.Array, values: jax.Array, offsets: jax.Array, *, n_out: int,
+                   num_threads: int = 0) -> jax.Array:
+  """``x @ W`` for a float32 ``W`` ``[K, n_out]`` stored as a bitmask and values (call :func:`available` first).
 
+  Column panels of 16 lanes (panel ``p``: columns ``16p .. 16p + 15``; ``NP = ceil(n_out / 16)``;
+  bits past ``n_out`` are 0). Panel by panel, ``k`` ascending, ``values`` holds the kept lanes of
+  row ``k`` in lane order (``_mm512_maskz_expand_ps`` order), then 16 zeros.
 
-def pack_params(params: Any) -> Any:
-  """``params`` with every packable Dense ``kernel`` packed (the tree to run with :func:`packed_dot_general`)."""
-  return _map_packable_kernels(pack_dense, params)
+  Args:
+    x: ``[..., K]`` activations; leading axes are flattened into rows.
+    bits: ``[NP, K]`` uint16; bit ``l`` of ``bits[p, k]`` set iff ``W[k, 16p + l]`` is kept.
+    values: ``[nnz + 16]`` float32 kept weights and 16 zeros of padding.
+    offsets: ``[NP + 1]`` int64 (int32 without ``jax_enable_x64``); ``offsets[p]`` is the index
+      in ``values`` of panel ``p``'s first value, ``offsets[NP] = nnz``. The kernel checks that
+      each panel's bits count ``offsets[p + 1] - offsets[p]`` values (an error otherwise).
+    n_out: ``N``, the output columns.
+    num_threads: as for :func:`nm_matmul`.
 
-
-def unpack_params(params: Any) -> Any:
-  """The inverse of :func:`pack_params`."""
-  return _map_packable_kernels(unpack_dense, params)
+  Returns:
+    ``[..., n_out]`` float32.
+  """
+  panels = -(-n_out // _PANEL)
+  if n_out < 1 or bits.ndim != 2 or bits.shape[0] != panels or bits.dtype != jnp.uint16:
+    raise ValueError(f"bitmask_matmul: n_out={n_out} needs uint16 bits [{panels}, K], got {bits.dtype} {bits.shape}")
+  if values.ndim != 1 or values.shape[0] < _PANEL or values.dtype != jnp.float32:
+    raise ValueError(f"bitmask_matmul: values must be float32 [nnz + 16], got {values.dtype} {values.shape}")
+  if offsets.shape != (panels + 1,) or offsets.dtype not in (jnp.int32, jnp.int64):
+    raise ValueError(f"bitmask_matmul: offsets must be int64 or int32 [{panels + 1}], got {offsets.dtype} "
+                     f"{offsets.shape}")
+  lead, x2 = x.shape[:-1], _rows(x, bits.shape[1], "bitmask_matmul")
+  call = jax.ffi.ffi_call(BITMASK_MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n_out), jnp.float32))
+  return call(x2, bits, values, offsets, num_threads=np.int64(num_threads)).reshape(*lead, n_out)

@@ -16,6 +16,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample
 from jaxserve.engine._scheduler import SchedulerOutput
+from jaxserve.engine._weight_forms import prepare_params
 from jaxserve.model import forward
 
 
@@ -58,14 +59,12 @@ class ModelRunner:
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_blocks: int, block_size: int, max_model_len: int,
                max_num_seqs: int, attention: PagedAttention, kv_sharding: Any = None,
-               background_compile: bool = False):
+               background_compile: bool = False, sparse_weights: str = "auto"):
     self.cfg, self.attn = cfg, attention
-    # with the C++ CPU kernels, every Dense runs through the packed-weight matmul (weights packed once, here)
-    self._dot_general = None
-    if kv_sharding is None and attention.use_cpu_kernel(cfg.dtype):
-      from jaxserve.engine import _cpu_kernels
-      params, self._dot_general = _cpu_kernels.pack_params(params), _cpu_kernels.packed_dot_general
-    self.params = params
+    # with the C++ CPU kernels, every Dense runs on a native matmul over its packed or compressed
+    # kernel (converted once, here; typed leaves dispatch in jaxserve.weights.matmul)
+    native = kv_sharding is None and attention.use_cpu_kernel(cfg.dtype)
+    self.params = prepare_params(params, sparse=sparse_weights, native=native)
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
@@ -89,8 +88,7 @@ class ModelRunner:
     self.num_blocking_compiles = 0  # steps that waited for their program to compile
 
   def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):
-    out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index,
-                  dot_general=self._dot_general)
+    out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
     logits = out.logits[0]
     return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv
 

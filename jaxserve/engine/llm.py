@@ -7,12 +7,14 @@ from typing import Any, Sequence
 
 import jax
 
+from jaxserve import weights
 from jaxserve.engine._attention import PagedAttention
 from jaxserve.engine._engine import EngineCore, PromptType
 from jaxserve.engine._kv_cache_manager import cdiv
 from jaxserve.engine._model_runner import ModelRunner, kv_bytes_per_block
 from jaxserve.engine._outputs import RequestOutput
 from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
+from jaxserve.engine._weight_forms import SPARSE_MODES, weight_formats
 from jaxserve.sharding import check_tensor_parallel, kv_pool_sharding, make_mesh, shard_params
 from kernels_pallas import compiled_kernel_supported
 
@@ -45,6 +47,11 @@ class LLM:
     pallas_interpret: run the Pallas kernels in interpret mode (testing on CPU).
     tensor_parallel_size: devices to shard the model over (Megatron layout; KV pools split by
       KV head); must divide every layer's KV heads. The scheduler and block pool are unchanged.
+    sparse_weights: ``"auto"`` (default): Dense kernels that are sparse enough (a pruned model, from
+      its compressed checkpoint or from its zeros) run compressed (N:M or bitmask) on the native
+      kernels, float32 on the CPU; a kernel whose compressed form would not be at most 0.7x its
+      dense bytes stays dense. ``"off"``: every kernel dense (for comparison). Sharded
+      (``tensor_parallel_size > 1``), GPU and bfloat16 models run dense.
     background_compile: when a step needs a shape bucket that has no compiled program yet, run it
       padded into a larger compiled bucket and compile its own on a helper thread (for servers,
       where a synchronous compile stalls every stream). Outputs can differ from a run without it
@@ -55,7 +62,7 @@ class LLM:
                kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
                seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None,
-               tensor_parallel_size: int = 1, background_compile: bool = False):
+               tensor_parallel_size: int = 1, background_compile: bool = False, sparse_weights: str = "auto"):
     from jaxserve.loaders import LoadedModel, load_model
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
@@ -63,6 +70,8 @@ class LLM:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if attention_backend not in ("auto", "xla", "pallas"):
       raise ValueError(f"attention_backend must be 'auto', 'xla' or 'pallas', got {attention_backend!r}")
+    if sparse_weights not in SPARSE_MODES:
+      raise ValueError(f"sparse_weights must be one of {SPARSE_MODES}, got {sparse_weights!r}")
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
       raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
     mesh = make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
@@ -74,8 +83,7 @@ class LLM:
       if attention_backend == "pallas":
         raise ValueError("attention_backend='pallas' runs on one device; use 'xla' (or 'auto') with "
                          "tensor_parallel_size > 1")
-      params = shard_params(params, cfg, mesh)
-    self.model = loaded
+      params = shard_params(weights.densify(params), cfg, mesh)
     self.tokenizer = loaded.tokenizer
     if max_model_len is None:
       max_model_len = cfg.max_position_embeddings
@@ -102,7 +110,10 @@ class LLM:
     runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
                          kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
-                         background_compile=bool(background_compile))
+                         background_compile=bool(background_compile), sparse_weights=sparse_weights)
+    del params
+    # the runner's (packed or compressed) parameters are the only copy kept
+    self.model = loaded._replace(params=runner.params)
     self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
@@ -194,8 +205,11 @@ class LLM:
     ``kv_waste_fraction`` (allocated slots not holding a token over allocated slots, summed over
     the steps), ``kv_waste_floor_fraction`` (the same with only blocks holding a token counted: the
     partial last blocks' share, the least a block-granular cache can waste), ``num_preemptions``, ``prefix_cache_hit_rate`` (prompt tokens served from the
-    cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs."""
-    return self.engine.stats()
+    cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs;
+    ``weight_bytes`` is the parameters' size as held (compressed kernels count their compressed
+    bytes) and ``weight_formats`` counts the Dense kernels run in each form."""
+    return {**self.engine.stats(), "weight_bytes": weights.nbytes(self.engine.runner.params),
+            "weight_formats": weight_formats(self.engine.runner.params)}
 
   def reset_stats(self) -> None:
     self.engine.reset_stats()

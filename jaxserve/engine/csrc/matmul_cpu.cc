@@ -7,15 +7,14 @@
 // A decode step multiplies a few dozen activation rows by every weight matrix of the model, and
 // the matrices do not fit the caches: the step streams the weights from memory. XLA's matmul
 // packs them on every call and reads them at about a third of the memory bandwidth at a handful
-// of rows. Here a thread takes a panel (atomic counter; helpers on XLA's intra-op pool, parallel.h) and
-// computes it for every row, R rows at a time with the R x P accumulators in vector registers:
-// each weight is read from memory once, sequentially, then from the L2 cache for the panel's
-// other row tiles.
+// of rows. Here a thread takes a panel (the calling thread from the front of the list, helpers on
+// XLA's intra-op pool from the back: parallel.h's Items) and computes it for every row, R rows at
+// a time with the R x P accumulators in vector registers: each weight is read from memory once,
+// sequentially, then from the L2 cache for the panel's other row tiles.
 //
 // Built with paged_attention_cpu.cc by jaxserve.engine._cpu_kernels.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -77,11 +76,12 @@ void Panel(const float* x, const float* w, float* out, int64_t m_dim, int64_t n0
 
 inline int64_t NumPanels(int64_t n_dim) { return n_dim / kWide + (n_dim % kWide) / kNarrow; }
 
-// Work item i: the i-th 48-column panel, then the 16-column panels of the last columns.
+// Work item i: the i-th 48-column panel, then the 16-column panels of the last columns; from the
+// front of the list for the calling thread, from the back for a helper.
 void RunPanels(const float* x, const float* w, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim,
-               std::atomic<int64_t>& next) {
-  const int64_t wide = n_dim / kWide, items = NumPanels(n_dim);
-  for (int64_t i = next++; i < items; i = next++) {
+               jaxserve::Items& items, bool front) {
+  const int64_t wide = n_dim / kWide;
+  for (int64_t i = items.Next(front); i >= 0; i = items.Next(front)) {
     if (i < wide) {
       Panel<kWide / kLanes>(x, w + i * k_dim * kWide, out, m_dim, i * kWide, k_dim, n_dim);
     } else {
@@ -104,8 +104,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  std::atomic<int64_t> next{0};
-  auto run = [=, &next] { RunPanels(xp, wp, op, m_dim, k_dim, n_dim, next); };
+  jaxserve::Items items(NumPanels(n_dim));
+  auto run = [=, &items](bool caller) { RunPanels(xp, wp, op, m_dim, k_dim, n_dim, items, caller); };
   jaxserve::RunOnPool(pool, num_threads, NumPanels(n_dim), run);
   return ffi::Error::Success();
 }

@@ -346,10 +346,13 @@ std::vector<Item> MakeItems(const Step& st) {
   return items;
 }
 
+// One shared counter, not parallel.h's Items (the caller from the front, helpers from the back):
+// measured on a 2-core VM, 2 threads, 8 heads of 64, Items made a decode batch of 64 rows (20 to
+// 250 positions) slower, 2.5 ms vs 1.6 ms, and a 256-row prefill 5 to 10% faster.
 ffi::Error Attend(ffi::ThreadPool& pool, const Step& st, int64_t num_threads) {
   const std::vector<Item> items = MakeItems(st);
   std::atomic<int64_t> next{0};
-  jaxserve::RunOnPool(pool, num_threads, static_cast<int64_t>(items.size()), [&] { RunAll(st, items, next); });
+  jaxserve::RunOnPool(pool, num_threads, static_cast<int64_t>(items.size()), [&](bool) { RunAll(st, items, next); });
   return ffi::Error::Success();
 }
 

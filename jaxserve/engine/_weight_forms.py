@@ -1,0 +1,99 @@
+"""Chooses the form of each Dense kernel the engine runs (dense, packed, N:M, bitmask) and registers the native kernels for them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve import weights
+from jaxserve.weights import BitmaskSparse, NMSparse, PackedDense
+
+SPARSE_MODES = ("auto", "off")
+
+
+def _cpu_ok(x: jax.Array, w: Any) -> bool:
+  from jaxserve.engine import _cpu_kernels
+  return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and _cpu_kernels.available())
+
+
+def _packed_cpu(x: jax.Array, w: PackedDense) -> jax.Array | None:
+  from jaxserve.engine import _cpu_kernels
+  return _cpu_kernels.packed_matmul(x, w.panels.reshape(w.shape)) if _cpu_ok(x, w) else None
+
+
+def _nm_cpu(x: jax.Array, w: NMSparse) -> jax.Array | None:
+  from jaxserve.engine import _cpu_kernels
+  if w.panel != weights.DEFAULT_PANEL or not _cpu_ok(x, w):
+    return None
+  return _cpu_kernels.nm_matmul(x, w.values, w.meta, n=w.n, m=w.m, n_out=w.shape[1])
+
+
+def _bitmask_cpu(x: jax.Array, w: BitmaskSparse) -> jax.Array | None:
+  from jaxserve.engine import _cpu_kernels
+  if not _cpu_ok(x, w):
+    return None
+  return _cpu_kernels.bitmask_matmul(x, w.bits, w.values, w.offsets, n_out=w.shape[1])
+
+
+def register_cpu_kernels() -> None:
+  """Lets :func:`jaxserve.weights.matmul` run typed leaves on the C++ CPU kernels (idempotent)."""
+  weights.register_kernel(PackedDense, _packed_cpu)
+  weights.register_kernel(NMSparse, _nm_cpu)
+  weights.register_kernel(BitmaskSparse, _bitmask_cpu)
+
+
+def _is_dense_kernel(path: tuple, x: Any) -> bool:
+  return getattr(path[-1], "key", None) == "kernel" and len(x.shape) == 2
+
+
+def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -> Any:
+  """The engine's parameters: each Dense kernel in the form it runs fastest in.
+
+  Args:
+    params: the model's parameters; kernels may be arrays or typed leaves (e.g. loaded compressed).
+    sparse: ``"auto"``: a kernel whose zeros (or stored compressed form) make an N:M or bitmask
+      form at most :data:`jaxserve.weights.MAX_BYTES_FRACTION` of its dense bytes runs compressed,
+      when ``native`` kernels exist for it; ``"off"``: every kernel runs dense.
+    native: the C++ CPU kernels run this model (float32 on the CPU): dense kernels with ``N % 16 == 0``
+      are packed, sparse ones kept compressed. False: plain arrays only (XLA, GPU, sharded).
+
+  Returns:
+    The parameters with no dense copy of a kernel kept beside its compressed or packed form.
+  """
+  if sparse not in SPARSE_MODES:
+    raise ValueError(f"sparse_weights must be one of {SPARSE_MODES}, got {sparse!r}")
+  if native:
+    register_cpu_kernels()
+
+  def one(path, x):
+    if not weights.is_typed(x) and not _is_dense_kernel(path, x):
+      return x
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if isinstance(x, PackedDense):
+      x = x.to_dense()
+    if sparse == "auto" and native and x.dtype == jnp.float32:
+      if not weights.is_typed(x):
+        x = weights.compress(x, name=name)
+      if isinstance(x, NMSparse) and x.panel != weights.DEFAULT_PANEL:
+        x = NMSparse.compress(x.to_dense(), x.mask(), n=x.n, m=x.m, name=name)
+    elif weights.is_typed(x):
+      x = x.to_dense()
+    if native and not weights.is_typed(x) and x.dtype == jnp.float32 and PackedDense.packable(x.shape):
+      x = PackedDense.pack(x)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=weights.is_typed)
+
+
+def weight_formats(params: Any) -> dict[str, int]:
+  """How many Dense kernels run in each form: ``{"dense": 3, "packed": 40, "2:4": 56, "bitmask": 0}``."""
+  def kind(x):
+    if isinstance(x, NMSparse):
+      return f"{x.n}:{x.m}"
+    return {PackedDense: "packed", BitmaskSparse: "bitmask"}.get(type(x), "dense")
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_typed)[0]
+  return dict(Counter(kind(x) for path, x in flat if weights.is_typed(x) or _is_dense_kernel(path, x)))
