@@ -10,7 +10,7 @@ Part 2 (the issue's reference protocol): 20% of the MLP channels only, 10 window
 Taylor param_first and param_second over four calibration draws, random over four seeds, l2.
 Part 3 (throughput): jaxserve ``LLM`` decode throughput, dense vs pruned (25% of the block
 parameters), same engine settings and workload (64 requests of 8 prompt tokens and 128 greedy
-output tokens, ignore_eos; dense and pruned run in turns, best of 3), on stories260K and on the engine issue's 8-layer random LLaMA
+output tokens, ignore_eos; dense and pruned run in turns, median of 5), on stories260K and on the engine issue's 8-layer random LLaMA
 (hidden 512, MLP 1408, 8 heads, 4 KV heads, vocab 8192, saved by transformers, torch seed 0).
 
 Run: ``.venv/bin/python benchmarks/structured.py`` (``--part perplexity|reference|throughput``,
@@ -107,12 +107,13 @@ def part_reference(m: LoadedModel, calib_ids: np.ndarray, eval_ids: list[int]) -
   return out
 
 
-def _decode_throughput(models: list[LoadedModel], rounds: int = 3) -> list[tuple[float, float]]:
-  """(output tokens per wall second, per CPU second) of each model on 64 requests x (8 -> 128 greedy tokens).
+def _decode_throughput(models: list[LoadedModel], rounds: int = 5) -> list[tuple[list[float], list[float]]]:
+  """(output tokens per wall second, per CPU second) of each model on 64 requests x (8 -> 128 greedy tokens), per round.
 
-  Same engine settings for every model; after a warmup (compilation) the models run in turns,
-  ``rounds`` times, and the best round of each counts (turns spread the noise of a shared machine;
-  tokens per CPU second of this process are less sensitive to other processes than wall time).
+  Same engine settings for every model; after a warmup (compilation) the models run in turns
+  (dense, pruned, dense, ...), ``rounds`` times; the median round counts (turns spread the noise
+  of a shared machine; tokens per CPU second of this process are less sensitive to other
+  processes than wall time).
   """
   from jaxserve.engine import LLM, SamplingParams
   rng = np.random.default_rng(0)
@@ -122,14 +123,15 @@ def _decode_throughput(models: list[LoadedModel], rounds: int = 3) -> list[tuple
               num_kv_blocks=64 * 9, enable_prefix_caching=False, seed=0) for m in models]
   for llm in llms:
     llm.generate(prompts, sp, use_tqdm=False)  # compile
-  wall, cpu = [0.0] * len(llms), [0.0] * len(llms)
+  wall, cpu = [[] for _ in llms], [[] for _ in llms]
   for _ in range(rounds):
     for i, llm in enumerate(llms):
       t, c = time.perf_counter(), time.process_time()
       outs = llm.generate(prompts, sp, use_tqdm=False)
       dt, dc = time.perf_counter() - t, time.process_time() - c
       n = sum(len(o.outputs[0].token_ids) for o in outs)
-      wall[i], cpu[i] = max(wall[i], n / dt), max(cpu[i], n / dc)
+      wall[i].append(n / dt)
+      cpu[i].append(n / dc)
   return list(zip(wall, cpu))
 
 
@@ -153,8 +155,10 @@ def part_throughput(m: LoadedModel) -> list[dict]:
     for name, model in (("stories260K", m), ("8-layer LLaMA (engine benchmark)", None)):
       model = model or _bench_model(tmp)
       res = prune_structured(model.params, model.cfg, StructuredConfig(ratio=0.25, importance=Importance(kind="l2")))
-      (dense_tps, dense_cpu), (pruned_tps, pruned_cpu) = _decode_throughput(
+      (dense_runs, dense_cpu_runs), (pruned_runs, pruned_cpu_runs) = _decode_throughput(
           [model, LoadedModel(res.cfg, res.params, model.tokenizer)])
+      dense_tps, dense_cpu, pruned_tps, pruned_cpu = map(float, map(np.median, (
+          dense_runs, dense_cpu_runs, pruned_runs, pruned_cpu_runs)))
       row = {"model": name, "parameters_dense": count_parameters(model.params),
              "parameters_pruned": count_parameters(res.params),
              "block_removed_fraction": res.report["block_removed_fraction"],
@@ -162,7 +166,10 @@ def part_throughput(m: LoadedModel) -> list[dict]:
              "intermediate_size": f"{model.cfg.intermediate_size}->{res.cfg.intermediate_size}",
              "dense_tokens_per_s": dense_tps, "pruned_tokens_per_s": pruned_tps, "speedup": pruned_tps / dense_tps,
              "dense_tokens_per_cpu_s": dense_cpu, "pruned_tokens_per_cpu_s": pruned_cpu,
-             "speedup_cpu_time": pruned_cpu / dense_cpu}
+             "speedup_cpu_time": pruned_cpu / dense_cpu, "rounds": len(dense_runs),
+             "dense_tokens_per_s_runs": dense_runs, "pruned_tokens_per_s_runs": pruned_runs,
+             "dense_tokens_per_cpu_s_runs": dense_cpu_runs, "pruned_tokens_per_cpu_s_runs": pruned_cpu_runs,
+             "loadavg": os.getloadavg()}
       rows.append(row)
       print(f"| {name} | {row['parameters_dense']:,} | {row['parameters_pruned']:,} | {row['kv_heads']} | "
             f"{row['intermediate_size']} | {dense_tps:.0f} | {pruned_tps:.0f} | {row['speedup']:.2f}x | "
