@@ -108,6 +108,17 @@ def _index_bits(m: int) -> int:
   return 2 if m <= 4 else 4
 
 
+def _with_mask(w, mask, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(w, mask)`` as host arrays, checked: a 2-D ``[in, out]`` kernel and a mask of its shape (default: its nonzeros)."""
+  w = np.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"{name}: only 2-D [in, out] kernels compress, got shape {w.shape}")
+  mask = (w != 0) if mask is None else np.asarray(mask, bool)
+  if mask.shape != w.shape:
+    raise ValueError(f"{name}: mask shape {mask.shape} differs from the weight's {w.shape}")
+  return w, mask
+
+
 def _panels(n_cols: int, panel: int) -> int:
   return -(-n_cols // panel)
 
@@ -139,12 +150,7 @@ class NMSparse(_Leaf):
     naming ``name`` and the first bad group otherwise, or when ``K % m != 0``.
     """
     cls.check_pattern(n, m, panel)
-    w = np.asarray(w)
-    if w.ndim != 2:
-      raise ValueError(f"{name}: an N:M kernel must be 2-D [in, out], got shape {w.shape}")
-    mask = (w != 0) if mask is None else np.asarray(mask, bool)
-    if mask.shape != w.shape:
-      raise ValueError(f"{name}: mask shape {mask.shape} differs from the weight's {w.shape}")
+    w, mask = _with_mask(w, mask, name)
     k, cols = w.shape
     if k % m:
       raise ValueError(f"{name}: the input dimension {k} is not a multiple of m={m}; {n}:{m} needs K % {m} == 0")
@@ -212,12 +218,7 @@ class BitmaskSparse(_Leaf):
   @classmethod
   def compress(cls, w, mask=None, *, name: str = "weight") -> BitmaskSparse:
     """Compresses ``w`` ``[K, N]`` keeping the entries of ``mask`` (default: the nonzeros of ``w``)."""
-    w = np.asarray(w)
-    if w.ndim != 2:
-      raise ValueError(f"{name}: a bitmask kernel must be 2-D [in, out], got shape {w.shape}")
-    mask = (w != 0) if mask is None else np.asarray(mask, bool)
-    if mask.shape != w.shape:
-      raise ValueError(f"{name}: mask shape {mask.shape} differs from the weight's {w.shape}")
+    w, mask = _with_mask(w, mask, name)
     k, cols = w.shape
     num_panels = _panels(cols, BITMASK_PANEL)
     pad = num_panels * BITMASK_PANEL - cols
@@ -355,10 +356,7 @@ def compress(w, mask=None, *, formats: tuple[str, ...] = ("nm", "bitmask"), max_
   because the kernels' decoding work would eat the gain of reading fewer bytes); N:M is preferred
   to a bitmask unless the bitmask is over 10% smaller. Dense ``w`` comes back as a masked array.
   """
-  w_np = np.asarray(w)
-  mask_np = (w_np != 0) if mask is None else np.asarray(mask, bool)
-  if w_np.ndim != 2:
-    raise ValueError(f"{name}: only 2-D [in, out] kernels compress, got shape {w_np.shape}")
+  w_np, mask_np = _with_mask(w, mask, name)
   options = compressed_bytes(mask_np, w_np.dtype.itemsize, exact_mask)
   dense_bytes = options["dense"][0]
   allowed = {key: v for key, v in options.items()
