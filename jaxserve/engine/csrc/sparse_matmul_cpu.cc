@@ -273,6 +273,20 @@ constexpr int64_t kAhead = 16;  // slot rows (N:M) or k (bitmask) prefetched ahe
 
 // Panels per item for a tile of R rows: enough independent accumulators to hide the FMA latency.
 constexpr int PanelsFor(int r) { return r <= 3 ? 4 : 2; }
+// Up to this many panels, a call of up to 3 rows takes items of one panel (and more accumulator
+// chains): 4-panel items left too few items to balance between threads. Measured on a 2-core VM,
+// 2 threads, weights from L3 (medians): 2:4 1408 x 512 at M = 1 took 42-47 us with 4-panel
+// items, 35-38 us with 1-panel items; 512 x 1408 (88 panels) was 2-4 us slower with 1-panel
+// items, so it keeps 4.
+constexpr int64_t kSinglePanelItems = 32;
+// Independent accumulator chains per (row, panel): R * Q * chains >= 4 (the FMA latency).
+constexpr int ChainsFor(int r, int q) { return r * q >= 3 ? 1 : 4 / (r * q); }
+
+// Panels per decoded item of a call.
+inline int64_t ItemPanels(int64_t m_dim, int64_t panels) {
+  const int per_item = PanelsFor(static_cast<int>(std::min<int64_t>(m_dim, 8)));
+  return m_dim <= 3 && panels <= kSinglePanelItems ? 1 : per_item;
+}
 
 inline void StorePanel(float* out, __m512 v, int64_t n0, int64_t n_dim) {
   if (n0 + kP <= n_dim) {
@@ -286,9 +300,11 @@ inline void StorePanel(float* out, __m512 v, int64_t n0, int64_t n_dim) {
 template <int B, int R, int Q>
 void NmTile(const NmWeights& f, const float* x, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t r0,
             int64_t p0) {
-  __m512 acc[R][Q];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < Q; ++q) acc[r][q] = _mm512_setzero_ps();
+  constexpr int A = ChainsFor(R, Q);
+  __m512 acc[A][R][Q];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) acc[a][r][q] = _mm512_setzero_ps();
   const int64_t n = f.n, m = f.m, groups = k_dim / m;
   const float* vals[Q];
   const uint32_t* meta[Q];
@@ -298,7 +314,8 @@ void NmTile(const NmWeights& f, const float* x, float* out, int64_t m_dim, int64
   }
   const float* xr = x + r0 * k_dim;
   const __mmask16 xmask = static_cast<__mmask16>((1u << m) - 1);
-  auto group = [&](int64_t g, auto masked) {
+  auto group = [&](int64_t g, auto masked, auto chain) {
+    constexpr int a = decltype(chain)::value;
     __m512 xg[R];
     for (int r = 0; r < R; ++r) xg[r] = NmGroup<B, decltype(masked)::value>(xr + r * k_dim + g * m, xmask);
     for (int64_t s = g * n; s < g * n + n; ++s) {
@@ -306,7 +323,8 @@ void NmTile(const NmWeights& f, const float* x, float* out, int64_t m_dim, int64
         __builtin_prefetch(vals[q] + (s + kAhead) * kP, 0, 3);
         const __m512i idx = NmIndices<B>(meta[q] + s * B / 2);
         const __m512 v = _mm512_loadu_ps(vals[q] + s * kP);
-        for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, xg[r]), v, acc[r][q]);
+        for (int r = 0; r < R; ++r)
+          acc[a][r][q] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, xg[r]), v, acc[a][r][q]);
       }
     }
   };
@@ -315,19 +333,30 @@ void NmTile(const NmWeights& f, const float* x, float* out, int64_t m_dim, int64
   const int64_t room = (m_dim - r0 - R + 1) * k_dim - width;
   const int64_t safe = room < 0 ? 0 : std::min(groups, room / m + 1);
   int64_t g = 0;
-  for (; g < safe; ++g) group(g, std::false_type{});
-  for (; g < groups; ++g) group(g, std::true_type{});
+  for (; g + A <= safe; g += A) {
+    group(g, std::false_type{}, std::integral_constant<int, 0>{});
+    if constexpr (A > 1) group(g + 1, std::false_type{}, std::integral_constant<int, 1 % A>{});
+    if constexpr (A > 2) group(g + 2, std::false_type{}, std::integral_constant<int, 2 % A>{});
+    if constexpr (A > 3) group(g + 3, std::false_type{}, std::integral_constant<int, 3 % A>{});
+  }
+  for (; g < safe; ++g) group(g, std::false_type{}, std::integral_constant<int, 0>{});
+  for (; g < groups; ++g) group(g, std::true_type{}, std::integral_constant<int, 0>{});
+  for (int a = 1; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) acc[0][r][q] = _mm512_add_ps(acc[0][r][q], acc[a][r][q]);
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < Q; ++q) StorePanel(out + (r0 + r) * n_dim, acc[r][q], (p0 + q) * kP, n_dim);
+    for (int q = 0; q < Q; ++q) StorePanel(out + (r0 + r) * n_dim, acc[0][r][q], (p0 + q) * kP, n_dim);
 }
 
 // out[r0 : r0 + R, panels p0 .. p0 + Q - 1] from bitmask weights; returns each panel's end cursor.
 template <int R, int Q>
 void BitmaskTile(const BitmaskWeights& f, const float* x, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim,
                  int64_t r0, int64_t p0, int64_t* end_cursor) {
-  __m512 acc[R][Q];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < Q; ++q) acc[r][q] = _mm512_setzero_ps();
+  constexpr int A = ChainsFor(R, Q);
+  __m512 acc[A][R][Q];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) acc[a][r][q] = _mm512_setzero_ps();
   const float* cur[Q];
   const uint16_t* bits[Q];
   for (int q = 0; q < Q; ++q) {
@@ -335,17 +364,29 @@ void BitmaskTile(const BitmaskWeights& f, const float* x, float* out, int64_t m_
     bits[q] = f.bits + (p0 + q) * k_dim;
   }
   const float* xr = x + r0 * k_dim;
-  for (int64_t k = 0; k < k_dim; ++k) {
+  auto row = [&](int64_t k, auto chain) {
+    constexpr int a = decltype(chain)::value;
     __m512 xb[R];
     for (int r = 0; r < R; ++r) xb[r] = _mm512_set1_ps(xr[r * k_dim + k]);
     for (int q = 0; q < Q; ++q) {
       const __m512 v = ExpandRow(bits[q] + k, cur[q]);
       __builtin_prefetch(cur[q] + kAhead * kP, 0, 3);
-      for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(xb[r], v, acc[r][q]);
+      for (int r = 0; r < R; ++r) acc[a][r][q] = _mm512_fmadd_ps(xb[r], v, acc[a][r][q]);
     }
+  };
+  int64_t k = 0;
+  for (; k + A <= k_dim; k += A) {
+    row(k, std::integral_constant<int, 0>{});
+    if constexpr (A > 1) row(k + 1, std::integral_constant<int, 1 % A>{});
+    if constexpr (A > 2) row(k + 2, std::integral_constant<int, 2 % A>{});
+    if constexpr (A > 3) row(k + 3, std::integral_constant<int, 3 % A>{});
   }
+  for (; k < k_dim; ++k) row(k, std::integral_constant<int, 0>{});
+  for (int a = 1; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) acc[0][r][q] = _mm512_add_ps(acc[0][r][q], acc[a][r][q]);
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < Q; ++q) StorePanel(out + (r0 + r) * n_dim, acc[r][q], (p0 + q) * kP, n_dim);
+    for (int q = 0; q < Q; ++q) StorePanel(out + (r0 + r) * n_dim, acc[0][r][q], (p0 + q) * kP, n_dim);
   for (int q = 0; q < Q; ++q) end_cursor[q] = cur[q] - f.values;
 }
 
@@ -393,11 +434,11 @@ void DecodedRows(const F& f, const float* x, float* out, int64_t m_dim, int64_t 
   }
 }
 
-// Items of PanelsFor(rows of the first tile) panels; tiles of up to 8 rows.
+// Items of ItemPanels panels; tiles of up to 8 rows.
 template <class F>
 void RunDecodedItems(const F& f, const float* x, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim,
                      int64_t* end_cursor, jaxserve::Items& items, bool front) {
-  const int64_t panels = CeilDiv(n_dim, kP), per_item = PanelsFor(static_cast<int>(std::min<int64_t>(m_dim, 8)));
+  const int64_t panels = CeilDiv(n_dim, kP), per_item = ItemPanels(m_dim, panels);
   for (int64_t i = items.Next(front); i >= 0; i = items.Next(front)) {
     const int64_t p0 = i * per_item, q = std::min(per_item, panels - p0);
     for (int64_t r0 = 0; r0 < m_dim; r0 += 8) {
@@ -429,7 +470,7 @@ bool Run(ffi::ThreadPool& pool, const F& f, const float* x, float* out, int64_t 
   }
 #if defined(__AVX512F__)
   if (m_dim < F::kExpandRows) {
-    const int64_t count = CeilDiv(panels, PanelsFor(static_cast<int>(std::min<int64_t>(m_dim, 8))));
+    const int64_t count = CeilDiv(panels, ItemPanels(m_dim, panels));
     jaxserve::Items items(count);
     auto run = [&](bool caller) { RunDecodedItems(f, x, out, m_dim, k_dim, n_dim, end_cursor, items, caller); };
     jaxserve::RunOnPool(pool, num_threads, count, run);
