@@ -13,7 +13,9 @@ Figures, every variant in the same process, measured in turns (variant A, B, C, 
 * decode step time at batch 1 and 8: ``llm.step()`` wall time of decode-only steps (16-token
   prompts, greedy, ignore_eos), median over ``--steps`` steps in each of ``--repeats`` turns;
 * the 64-request serving workload of ``benchmarks/serving.py``: output tok/s, median of
-  ``--repeats`` passes after a warm-up pass; greedy tokens compared with the same model run dense.
+  ``--repeats`` passes after a warm-up pass; greedy tokens compared with the same model run dense;
+* the decode step of the same model without its blocks (embedding, norm, LM head, sampling, the
+  step's fixed work): the part of a step that pruning the blocks cannot shrink.
 
 Usage: ``.venv/bin/python benchmarks/sparse_serving.py`` (``--quick`` for a short check). Prints a
 table and writes ``benchmarks/results/sparse_serving.json`` with the CPU model and load average.
@@ -155,6 +157,21 @@ def main() -> None:
         rows[name]["serve_s"].append(elapsed)
         rows[name]["tokens"] = tokens
       print(f"turn {turn + 1}/{args.repeats} done", flush=True)
+    # the part of a step no pruning of the blocks can shrink: the same model with no blocks
+    # (embedding, final norm, LM head, sampling, the step's fixed work)
+    from jaxserve.loaders import LoadedModel, load_model
+    m = load_model(model_dir)
+    head = LoadedModel(m.cfg.replace(num_layers=0), {k: v for k, v in m.params.items() if not k.startswith("layers_")},
+                       None)
+    del m
+    no_blocks = LLM(head, num_kv_blocks=256, **kv)  # a model with no layers has no KV bytes to size a pool by
+    for b in (1, 8):
+      decode_steps(no_blocks, b, 4, seed=99)
+    res["no_blocks_step_b1_ms"] = float(np.median(sum((decode_steps(no_blocks, 1, args.steps, seed=t)
+                                                       for t in range(args.repeats)), []))) * 1e3
+    res["no_blocks_step_b8_ms"] = float(np.median(sum((decode_steps(no_blocks, 8, args.steps, seed=t)
+                                                       for t in range(args.repeats)), []))) * 1e3
+    del no_blocks
     # the same pruned weights run dense: the tokens the sparse kernels must reproduce
     for name in VARIANTS[1:]:
       off = LLM(dirs[name], sparse_weights="off", **kv)
@@ -187,6 +204,10 @@ def main() -> None:
           f"{r['disk_bytes_vs_dense']:.3f}x | {r['step_b1_ms']:.2f} ({r['speedup_b1']:.2f}x) | "
           f"{r['step_b8_ms']:.2f} ({r['speedup_b8']:.2f}x) | {r['tok_s']:.0f} ({r['speedup_serving']:.2f}x) | "
           f"{r.get('same_tokens_as_dense_run', '-')} |")
+  for b in (1, 8):
+    fixed = res[f"no_blocks_step_b{b}_ms"]
+    print(f"batch {b}: the model without its blocks steps in {fixed:.2f} ms; the blocks alone: "
+          + ", ".join(f"{name} {r[f'step_b{b}_ms'] - fixed:.2f} ms" for name, r in rows.items()))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(res, f, indent=2)
