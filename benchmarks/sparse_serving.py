@@ -38,19 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import MAX_MODEL_LEN, make_model, make_workload  # noqa: E402
+from benchmarks.sparse_matmul_cpu import cpu_model  # noqa: E402
 
 VARIANTS = ("dense", "2:4", "50%", "70%")
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def save_variants(model_dir: str, out_root: str) -> dict[str, str]:

@@ -373,7 +373,7 @@ def save_native(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Token
   def record(path, x):
     if not weights.is_typed(x):
       return x
-    arrays, specs[_path_str(path)] = weights.to_record(x)
+    arrays, specs[weights.path_name(path)] = weights.to_record(x)
     return arrays
   tree = jax.tree_util.tree_map_with_path(record, params, is_leaf=weights.is_typed)
   with ocp.PyTreeCheckpointer() as ckpt:
@@ -384,10 +384,6 @@ def save_native(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Token
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
-
-
-def _path_str(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def load_native(path: str, dtype: str | None = None) -> LoadedModel:
@@ -403,7 +399,7 @@ def load_native(path: str, dtype: str | None = None) -> LoadedModel:
   specs = meta.get("weights") or {}
 
   def like(keypath, s):  # typed kernels restore as their arrays, rebuilt below
-    spec = specs.get(_path_str(keypath))
+    spec = specs.get(weights.path_name(keypath))
     if spec is None:
       return np.zeros(s.shape, np.float32)
     return {k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in spec["arrays"].items()}

@@ -259,6 +259,11 @@ Typed = PackedDense | NMSparse | BitmaskSparse
 _KERNELS: dict[type, list[Callable[[Array, Any], Array | None]]] = {t: [] for t in TYPES}
 
 
+def path_name(path: tuple) -> str:
+  """A JAX key path as ``"layers_0/mlp/up_proj/kernel"`` (the name errors and checkpoints use)."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def is_typed(x: Any) -> bool:
   """Whether ``x`` is a typed weight leaf (use as ``is_leaf`` to keep them whole in tree maps)."""
   return isinstance(x, TYPES)
@@ -402,7 +407,7 @@ def compress_params(params: Any, masks: Any = None, **kwargs) -> Any:
   default: every kernel, keeping its nonzeros. ``kwargs`` go to :func:`compress`.
   """
   def one(path, x, m=True):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = path_name(path)
     if m is None or is_typed(x) or np.ndim(x) != 2 or getattr(path[-1], "key", None) != "kernel":
       return x
     return compress(x, None if m is True else m, name=name, **kwargs)

@@ -53,5 +53,7 @@ def test_model_with_packed_weights_matches_plain():
   jax.tree.map(np.testing.assert_array_equal, weights.densify(packed), params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 11)), jnp.int32)
   plain = forward(params, cfg, tokens).logits
-  fast = jax.jit(lambda p, t: forward(p, cfg, t).logits)(packed, tokens)
+  run = jax.jit(lambda p, t: forward(p, cfg, t).logits)
+  assert run.lower(packed, tokens).as_text().count(_cpu_kernels.MATMUL_TARGET) >= 2 * 5 + 1  # every packed kernel
+  fast = run(packed, tokens)
   np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)

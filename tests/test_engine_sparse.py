@@ -49,7 +49,10 @@ def test_native_forward_logits_match_dense(pruned):
   forms = weight_formats(native)
   assert forms.get("bitmask" if "%" in pattern else pattern, 0) == 2 * 7, forms  # every block kernel
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 21)), jnp.int32)
-  got = jax.jit(lambda p, t: forward(p, cfg, t).logits)(native, tokens)
+  run = jax.jit(lambda p, t: forward(p, cfg, t).logits)
+  target = _cpu_kernels.BITMASK_MATMUL_TARGET if "%" in pattern else _cpu_kernels.NM_MATMUL_TARGET
+  assert target in run.lower(native, tokens).as_text()  # the native kernel runs, not the dense expansion
+  got = run(native, tokens)
   want = jax.jit(lambda p, t: forward(p, cfg, t).logits)(params, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 

@@ -72,7 +72,7 @@ def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -
   def one(path, x):
     if not weights.is_typed(x) and not _is_dense_kernel(path, x):
       return x
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = weights.path_name(path)
     if isinstance(x, PackedDense):
       x = x.to_dense()
     if sparse == "auto" and native and x.dtype == jnp.float32:
