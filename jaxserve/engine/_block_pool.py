@@ -9,6 +9,19 @@ from typing import Iterable, Sequence
 NULL_BLOCK_ID = 0  # never handed out: padded block-table entries and padding tokens point here
 
 
+class BlockAccountingError(RuntimeError):
+  """The KV block bookkeeping is inconsistent (an engine bug).
+
+  Raised, never ``assert``ed, so that the checks survive ``python -O``.
+  """
+
+
+def check(condition: bool, message: str) -> None:
+  """Raises :class:`BlockAccountingError` with ``message`` unless ``condition`` holds."""
+  if not condition:
+    raise BlockAccountingError(message)
+
+
 class KVBlock:
   """One block of the pool: its id, reference count, prefix hash and free-queue links."""
 
@@ -41,7 +54,7 @@ class FreeBlockQueue:
 
   def append(self, block: KVBlock) -> None:
     if block.prev_free is not None or block.next_free is not None:
-      raise AssertionError(f"{block} is already in the free queue")
+      raise BlockAccountingError(f"{block} is already in the free queue")
     last = self._tail.prev_free
     last.next_free, block.prev_free = block, last
     block.next_free, self._tail.prev_free = self._tail, block
@@ -56,7 +69,7 @@ class FreeBlockQueue:
 
   def remove(self, block: KVBlock) -> None:
     if block.prev_free is None or block.next_free is None:
-      raise AssertionError(f"{block} is not in the free queue")
+      raise BlockAccountingError(f"{block} is not in the free queue")
     block.prev_free.next_free = block.next_free
     block.next_free.prev_free = block.prev_free
     block.prev_free = block.next_free = None
@@ -133,7 +146,7 @@ class BlockPool:
     """Drops one reference per block; blocks reaching zero join the queue's tail in the given order."""
     for block in blocks:
       if block.ref_cnt <= 0:
-        raise AssertionError(f"freeing {block} whose ref_cnt is already {block.ref_cnt}")
+        raise BlockAccountingError(f"freeing {block} whose ref_cnt is already {block.ref_cnt}")
       block.ref_cnt -= 1
       if block.ref_cnt == 0:
         self.free_queue.append(block)
@@ -154,14 +167,14 @@ class BlockPool:
     self.cached.clear()
 
   def check_invariants(self) -> None:
-    """Raises AssertionError if the pool's bookkeeping is inconsistent."""
+    """Raises BlockAccountingError if the pool's bookkeeping is inconsistent."""
     null = self.blocks[NULL_BLOCK_ID]
-    assert null.ref_cnt == 0 and null.prev_free is None and null.block_hash is None, "null block was handed out"
+    check(null.ref_cnt == 0 and null.prev_free is None and null.block_hash is None, "null block was handed out")
     queued = [b.block_id for b in self.free_queue]
-    assert len(queued) == len(set(queued)) == self.free_queue.num_free, "a block is queued twice"
+    check(len(queued) == len(set(queued)) == self.free_queue.num_free, "a block is queued twice")
     for b in self.blocks[1:]:
-      assert b.ref_cnt >= 0, f"{b} has a negative ref_cnt"
-      assert (b.ref_cnt == 0) == (b.prev_free is not None), f"{b}: free-queue membership disagrees with ref_cnt"
+      check(b.ref_cnt >= 0, f"{b} has a negative ref_cnt")
+      check((b.ref_cnt == 0) == (b.prev_free is not None), f"{b}: free-queue membership disagrees with ref_cnt")
     for h, b in self.cached.items():
-      assert b.block_hash == h, f"{b} is cached under a hash it does not carry"
-    assert sum(b.block_hash is not None for b in self.blocks) == len(self.cached), "stale block hashes"
+      check(b.block_hash == h, f"{b} is cached under a hash it does not carry")
+    check(sum(b.block_hash is not None for b in self.blocks) == len(self.cached), "stale block hashes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from jaxserve.engine._block_pool import BlockPool, KVBlock, hash_block_tokens
+from jaxserve.engine._block_pool import BlockAccountingError, BlockPool, KVBlock, check, hash_block_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ class KVCacheManager:
     """
     table = self._tables.get(seq_id, [])
     if prefix.blocks and table:
-      raise AssertionError(f"sequence {seq_id} already has blocks; prefix hits are for new sequences")
+      raise BlockAccountingError(f"sequence {seq_id} already has blocks; prefix hits are for new sequences")
     bs = self.block_size
     num_new_blocks = max(0, cdiv(num_computed_tokens + num_new_tokens, bs) - len(table) - len(prefix.blocks))
     write = num_computed_tokens // bs  # block receiving the first new token
@@ -144,7 +144,7 @@ class KVCacheManager:
   def fork(self, parent_id: int, child_id: int) -> None:
     """The child starts with the parent's blocks (one more reference each); writes copy-on-write."""
     if child_id in self._tables:
-      raise AssertionError(f"sequence {child_id} already has blocks")
+      raise BlockAccountingError(f"sequence {child_id} already has blocks")
     table = self._tables.get(parent_id, [])
     self.pool.touch(table)
     self._tables[child_id] = list(table)
@@ -180,4 +180,4 @@ class KVCacheManager:
       for b in table:
         counts[b.block_id] = counts.get(b.block_id, 0) + 1
     for b in self.pool.blocks:
-      assert b.ref_cnt == counts.get(b.block_id, 0), f"{b}: {counts.get(b.block_id, 0)} tables hold it"
+      check(b.ref_cnt == counts.get(b.block_id, 0), f"{b}: {counts.get(b.block_id, 0)} tables hold it")
