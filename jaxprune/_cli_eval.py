@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from jaxserve._cli_args import add_model_args
+from jaxserve.cli_args import add_model_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from jaxserve._cli_args import add_model_args
+from jaxserve.cli_args import add_model_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from jaxserve._cli_args import add_model_args
+from jaxserve.cli_args import add_model_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,10 @@
 """Layer-by-layer pruning of a model: each block sees calibration inputs from the already-pruned blocks before it.
 
-Inside a block the linears are pruned in execution order ("true sequential"): q/k/v, then
-o (its inputs recomputed with the pruned q/k/v), then gate/up, then down. Their inputs are
-captured by intercepting the model's ``Linear`` calls, so the model code is used as is.
+With ``true_sequential`` the linears inside a block are pruned in execution order: q/k/v, then
+o (its inputs recomputed with the pruned q/k/v), then gate/up, then down; without it all four
+groups see the inputs of one pass over the unpruned block (the reference SparseGPT and Wanda).
+Blocks run through the model's public per-block API (:func:`jaxserve.model.embed`,
+:func:`jaxserve.model.block_forward` with ``return_linear_inputs``), so the model code is used as is.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
@@ -38,25 +39,13 @@ def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer
     sharing an input (``"self_attn/q_proj"``, ``"self_attn/o_proj"``, ``"mlp/gate_proj"``,
     ``"mlp/down_proj"``).
   """
+  out = model_lib.block_forward(block_params, cfg, layer, x, return_linear_inputs=capture)
   grams = {}
-  heads = {group[0] for group in GROUPS}
-
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if capture and context.method_name == "__call__" and isinstance(mod, model_lib.Linear):
-      name = "/".join(mod.path[-2:])
-      if name in heads:
-        xin = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
-        grams[name] = jnp.matmul(xin.T, xin, precision=jax.lax.Precision.HIGHEST)
-    return next_fun(*args, **kwargs)
-
-  b, t, _ = x.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  cos, sin = model_lib.rope_tables(cfg, positions)
-  block = model_lib.Block(cfg, layer, model_lib.default_attention(cfg))
-  with nn.intercept_methods(interceptor):
-    y, _ = block.apply({"params": block_params}, x, cos, sin, None, {"positions": positions})
-  return y, grams
+  for name in (group[0] for group in GROUPS) if capture else ():
+    xin = out.linear_inputs[name]
+    xin = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)
+    grams[name] = jnp.matmul(xin.T, xin, precision=jax.lax.Precision.HIGHEST)
+  return out.hidden, grams
 
 
 def block_grams(block_params: PyTree, xs: list[jax.Array], *, cfg: ModelConfig, layer: int) -> dict[str, jax.Array]:
@@ -70,7 +59,7 @@ def block_grams(block_params: PyTree, xs: list[jax.Array], *, cfg: ModelConfig, 
 
 def embed_inputs(params: PyTree, cfg: ModelConfig, tokens: Any, batch_size: int) -> list[jax.Array]:
   """Hidden states entering block 0 for each batch of calibration token windows."""
-  fwd = jax.jit(lambda p, t: model_lib.forward(p, cfg, t, return_layer_inputs=True).layer_inputs[0])
+  fwd = jax.jit(lambda p, t: model_lib.embed(p, cfg, t))
   return [fwd(params, jnp.asarray(tokens[i:i + batch_size])) for i in range(0, len(tokens), batch_size)]
 
 

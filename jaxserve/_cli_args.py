@@ -1,13 +1,7 @@
-"""Command-line arguments shared by the jaxserve and jaxprune subcommands."""
+"""Command-line arguments of the jaxserve subcommands; the shared ones live in :mod:`jaxserve.cli_args`."""
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401
 
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default=None,
-                 help="model: a llama2.c .bin file, a Hugging Face directory or a saved directory "
-                      "(default: the embedded stories260K)")
-  p.add_argument("--tokenizer", default=None, help="tokenizer path (default: found beside the model)")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+from jaxserve.cli_args import add_model_args  # noqa: F401  (the public home; kept for old importers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxserve._cli_args import add_model_args
+from jaxserve.cli_args import add_model_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,9 @@
 
 The parameters are a plain nested dict (Flax linen names mirroring Hugging Face):
 ``params['layers_0']['self_attn']['q_proj']['kernel']`` has shape ``[hidden, heads * head_dim]``
-(kernels are ``(in, out)``). ``forward`` runs the whole stack; the attention backend decides
+(kernels are ``(in, out)``). ``forward`` runs the whole stack; ``embed``, ``block_forward`` and
+``head`` run its three parts one at a time (``head(block_forward(...embed(tokens)...))`` equals
+``forward``'s logits), for tools that work block by block such as pruning. The attention backend decides
 whether keys and values come from the current tokens only (``CausalAttention``), from a
 contiguous per-sequence cache (``ContiguousKVCache``) or from a paged pool (``jaxserve.engine``).
 """
@@ -180,6 +182,7 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    self.sow("intermediates", "inputs", x)  # a no-op unless "intermediates" is mutable (block_forward)
     if self.has_variable("params", "kernel"):  # a typed leaf is not an array: no shape check against init
       kernel = self.get_variable("params", "kernel")
     else:
@@ -301,6 +304,83 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | 
     meta = {"positions": positions}
   return Llama(cfg, attn).apply({"params": params}, tokens, positions, kv, meta, logits_index,
                                             return_layer_inputs)
+
+
+class BlockOutput(NamedTuple):
+  hidden: Array  # [B, T, hidden] the block's output
+  kv: Any  # the layer's new cache state, as the backend keeps it (None for CausalAttention)
+  linear_inputs: dict[str, Array] | None  # {"self_attn/q_proj": x [B, T, in], ...}, with return_linear_inputs
+
+
+def _positions(tokens_or_x: Array, positions: Array | None) -> Array:
+  b, t = tokens_or_x.shape[:2]
+  if positions is None:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return jnp.asarray(positions, jnp.int32)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
+  """Hidden states entering block 0: the token embeddings ``[B, T, hidden]`` in ``cfg.dtype``.
+
+  Args:
+    params: the whole parameter pytree (only ``embed_tokens`` is read).
+    cfg: the model's configuration.
+    tokens: ``[B, T]`` int token ids.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  module = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype)
+  return module.apply({"params": params["embed_tokens"]}, jnp.asarray(tokens, jnp.int32))
+
+
+def block_forward(block_params: Params, cfg: ModelConfig, layer: int, x: Array, positions: Array | None = None, *,
+                  attn: AttentionBackend | None = None, layer_kv: Any = None, meta: Any = None,
+                  return_linear_inputs: bool = False) -> BlockOutput:
+  """Runs decoder block ``layer`` on hidden states, as :func:`forward` does inside the stack.
+
+  Args:
+    block_params: the block's parameters, ``params[f"layers_{layer}"]``.
+    cfg: the model's configuration.
+    layer: the block's index (its head counts and MLP size when the model is not uniform).
+    x: ``[B, T, hidden]`` hidden states entering the block.
+    positions: ``[B, T]`` int32 absolute positions; default ``arange(T)`` for every row.
+    attn: attention backend; default :class:`CausalAttention` with the config's sliding window.
+    layer_kv: this layer's cache state for ``attn`` (None for the cache-free causal backend).
+    meta: backend metadata; default ``{"positions": positions}``.
+    return_linear_inputs: also return the input of every linear layer of the block, keyed by
+      its path inside the block (``"self_attn/q_proj"``, ..., ``"mlp/down_proj"``).
+
+  Returns:
+    ``BlockOutput(hidden, kv, linear_inputs)``.
+  """
+  positions = _positions(x, positions)
+  cos, sin = rope_tables(cfg, positions)
+  meta = {"positions": positions} if meta is None else meta
+  block = Block(cfg, layer, attn or default_attention(cfg))
+  if not return_linear_inputs:
+    y, new_kv = block.apply({"params": block_params}, x, cos, sin, layer_kv, meta)
+    return BlockOutput(y, new_kv, None)
+  (y, new_kv), state = block.apply({"params": block_params}, x, cos, sin, layer_kv, meta, mutable=["intermediates"])
+  flat = jax.tree_util.tree_flatten_with_path(state["intermediates"], is_leaf=lambda v: isinstance(v, tuple))[0]
+  inputs = {weights.path_name(path[:-1]): value[0] for path, value in flat}
+  return BlockOutput(y, new_kv, inputs)
+
+
+def head(params: Params, cfg: ModelConfig, x: Array) -> Array:
+  """Logits ``[B, T, V]`` (float32) of the hidden states leaving the last block: final norm, then LM head.
+
+  Args:
+    params: the whole parameter pytree (reads ``norm`` and ``lm_head``, or ``embed_tokens`` when tied).
+    cfg: the model's configuration.
+    x: ``[B, T, hidden]`` hidden states.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+  if cfg.tie_word_embeddings:
+    module = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype)
+    logits = module.apply({"params": params["embed_tokens"]}, x, method=nn.Embed.attend)
+  else:
+    logits = Linear(cfg.vocab_size, dtype=dtype).apply({"params": params["lm_head"]}, x)
+  return logits.astype(jnp.float32)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
