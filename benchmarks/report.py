@@ -1,0 +1,397 @@
+"""Writes the README's figures from the committed results files (`benchmarks/results/*.json`).
+
+Usage:
+  python benchmarks/report.py            # rewrite the generated blocks of README.md in place
+  python benchmarks/report.py --check    # exit 1 (and print a diff) if README.md differs from the files
+
+Every table or sentence of figures in the README sits between `<!-- report:NAME -->` and
+`<!-- /report:NAME -->`; the text between is what the block function `NAME` below renders from the
+results files, so no figure in the README is typed by hand. `tests/test_readme_report.py` checks that
+the committed README equals what this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+_BLOCK = re.compile(r"(<!-- report:([a-z0-9-]+) -->\n)(.*?)(<!-- /report:\2 -->)", re.S)
+BLOCKS: dict[str, Callable[[], str]] = {}
+
+
+def block(fn: Callable[[], str]) -> Callable[[], str]:
+  """Registers ``fn`` as the renderer of the README block named like it (underscores -> hyphens)."""
+  BLOCKS[fn.__name__.replace("_", "-")] = fn
+  return fn
+
+
+def load(name: str) -> Any:
+  """The parsed results file ``benchmarks/results/NAME``."""
+  return json.loads((RESULTS / name).read_text())
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+  """A Markdown table."""
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def x(v: float, digits: int = 2) -> str:
+  """A ratio as ``1.23x``."""
+  return f"{v:.{digits}f}x"
+
+
+def pct(v: float, digits: int = 1) -> str:
+  return f"{100 * v:.{digits}f}%"
+
+
+def span(values: list[float], fmt: str = "{:.2f}") -> str:
+  """``lo-hi`` of ``values`` (one value when they agree at this precision)."""
+  lo, hi = fmt.format(min(values)), fmt.format(max(values))
+  return lo if lo == hi else f"{lo}-{hi}"
+
+
+def machine_line(m: dict[str, Any]) -> str:
+  """The machine a results file was measured on, from what it recorded."""
+  cpu = m.get("cpu") or "CPU model not recorded"
+  load = m.get("loadavg_at_start") or m.get("loadavg_before") or m.get("loadavg")
+  end = m.get("loadavg_at_end") or m.get("loadavg_after")
+  text = f"{cpu}, {m.get('cpus', m.get('cores', '?'))} cores"
+  if load:
+    text += f", load average {load[0]:.1f}" + (f" at the start, {end[0]:.1f} at the end" if end else "")
+  return text
+
+
+# Pruning ------------------------------------------------------------------------------------------
+
+
+@block
+def pruning() -> str:
+  d = load("pruning.json")
+  by = {(r["method"], r["target"]): r for r in d["table"]}
+  methods = list(dict.fromkeys(r["method"] for r in d["table"]))
+  targets = ["50%", "2:4", "4:8"]
+  rows = [["dense", f"{d['dense']['perplexity']:.2f}", "", ""]]
+  for m in methods:
+    rows.append([m] + [f"{by[m, t]['perplexity']:.2f} ({by[m, t]['seconds']:.1f})" for t in targets])
+  head = f"Measured on {d['machine']}; the whole run took {d['total_seconds'] / 60:.0f} minutes.\n\n"
+  return head + table(["method", "50% ppl (s)", "2:4 ppl (s)", "4:8 ppl (s)"], rows)
+
+
+@block
+def pruning_notes() -> str:
+  d = load("pruning.json")
+  by = {(r["method"], r["target"]): r for r in d["table"]}
+  return (f"SparseGPT's and Wanda's increase over dense at 50% is {by['sparsegpt', '50%']['increase_vs_magnitude']:.2f} "
+          f"and {by['wanda', '50%']['increase_vs_magnitude']:.2f} of magnitude's; SparseGPT 2:4's is "
+          f"{by['sparsegpt', '2:4']['increase_vs_magnitude']:.2f} of magnitude 2:4's. At 4:8 the MLP down projections "
+          f"(172 inputs) stay dense, so the achieved sparsity is {by['sparsegpt', '4:8']['sparsity']:.3f}.\n")
+
+
+@block
+def recovery() -> str:
+  d = load("pruning.json")
+  r0 = d["recovery"][0]
+  head = (f"Recovery (masked fine-tuning on the train text, AdamW with cosine decay, {r0['steps']} steps of "
+          f"{r0['batch']} x {r0['seq_len']} tokens at learning rate {r0['lr']:g}, masks fixed):\n\n")
+  rows = [[f"{r['method']} {r['target']}", f"{r['perplexity_before']:.2f}", f"{r['perplexity']:.2f}",
+           f"{r['ratio_to_dense']:.3f}", r["pruned_weights_exactly_zero"]] for r in d["recovery"]]
+  return head + table(["model", "before", "after", "after / dense", "pruned weights exactly zero"], rows)
+
+
+@block
+def hutchinson() -> str:
+  h = load("pruning.json")["hutchinson_cost"]
+  vec = max(h["vectorized"], key=int)
+  return (f"Hutchinson's diagonal costs {h['vectorized'][vec]['per_probe']:.2f} gradient evaluations per probe "
+          f"(vectorised over {vec} probes; {h['sequential']['1']['per_probe']:.2f} with one probe, "
+          f"{h['sequential'][vec]['per_probe']:.2f} per probe for {vec} probes one at a time), measured against "
+          f"the time of one gradient ({1000 * h['grad_seconds']:.0f} ms).\n")
+
+
+@block
+def structured() -> str:
+  d = load("structured.json")["perplexity"]
+  rows, by = d["rows"], {}
+  for r in rows:
+    by.setdefault(r["importance"], {})[r["ratio"]] = r
+  ratios = sorted({r["ratio"] for r in rows})
+  best = {q: min(r["perplexity_pruned"] for r in rows if r["ratio"] == q) for q in ratios}
+  params = {q: next(r["parameters"] for r in rows if r["ratio"] == q) for q in ratios}
+
+  def cell(r: dict[str, Any]) -> str:
+    p = f"{r['perplexity_pruned']:.2f}"
+    return (f"**{p}**" if r["perplexity_pruned"] == best[r["ratio"]] else p) + f" -> {r['perplexity_recovered']:.2f}"
+
+  head = (f"Dense perplexity {d['dense']['perplexity']:.2f} with {d['dense']['parameters']:,} parameters; "
+          + ", ".join(f"{params[q]:,} left at {100 * q:.0f}%" for q in ratios) + ". Bold: the best pruned "
+          "perplexity at each ratio.\n\n")
+  return head + table(["importance"] + [f"{100 * q:.0f}%: pruned -> LoRA" for q in ratios],
+                      [[imp] + [cell(by[imp][q]) for q in ratios] for imp in by])
+
+
+@block
+def structured_reference() -> str:
+  ref = load("structured.json")["reference"]
+  parts = [f"{name} {span(v)}" + (f" over {len(v)} runs" if len(v) > 1 else "") for name, v in ref.items()]
+  return ("With the issue's reference protocol (20% of MLP channels, 10 windows of 64 tokens; calibration "
+          "draws or seeds varied): " + ", ".join(parts) + ".\n")
+
+
+@block
+def structured_throughput() -> str:
+  d = load("structured_throughput.json")
+  rows = [[r["model"], f"{r['dense_tokens_per_s']:.0f}", f"{r['pruned_tokens_per_s']:.0f}", x(r["speedup"]),
+           x(r["speedup_cpu_time"])] for r in d["throughput"]]
+  notes = " ".join(
+      f"The {r['rounds']} turns of {r['model']} ranged {span(r['dense_tokens_per_s_runs'], '{:.0f}')} (dense) and "
+      f"{span(r['pruned_tokens_per_s_runs'], '{:.0f}')} tok/s (pruned), load average "
+      f"{r['loadavg'][0]:.1f} at the end." for r in d["throughput"])
+  return (f"Measured on {d['machine']}.\n\n"
+          + table(["model", "dense tok/s", "pruned tok/s", "speedup (wall)", "speedup (tokens per CPU second)"],
+                  rows) + "\n" + notes + "\n")
+
+
+# Serving ------------------------------------------------------------------------------------------
+
+
+@block
+def serving() -> str:
+  d = load("serving.json")
+  j, t, v = d["jaxserve"], d["transformers"], d.get("vllm", {})
+  rows = [["jaxserve (paged; C++ attention and matmul kernels on CPU)", f"{j['tok_s']:.0f}", x(j["tok_s"] / t["tok_s"], 1)],
+          [f"transformers `generate` (padded batches of {t['batch_size']})", f"{t['tok_s']:.0f}", "1.0x"]]
+  if "tok_s" in v:
+    binds = ", ".join(f"{k}: {s:.0f}" for k, s in v.get("tok_s_by_bind", {}).items())
+    rows.append([f"vLLM {v['version']} CPU backend (threads {binds})", f"{v['tok_s']:.0f}", x(v["tok_s"] / t["tok_s"], 1)])
+  m = d["machine"]
+  head = (f"Measured on {m.get('cpu', 'a CPU whose model the file does not record')}, {m['cpus']} cores, load "
+          f"average {m['loadavg_at_start'][0]:.1f} at the start; greedy tokens equal to jaxserve's: "
+          + ", ".join(f"{k} {100 * s:.0f}%" for k, s in d["greedy_match_vs_jaxserve"].items()) + ".\n\n")
+  tail = ""
+  if "tok_s" in v:
+    tail = (f"\nIn this run jaxserve made {x(j['tok_s'] / v['tok_s'])} vLLM's throughput; the three timed passes took "
+            f"{span(j['runs_s'])} s (jaxserve) and {span(v['runs_s'])} s (vLLM).\n")
+  return head + table(["engine", "output tok/s", "x transformers"], rows) + tail
+
+
+@block
+def step_breakdown() -> str:
+  d = load("step_breakdown.json")
+  dec, pre = d["decode_ms"], d["prefill_ms"]
+  cols = ["C++ kernel", "XLA loops", "no attention", "no attention, no KV write"]
+  rows = [[f"decode, batch 64, mean context {d['decode_mean_context']:.0f}"] + [f"{dec[c]:.1f} ms" for c in cols],
+          ["prefill, 2048 tokens"] + [f"{pre[c]:.0f} ms" if c in pre else "-" for c in cols]]
+  mm = d["decode_matmul_ms"]
+  head = (f"Median of {d['reps']}, load average {d['loadavg'][0]:.1f}; the file does not record the CPU model "
+          "(it was measured on the AMD EPYC machine of this class, before the Intel one).\n\n")
+  tail = (f"\nAttention reads the decodes' {d['kv_bytes'] / 1e6:.0f} MB of K/V at "
+          f"{d['attention_read_GBps']['C++ kernel']:.1f} GB/s with the kernel (including its K/V write) and "
+          f"{d['attention_read_GBps']['XLA loops']:.1f} GB/s with XLA's loops (a plain read of the same bytes: "
+          f"{d['plain_read_GBps']:.1f} GB/s); the prefill's matmuls run at {d['prefill_matmul_GFLOPs']:.0f} GFLOP/s. "
+          "A decode step of " + ", ".join(mm) + " sequences takes "
+          + " / ".join(f"{mm[b]['packed C++ matmul']:.1f}" for b in mm) + " ms with the packed matmul and "
+          + " / ".join(f"{mm[b]['XLA matmul']:.1f}" for b in mm) + " ms with XLA's.\n")
+  return head + table(["step (serving model)"] + cols, rows) + tail
+
+
+@block
+def kv_memory() -> str:
+  d = load("serving.json")
+  s, p, b, n4 = d["jaxserve"]["stats"], d["kv_waste_paper_lengths"], d["kv_budget"], d["n4_sharing"]
+  rows = [
+      [f"waste (allocated slots holding no token), block size {s['kv_block_size']}", pct(s["kv_waste_fraction"]),
+       f"{pct(s['kv_contiguous_waste_fraction'])} (reserved for {d['max_model_len']} tokens)"],
+      ["waste, block size 8", pct(d["kv_waste_block8"]), "-"],
+      [f"waste, block size {p['block_size']}, the vLLM paper's ShareGPT lengths (mean {p['mean_prompt_len']:.0f} in, "
+       f"{p['mean_output_len']:.0f} out; {p['num_requests']} requests)", pct(p["kv_waste_fraction"]),
+       f"{pct(p['kv_contiguous_waste_fraction'])} (reserved for {p['max_model_len']})"],
+      [f"sequences running at once in {b['budget_tokens']:,} KV slots", b["paged_peak_running_seqs"], b["contiguous_seqs"]],
+      [f"`n=4` on a {n4['prompt_len']}-token prompt: blocks after prefill", n4["n4"]["blocks_after_prefill"],
+       f"{n4['separate']['blocks_after_prefill']} (four requests): {n4['ratio_after_prefill']:.2f}"],
+  ]
+  tail = (f"\nA live sequence of this workload holds {s['kv_mean_tokens_per_seq']:.0f} tokens on average; "
+          f"`kv_waste_floor_fraction` (the waste if only blocks holding a token were allocated) is "
+          f"{pct(s['kv_waste_floor_fraction'])}, equal to the measured waste.\n")
+  return table(["KV figure", "paged", "contiguous reservation"], rows) + tail
+
+
+def _sparse_rows(d: dict[str, Any]) -> list[list[str]]:
+  rows = []
+  for name, v in d["variants"].items():
+    dense = name == "dense"
+    label = {"50%": "50% unstructured", "70%": "70% unstructured"}.get(name, name)
+
+    def rel(ms: float, sp: float) -> str:
+      return f"{ms:.2f} ms" + ("" if dense else f" ({x(sp)})")
+
+    rows.append([label, x(v["kernel_bytes_vs_dense"], 3), x(v["weight_bytes_vs_dense"], 3), x(v["disk_bytes_vs_dense"], 3),
+                 rel(v["step_b1_ms"], v["speedup_b1"]), rel(v["step_b8_ms"], v["speedup_b8"]),
+                 f"{v['tok_s']:.0f}" + ("" if dense else f" ({x(v['speedup_serving'])})"),
+                 v.get("same_tokens_as_dense_run", "-")])
+  if "no_blocks_step_b1_ms" in d:
+    rows.append(["no blocks", "-", "-", "-", f"{d['no_blocks_step_b1_ms']:.2f} ms", f"{d['no_blocks_step_b8_ms']:.2f} ms",
+                 "-", "-"])
+  return rows
+
+
+@block
+def sparse_serving() -> str:
+  d = load("sparse_serving.json")
+  head = f"Measured on {machine_line(d['machine'])}, with the benchmark running:\n\n"
+  t = table(["model", "block kernels, bytes", "all weights", "on disk", "decode step, batch 1", "batch 8",
+             "serving tok/s", "tokens = dense run"], _sparse_rows(d))
+  v = d["variants"]
+  share = []
+  for b in ("b1", "b8"):
+    nb = d[f"no_blocks_step_{b}_ms"]
+    dense = v["dense"][f"step_{b}_ms"] - nb
+    share.append(f"{dense:.2f} ms dense, " + ", ".join(
+        f"{v[k][f'step_{b}_ms'] - nb:.2f} ms {k} ({x(dense / (v[k][f'step_{b}_ms'] - nb))})" for k in v if k != "dense")
+        + f" at batch {b[1:]}")
+  r = load("sparse_serving_repeat.json")
+  rep = "; ".join(f"{k} " + " / ".join(x(r["variants"][k][f]) for f in ("speedup_b1", "speedup_b8", "speedup_serving"))
+                  for k in r["variants"] if k != "dense")
+  tail = (f"\nWithout the no-blocks part, the blocks' share of a decode step is {share[0]}; and {share[1]}. "
+          f"A previous run of the same kernels (`benchmarks/results/sparse_serving_repeat.json`, "
+          f"{machine_line(r['machine'])}) gave {rep} (decode batch 1 / batch 8 / serving).\n")
+  return head + t + tail
+
+
+@block
+def sparse_matmul() -> str:
+  d = load("sparse_matmul_cpu.json")
+  forms = ["dense", "2:4", "bitmask 50%", "bitmask 70%"]
+  rows = []
+  for r in d["rows"]:
+    if r["threads"] != 0 or r["mode"] != "rotating":  # threads 0: XLA's intra-op pool, as in the engine
+      continue
+    rows.append([f"{r['K']} x {r['N']}, {r['M']}", f"{r['us']['dense']:.1f}"]
+                + [f"{r['us'][f]:.1f} ({x(r['speedup'][f])})" for f in forms[1:]])
+  head = (f"Measured on {d['cpu']}, {d['cores']} cores, load average {d['loadavg_before'][0]:.1f} before and "
+          f"{d['loadavg_after'][0]:.1f} after; median of {d['calls']} calls, microseconds, speedup over the dense "
+          "packed kernel, XLA's thread pool, kernels called in turn (\"rotating\"):\n\n")
+  return head + table(["K x N, rows"] + forms, rows)
+
+
+@block
+def server_load() -> str:
+  d = load("server_load.json")
+  env = d["env"]
+
+  def ms(p: dict[str, Any], k: str) -> str:
+    return " / ".join(f"{p[f'{k}_p{q}_ms']:.0f}" if k == "ttft" else f"{p[f'{k}_p{q}_ms']:.1f}" for q in (50, 90, 99))
+
+  rows = []
+  for i, p in enumerate(d["server_passes"]):
+    rows.append([f"server, timed pass {i + 1}", f"{p['requests_per_s']:.1f}", f"{p['output_tokens_per_s']:.0f}",
+                 ms(p, "ttft"), ms(p, "itl"), f"{p['equal_to_offline']}/{d['requests']}"])
+  for i, p in enumerate(d["offline_passes"]):
+    rows.append([f"offline `LLM.generate`, pass {i + 1}", f"{p['requests_per_s']:.1f}", f"{p['output_tokens_per_s']:.0f}",
+                 "-", "-", f"{p['equal_to_first_pass']}/{d['requests']}"])
+  head = (f"{d['clients']} streaming clients, {d['requests']} requests, {d['model']}, {d['workload']['sampling']}; "
+          f"measured on {env.get('cpu', 'a CPU whose model the file does not record')}, {env['cpus']} cores, code of "
+          f"commit {env['git_commit']}:\n\n")
+  return head + table(["", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms", "equal to offline greedy"],
+                      rows)
+
+
+# GPU ----------------------------------------------------------------------------------------------
+
+
+@block
+def kernel_gpu() -> str:
+  d = load("kernel_gpu.json")
+  s, env = d["env"]["setup"], d["env"]
+  rows, faster_op = [], []
+  for r in d["decode"]:
+    k, xr, op = r["kernel"], r["xla_reference"], r["jax_op"]
+    rows.append([r["batch"], r["context"], f"{k['us']:.1f}", f"{k['GBps']:.0f} ({k['GBps'] / d['copy_bandwidth']['GBps']:.0%})",
+                 f"{xr['us']:.1f}", f"{op['us']:.1f}", x(xr["us"] / k["us"])])
+    faster_op.append(k["us"] <= op["us"])
+  checks = sum(c["ok"] for c in d["correctness"])
+  head = (f"Measured on one {env['device_kind']} (jax {env['jax']}; {s['num_heads']} query heads, {s['num_kv_heads']} KV "
+          f"heads, head_dim {s['head_dim']}, page size {s['page_size']}, {s['dtype']}; {checks} of "
+          f"{len(d['correctness'])} correctness checks passed; copy bandwidth {d['copy_bandwidth']['GBps']:.0f} GB/s "
+          f"read + write). Time per decode call, median of {s['reps']}, microseconds:\n\n")
+  tail = (f"\nThe kernel is faster than JAX's own Pallas op in {sum(faster_op)} of {len(faster_op)} cases and faster "
+          f"than XLA's gather path in {sum(r['xla_reference']['us'] > r['kernel']['us'] for r in d['decode'])} of "
+          f"{len(d['decode'])}.\n")
+  return head + table(["batch", "context", "Pallas kernel", "GB/s (% of copy)", "XLA reference", "`jax.experimental` op",
+                       "kernel vs XLA"], rows) + tail
+
+
+@block
+def engine_gpu() -> str:
+  d = load("engine_gpu.json")
+  rows = {r["engine"]: r for r in d["rows"]}
+  p, xl, t = rows["jaxserve pallas"], rows["jaxserve xla"], rows["transformers (batch 1)"]
+  head = (f"On one {d['env']['device']} (jax {d['env']['jax']}), {p['tok_s'] * p['elapsed_s']:,.0f} output tokens, the "
+          f"Pallas backend ran {x(p['tok_s'] / xl['tok_s'], 1)} faster than XLA attention; greedy tokens equal "
+          + ", ".join(f"{k.replace('_vs_', ' vs ')} {100 * v:.0f}%" for k, v in d["match"].items()) + ":\n\n")
+  return head + table(["engine", "output tok/s", "warm-up (compiles) s"], [
+      ["jaxserve, `attention_backend=\"pallas\"` (the default on GPU)", f"{p['tok_s']:.0f}", f"{p['warmup_s']:.0f}"],
+      ["jaxserve, `attention_backend=\"xla\"`", f"{xl['tok_s']:.0f}", f"{xl['warmup_s']:.0f}"],
+      ["`transformers` `generate`, one request at a time", f"{t['tok_s']:.0f}", "-"]])
+
+
+@block
+def memory_plan() -> str:
+  d = load("memory_plan.json")
+  rows = [[r["model"], r["tp"], f"{r['weights_gib']:.1f}", f"{r['kv_pool_gib']:.1f}", f"{r['activations_gib']:.2f}",
+           f"{r['total_gib']:.1f}", f"{r['kv_heads_per_device']:.0f}"] for r in d["rows"]]
+  return (f"A KV pool for {d['kv_tokens']:,} cached tokens, a step of {d['step_tokens']:,} batched tokens, bfloat16:\n\n"
+          + table(["model", "TP", "weights GiB", "KV pool GiB", "activations GiB", "total GiB", "KV heads / device"], rows))
+
+
+# Driver -------------------------------------------------------------------------------------------
+
+
+def render(text: str) -> str:
+  """``text`` with every generated block re-rendered; an unknown block name is an error."""
+
+  def sub(m: re.Match[str]) -> str:
+    name = m.group(2)
+    if name not in BLOCKS:
+      raise KeyError(f"README block {name!r} has no renderer; known: {sorted(BLOCKS)}")
+    return m.group(1) + BLOCKS[name]() + m.group(4)
+
+  return _BLOCK.sub(sub, text)
+
+
+def blocks_in(text: str) -> list[str]:
+  return [m.group(2) for m in _BLOCK.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+  ap.add_argument("--readme", type=Path, default=README)
+  args = ap.parse_args(argv)
+  old = args.readme.read_text()
+  new = render(old)
+  missing = sorted(set(BLOCKS) - set(blocks_in(old)))
+  if missing:
+    print(f"blocks not placed in {args.readme}: {missing}", file=sys.stderr)
+  if args.check:
+    if new != old:
+      sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md", "generated"))
+      return 1
+    return 1 if missing else 0
+  args.readme.write_text(new)
+  print(f"wrote {len(blocks_in(new))} blocks into {args.readme}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
