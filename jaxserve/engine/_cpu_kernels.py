@@ -10,8 +10,10 @@ and causal prefill chunks), reading each block once per pass; the matmul
 :func:`bitmask_matmul`) read N:M or bitmask-compressed weights, fewer bytes than dense. All split
 their work between the threads of XLA's own intra-op pool.
 They are compiled on first use with the system C++ compiler against the FFI headers shipped in
-jaxlib, cached under ``$JAXSERVE_CACHE_DIR`` (default ``~/.cache/jaxserve``), and registered
-with JAX. Without a compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and
+jaxlib (without ``-ffast-math``: loading them leaves the process's floating-point modes alone),
+cached under ``$JAXSERVE_CACHE_DIR/cpu_kernels`` (default ``~/.cache/jaxserve/cpu_kernels``, a
+private 0700 directory, keyed by :func:`cache_key`; a library is loaded only from a directory and
+file of this user's that nobody else can write), and registered with JAX. Without a compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and
 the engine keeps the pure-XLA path. ``JAXSERVE_CPU_KERNEL_ISA=generic`` builds without AVX-512
 (the kernels' portable paths), for tests.
 """
@@ -47,45 +49,115 @@ log = logging.getLogger(__name__)
 
 
 def _cache_dir() -> Path:
+  """Where built kernels are kept: ``$JAXSERVE_CACHE_DIR/cpu_kernels`` (default ``~/.cache/jaxserve/cpu_kernels``)."""
   root = os.environ.get("JAXSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxserve")
-  return Path(root)
+  return Path(root) / "cpu_kernels"
 
 
-def _build() -> Path:
-  """Compiles the kernels (once per sources, jaxlib headers and machine) and returns the library path."""
-  src = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
-  include = jax.ffi.include_dir()
-  flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+def _compile_flags() -> list[str]:
+  """The compiler flags, for ``$JAXSERVE_CPU_KERNEL_ISA`` (``native`` or ``generic``).
+
+  No ``-ffast-math`` (nor ``-Ofast``, ``-funsafe-math-optimizations``): linking a shared library
+  with it runs code at load time that turns on flush-to-zero for the whole process. The flags
+  here only let the compiler contract ``a * b + c`` into FMAs and vectorize without errno or FP
+  traps; the reductions are vectorized by explicit ``#pragma omp simd``.
+  """
+  flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd",
+           "-std=c++17", "-shared", "-fPIC", "-pthread"]
   isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
   if isa == "generic":
     flags.append("-mno-avx512f")  # also drops the AVX-512 extensions: the AVX2 (or older) paths
   elif isa != "native":
     raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be 'native' or 'generic', got {isa!r}")
-  key = hashlib.sha256(src + include.encode() + " ".join(flags).encode() + platform.machine().encode()
-                       + platform.node().encode()).hexdigest()[:16]
-  out = _cache_dir() / f"cpu_kernels-{key}.so"
-  if out.exists():
-    return out
+  return flags
+
+
+def _cpu_flags() -> str:
+  """The CPU's instruction-set flags (``/proc/cpuinfo``; elsewhere the compiler's ``-march=native`` expansion)."""
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-      raise OSError(f"{out.parent} is not writable")
-  except OSError:  # e.g. a read-only home: build in the temp directory instead
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    out = Path(tempfile.gettempdir()) / f"jaxserve-{user}" / out.name
-    if out.exists():
-      return out
-  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):  # x86, arm
+          return " ".join(sorted(line.split(":", 1)[1].split()))
+  except OSError:
+    pass
+  cxx = _compiler()
   if cxx is None:
-    raise RuntimeError("no C++ compiler found (set CXX)")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    lib = os.path.join(tmp, out.name)
-    proc = subprocess.run([cxx, *flags, "-I", include, *map(str, _SOURCES), "-o", lib], capture_output=True,
-                          text=True, timeout=300)
-    if proc.returncode != 0:
-      raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
-    os.replace(lib, out)  # atomic: concurrent builders each produce the same file
+    return platform.processor()
+  proc = subprocess.run([cxx, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60)
+  return proc.stdout
+
+
+def _jaxlib_version() -> str:
+  import jaxlib
+  return jaxlib.__version__
+
+
+def cache_key(sources: bytes, include: str, flags: list[str], cpu_flags: str, jaxlib_version: str) -> str:
+  """The build's cache key: the sources, the FFI headers, the flags, the CPU's instruction sets and jaxlib.
+
+  A ``-march=native`` library runs only on a CPU with the same instruction sets (another dies with
+  SIGILL) and against the jaxlib whose FFI headers it was built with; the host name plays no
+  part (containers share host names across machines).
+  """
+  parts = [sources, include.encode(), " ".join(flags).encode(), platform.machine().encode(), cpu_flags.encode(),
+           jaxlib_version.encode()]
+  return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def check_private(path: Path) -> None:
+  """Raises PermissionError unless ``path`` is owned by this user and not writable by group or others.
+
+  A library is loaded (its code run) only from such a place: anyone who can write the directory or
+  the file could have put their own code there.
+  """
+  st = path.lstat()
+  if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    raise PermissionError(f"refusing to load the CPU kernels from {path}: it is owned by uid {st.st_uid}, not by "
+                          f"this user (uid {os.getuid()}); point JAXSERVE_CACHE_DIR at a directory of your own")
+  if st.st_mode & 0o022:
+    raise PermissionError(f"refusing to load the CPU kernels from {path}: its mode {oct(st.st_mode & 0o777)} lets "
+                          f"group or others write it; it must be private (chmod go-w, e.g. 700), or point "
+                          f"JAXSERVE_CACHE_DIR elsewhere")
+
+
+def _private_dir() -> Path:
+  """The cache directory, created 0700 and checked; a fresh private temp directory if it cannot be created."""
+  out = _cache_dir()
+  try:
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    writable = os.access(out, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:  # e.g. a read-only home: build in a new private (0700, unpredictable) temp directory
+    out = Path(_state.setdefault("tmp_dir", tempfile.mkdtemp(prefix="jaxserve-cpu-kernels-")))
+  check_private(out)
+  return out
+
+
+def _build() -> Path:
+  """Compiles the kernels (once per key: :func:`cache_key`) and returns the library path (checked private)."""
+  src = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
+  include = jax.ffi.include_dir()
+  flags = _compile_flags()
+  key = cache_key(src, include, flags, _cpu_flags(), _jaxlib_version())
+  out = _private_dir() / f"cpu_kernels-{key}.so"
+  if not out.exists():
+    cxx = _compiler()
+    if cxx is None:
+      raise RuntimeError("no C++ compiler found (set CXX)")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+      lib = os.path.join(tmp, out.name)
+      proc = subprocess.run([cxx, *flags, "-I", include, *map(str, _SOURCES), "-o", lib], capture_output=True,
+                            text=True, timeout=600)
+      if proc.returncode != 0:
+        raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
+      os.replace(lib, out)  # atomic: concurrent builders each produce the same file
+  check_private(out)
   return out
 
 

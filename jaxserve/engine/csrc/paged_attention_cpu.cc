@@ -39,7 +39,7 @@ namespace {
 
 constexpr int kLanes = 16;         // queries per prefill tile
 constexpr int kKeysPerStep = 8;    // keys scored together in a tile (independent FMA chains)
-constexpr float kMasked = -1e30f;  // score of a key a query does not see (finite: built with -ffast-math)
+constexpr float kMasked = -1e30f;  // score of a key a query does not see (finite: exp(kMasked - m) is 0)
 
 // e^x for x <= 0 (softmax weights), 0 below -87; relative error about 2e-7. Vectorizes.
 inline float Exp(float x) {
