@@ -1,11 +1,13 @@
-"""Several hosts: one process per host joins one JAX mesh through ``jax.distributed``.
+"""Several hosts (a demo): one process per host joins one JAX mesh and runs sharded greedy generation.
 
 Launch recipe (one line per host, same coordinator address, process ids 0..N-1)::
 
     python -m jaxserve.multihost --coordinator HOST0:1234 --num-processes N --process-id I
 
 Each process then sees every device of every host in ``jax.devices()``; the model is sharded
-over all of them in the Megatron layout and greedy generation runs as one SPMD program.
+over all of them in the Megatron layout and greedy generation (``jaxserve.generate.generate``, the
+contiguous-cache decoder, not the paged ``LLM`` engine, which runs in one process) runs as one
+SPMD program.
 On CPUs (tests, laptops) the cross-process collectives use gloo.
 """
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num-processes", type=int, required=True)
   p.add_argument("--process-id", type=int, required=True)
   p.add_argument("--local-devices", type=int, default=None, help="virtual CPU devices per process (testing)")
+  p.add_argument("--model", default=None, help="model directory (default: the embedded stories260K)")
   p.add_argument("--prompt", default="Once upon a time")
   p.add_argument("--max-tokens", type=int, default=32)
   args = p.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
   from jaxserve.generate import generate
   from jaxserve.loaders import load_model
   from jaxserve.sharding import make_mesh, shard_params
-  m = load_model()
+  m = load_model(args.model, dense=True)
   mesh = make_mesh(jax.device_count())
   params = shard_params(m.params, m.cfg, mesh)
   prompt = m.tokenizer.encode(args.prompt, add_bos=True)
