@@ -332,7 +332,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def save_hf(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Tokenizer | None = None) -> str:
-  """Writes ``config.json``, ``model.safetensors`` (float32) and the tokenizer files to ``out_dir``."""
+  """Writes ``config.json``, ``model.safetensors`` (float32) and the tokenizer files to ``out_dir``.
+
+  A sentencepiece tokenizer is written as ``tokenizer.model`` plus its fast form ``tokenizer.json``.
+  """
   from safetensors.numpy import save_file
   config = hf_config(cfg)
   os.makedirs(out_dir, exist_ok=True)
@@ -352,7 +355,19 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Tokenizer
       with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, f, indent=2)
+      _write_fast_tokenizer(out_dir)
   return out_dir
+
+
+def _write_fast_tokenizer(out_dir: str) -> None:
+  """Converts the sentencepiece ``tokenizer.model`` in ``out_dir`` to a fast ``tokenizer.json``
+  (what Hugging Face and vLLM load first, and what ``load_tokenizer`` then uses)."""
+  from transformers import LlamaTokenizerFast
+  try:
+    fast = LlamaTokenizerFast.from_pretrained(out_dir, from_slow=True, legacy=True, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    raise ValueError(f"{out_dir}: could not convert tokenizer.model to tokenizer.json ({e})") from e
+  fast.backend_tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
 
 
 # ----------------------------------------------------------------------------- native

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from typing import Any, Protocol, Sequence
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -19,7 +20,8 @@ class Tokenizer(Protocol):
   eos_id: int | None
   vocab_size: int
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+  def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
+    """Token ids of ``text``; special-token text (``"</s>"``) is plain text unless ``parse_special``."""
     ...
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -50,7 +52,8 @@ class SentencePieceTokenizer:
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
     self.chat_template = None
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+  def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
+    # sentencepiece encodes control-symbol text ("</s>") as plain pieces either way
     return _with_bos(list(self._sp.EncodeAsIds(text)) if text else [], self.bos_id, add_bos)
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -119,7 +122,8 @@ class Llama2cTokenizer:
       ids.extend([j] if j is not None else [x + 3 for x in b])
     return tuple(self._merge(ids))
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+  def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
+    # special-token text ("</s>") is encoded as plain pieces either way
     if not text:
       return _with_bos([], self.bos_id, add_bos)
     text = " " + text  # sentencepiece's dummy prefix, as llama2.c adds it
@@ -154,7 +158,14 @@ class Llama2cTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face tokenizer loaded offline from a model directory."""
+  """A Hugging Face tokenizer loaded offline from a model directory.
+
+  User text is encoded without parsing special tokens (the text ``"</s>"`` is not the EOS id, as in
+  vLLM); :meth:`encode` with ``parse_special=True`` parses them (text a chat template rendered).
+  One instance may be used from several threads (the server's event loop and engine thread):
+  every call holds a lock, and encoding uses private copies of the fast tokenizer with truncation
+  and padding switched off once at load, so no call mutates shared state.
+  """
 
   def __init__(self, path: str):
     from transformers import AutoTokenizer
@@ -162,22 +173,45 @@ class HFTokenizer:
       self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
       raise ValueError(f"{path}: could not load a Hugging Face tokenizer ({e})") from e
+    self._lock = threading.Lock()
     self.vocab_size = len(self._tok)
     self.bos_id = self._tok.bos_token_id
     self.eos_id = self._tok.eos_token_id
     self.chat_template = getattr(self._tok, "chat_template", None)
+    self._encoders = None
+    if getattr(self._tok, "is_fast", False):  # {parse_special: backend copy}
+      self._encoders = {parse: _plain_backend(self._tok.backend_tokenizer, parse) for parse in (False, True)}
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
-    return _with_bos(list(self._tok(text, add_special_tokens=False)["input_ids"]), self.bos_id, add_bos)
+  def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = False) -> list[int]:
+    with self._lock:
+      if self._encoders is not None:
+        ids = self._encoders[parse_special].encode(text, add_special_tokens=False).ids
+      else:
+        ids = self._tok(text, add_special_tokens=False, split_special_tokens=not parse_special)["input_ids"]
+    return _with_bos(list(ids), self.bos_id, add_bos)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    with self._lock:
+      return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-    return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with self._lock:
+      return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
   def save(self, out_dir: str) -> list[str]:
-    return [os.path.basename(p) for p in self._tok.save_pretrained(out_dir)]
+    with self._lock:
+      return [os.path.basename(p) for p in self._tok.save_pretrained(out_dir)]
+
+
+def _plain_backend(backend: Any, parse_special: bool) -> Any:
+  """A private copy of a ``tokenizers.Tokenizer`` that never truncates or pads, parsing special
+  tokens in the text or not."""
+  from tokenizers import Tokenizer as FastTokenizer
+  copy = FastTokenizer.from_str(backend.to_str())
+  copy.no_truncation()
+  copy.no_padding()
+  copy.encode_special_tokens = not parse_special
+  return copy
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None) -> Tokenizer:

@@ -11,7 +11,8 @@ tokenizer, llama2.c tokenizers). It is BOS followed by one line per message and 
 Each line is ``{Role}: {content}\\n`` with the role capitalized (``system``, ``developer``, ``user``,
 ``assistant``, ``tool``).
 Tokenizers with a template (Hugging Face ``chat_template``) are rendered by ``transformers`` with
-``add_generation_prompt=True`` and encoded without adding BOS again (the template writes it).
+``add_generation_prompt=True`` and encoded without adding BOS again (the template writes it), with
+the special tokens it writes parsed.
 """
 
 from __future__ import annotations
@@ -27,5 +28,6 @@ def render_plain(messages: Sequence[dict[str, Any]]) -> str:
 def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
   """Token ids of the prompt for ``messages``, with the tokenizer's template when it has one."""
   if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
-    return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_bos=False)
+    # the template writes special tokens (BOS, turn markers) as text: parse them
+    return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_bos=False, parse_special=True)
   return tokenizer.encode(render_plain(messages), add_bos=True)
