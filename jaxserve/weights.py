@@ -65,6 +65,11 @@ class _Leaf:
   def astype(self, dtype):
     return dataclasses.replace(self, **{self._values: getattr(self, self._values).astype(dtype)})
 
+  def __array__(self, dtype=None, copy=None):
+    # without this, np.asarray(leaf) is a 0-d object array that fails far from here, or not at all
+    raise TypeError(f"a {type(self).__name__} weight is not an array of its dense shape {self.shape}: multiply with "
+                    f"jaxserve.weights.matmul(x, w), or expand it with w.to_dense()")
+
 
 # ----------------------------------------------------------------------------- packed dense
 

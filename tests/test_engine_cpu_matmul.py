@@ -57,3 +57,27 @@ def test_model_with_packed_weights_matches_plain():
   assert run.lower(packed, tokens).as_text().count(_cpu_kernels.MATMUL_TARGET) >= 2 * 5 + 1  # every packed kernel
   fast = run(packed, tokens)
   np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_params_through_plain_apply_and_no_silent_array_reads():
+  """The runner's parameters (packed kernels) handed to the model's plain ``apply`` compute the right answer;
+  reading a typed leaf as an array of the dense shape fails loudly instead of giving garbage."""
+  from jaxserve.model import Llama, default_attention
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, max_position_embeddings=64)
+  params = init_params(cfg, seed=4)
+  packed = prepare_params(params, native=True)
+  leaf = packed["layers_0"]["mlp"]["down_proj"]["kernel"]
+  assert isinstance(leaf, weights.PackedDense)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, (2, 9)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+  model = Llama(cfg, default_attention(cfg))
+  want = model.apply({"params": params}, tokens, positions).logits
+  got = jax.jit(lambda p: model.apply({"params": p}, tokens, positions).logits)(packed)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  for read in (np.asarray, lambda w: np.array(w, np.float32), jnp.asarray, lambda w: w + 1, lambda w: w[0],
+               lambda w: jnp.ones((2, w.shape[0])) @ w, lambda w: jnp.dot(jnp.ones((2, w.shape[0])), w)):
+    with pytest.raises(TypeError):
+      read(leaf)
+  with pytest.raises(TypeError, match="not an array of its dense shape"):
+    np.asarray(leaf)
