@@ -115,3 +115,19 @@ def test_refused_cache_falls_back_to_xla(tmp_path):
   assert proc.stdout.split() == ["False", "False"]
   assert "lets group or others write" in proc.stderr
   assert not list(Path(shared).iterdir())  # nothing was built there either
+
+
+@pytest.mark.skipif(not _HAS_COMPILER or platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 build")
+def test_attention_loops_use_512_bit_vectors_where_the_cpu_has_them():
+  """GCC's tuning for recent Intel cores prefers 256-bit vectors unless told otherwise."""
+  if "avx512f" not in _cpu_kernels._cpu_flags().split():
+    pytest.skip("no AVX-512 on this CPU")
+  objdump = shutil.which("objdump")
+  if objdump is None or not _cpu_kernels.available():
+    pytest.skip("needs objdump and the kernels")
+  lib = str(_cpu_kernels._build())
+  text = subprocess.run([objdump, "-d", "--no-show-raw-insn", lib], capture_output=True, text=True, timeout=300).stdout
+  # the attention's prefill tile (its FMAs over 16 query lanes) runs on zmm registers
+  tile = [block for block in text.split("\n\n") if "TileILi64" in block.split("\n")[0]]
+  assert tile, "the 64-wide attention tile is not in the library"
+  assert any("zmm" in line and "vfmadd" in line for block in tile for line in block.splitlines())

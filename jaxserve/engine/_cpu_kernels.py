@@ -64,6 +64,12 @@ def _compile_flags() -> list[str]:
   """
   flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd",
            "-std=c++17", "-shared", "-fPIC", "-pthread"]
+  if platform.machine().lower() in ("x86_64", "amd64"):
+    # GCC's -march tuning for recent Intel cores prefers 256-bit vectors: the attention loops
+    # (#pragma omp simd) then use no zmm register at all. Measured on the 2-core Xeon (Sapphire
+    # Rapids), alternating builds, loaded machine: a 256-row causal prefill 1.1-1.4 ms -> 0.76-0.81
+    # ms, decode batches unchanged. Harmless where AVX-512 is absent (the widest vectors are used).
+    flags.append("-mprefer-vector-width=512")
   isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
   if isa == "generic":
     flags.append("-mno-avx512f")  # also drops the AVX-512 extensions: the AVX2 (or older) paths
