@@ -16,15 +16,31 @@ V = 64
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=-0.1), r"temperature must be a finite number in \[0, 100\]"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number in \[0, 100\].*inf"),
+    (dict(temperature=1e30), r"temperature .*got 1e\+30"),
+    (dict(temperature=float("nan")), "temperature .*nan"),
+    (dict(top_p=0.0), r"top_p must be a finite number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a finite number in \(0, 1\]"),
     (dict(n=0), "n must be an int >= 1"),
     (dict(max_tokens=0), "max_tokens must be an int >= 1"),
     (dict(top_k=-2), "top_k must be"),
-    (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
-    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
-    (dict(presence_penalty=3), r"presence_penalty must be in \[-2, 2\]"),
+    (dict(min_p=1.5), r"min_p must be a finite number in \[0, 1\]"),
+    (dict(repetition_penalty=0), r"repetition_penalty must be a finite number in \[0.01, 100\]"),
+    (dict(repetition_penalty=float("inf")), r"repetition_penalty .*\[0.01, 100\].*inf"),
+    (dict(repetition_penalty=1e-30), r"repetition_penalty .*\[0.01, 100\]"),
+    (dict(frequency_penalty=float("nan")), r"frequency_penalty must be a finite number in \[-2, 2\]"),
+    (dict(top_p=float("nan")), r"top_p .*\(0, 1\]"),
+    (dict(min_p=float("-inf")), r"min_p .*\[0, 1\]"),
+    (dict(seed=2**64), r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
+    (dict(seed=-(2**63) - 1), r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
+    (dict(stop=["x"] * 401), "stop must hold at most 400 strings, got 401"),
+    (dict(stop=["x" * 5000, "y" * 5000]), "stop strings must total at most 8192 characters, got 10000"),
+    (dict(stop=5), "stop must be a string or a list of strings"),
+    (dict(stop_token_ids=[3] * 401), "stop_token_ids must hold at most 400 ids, got 401"),
+    (dict(stop_token_ids=["3"]), "stop_token_ids must be a list of ints"),
+    (dict(n="2"), "n must be an int"),
+    (dict(presence_penalty=3), r"presence_penalty must be a finite number in \[-2, 2\]"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(logprobs=50), "logprobs must be <= 20"),
     (dict(stop=[""]), "stop must be non-empty strings"),
@@ -39,6 +55,8 @@ def test_bad_sampling_params_raise_clear_errors(kwargs, match):
 def test_beam_params_validation_and_normalisation():
   with pytest.raises(ValueError, match="beam_width must be an int >= 1"):
     BeamSearchParams(beam_width=0, max_tokens=4)
+  with pytest.raises(ValueError, match="length_penalty must be a finite number"):
+    BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=float("inf"))
   p = SamplingParams(stop="x", stop_token_ids=[5])
   assert p.stop == ("x",) and p.stop_token_ids == (5,)
 
@@ -49,7 +67,7 @@ def _tensors(rows, **overrides):
               repetition_penalty=np.ones(rows, np.float32), presence_penalty=np.zeros(rows, np.float32),
               frequency_penalty=np.zeros(rows, np.float32), seed=np.zeros((rows, 2), np.uint32),
               counter=np.stack([np.zeros(rows), np.arange(rows)], 1).astype(np.int32), prompt_mask=None,
-              output_counts=None, banned=None)
+              output_counts=None, banned=None, logprobs=np.bool_(False))
   base.update(overrides)
   return SamplingTensors(**base)
 
@@ -83,13 +101,13 @@ def test_top1_sampling_equals_greedy_and_samples_follow_the_distribution():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.standard_normal((8, V)).astype(np.float32) * 2)
   greedy = sample(logits, _tensors(8, temperature=np.zeros(8, np.float32)), SamplerConfig())
-  top1 = sample(logits, _tensors(8, top_k=np.ones(8, np.int32)), SamplerConfig(all_greedy=False, use_top_k_top_p=True))
+  top1 = sample(logits, _tensors(8, top_k=np.ones(8, np.int32)), SamplerConfig())
   np.testing.assert_array_equal(greedy.tokens, jnp.argmax(logits, -1))
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
   # 4000 draws of one row: empirical frequencies follow softmax(logits)
   n = 4000
   t = _tensors(n, row_index=np.zeros(n, np.int32), counter=np.stack([np.zeros(n), np.arange(n)], 1).astype(np.int32))
-  draws = np.asarray(jax.jit(sample, static_argnums=2)(logits, t, SamplerConfig(all_greedy=False)).tokens)
+  draws = np.asarray(jax.jit(sample, static_argnums=2)(logits, t, SamplerConfig()).tokens)
   freq = np.bincount(draws, minlength=V) / n
   np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.03)
 
@@ -97,7 +115,7 @@ def test_top1_sampling_equals_greedy_and_samples_follow_the_distribution():
 def test_seeded_rows_are_reproducible_and_independent_of_batch():
   rng = np.random.default_rng(2)
   logits = jnp.asarray(rng.standard_normal((4, V)).astype(np.float32))
-  cfg = SamplerConfig(all_greedy=False)
+  cfg = SamplerConfig()
   seed = np.array([[7, 0]] * 4, np.uint32)
   a = sample(logits, _tensors(4, seed=seed), cfg).tokens
   b = sample(logits[::-1], _tensors(4, seed=seed, row_index=np.arange(4)[::-1].astype(np.int32)), cfg).tokens
@@ -109,16 +127,17 @@ def test_seeded_rows_are_reproducible_and_independent_of_batch():
 def test_logprobs_ranks_and_top_k():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.standard_normal((3, V)).astype(np.float32))
-  out = sample(logits, _tensors(3, temperature=np.zeros(3, np.float32)), SamplerConfig(num_logprobs=4))
+  out = sample(logits, _tensors(3, temperature=np.zeros(3, np.float32), logprobs=np.bool_(True)), SamplerConfig())
   logp = np.asarray(jax.nn.log_softmax(logits))
   np.testing.assert_allclose(out.logprob, logp.max(-1), rtol=1e-6)
   np.testing.assert_array_equal(out.rank, 1)
-  np.testing.assert_array_equal(out.top_ids, np.argsort(-logp, -1)[:, :4])
+  np.testing.assert_array_equal(out.top_ids[:, :4], np.argsort(-logp, -1)[:, :4])
 
 
 def test_ban_masks_stop_tokens():
   logits = jnp.zeros((2, V)).at[:, 2].set(10.0)
   banned = np.zeros((2, V), bool)
   banned[0, 2] = True
-  out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned), SamplerConfig(use_ban=True))
+  out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned, prompt_mask=np.zeros((2, V), bool),
+                                output_counts=np.zeros((2, V), np.int32)), SamplerConfig(vocab_arrays=True))
   assert int(out.tokens[0]) != 2 and int(out.tokens[1]) == 2

@@ -95,7 +95,7 @@ def client(engine, **cfg):
 @pytest.mark.parametrize("body, param, words", [
     ({"prompt": "a", "max_tokens": -1}, "max_tokens", ">= 1"),
     ({"prompt": "a", "max_tokens": "5"}, "max_tokens", "valid integer"),
-    ({"prompt": "a", "temperature": -0.5}, "temperature", ">= 0"),
+    ({"prompt": "a", "temperature": -0.5}, "temperature", "[0, 100]"),
     ({"prompt": "a", "top_p": 1.5}, "top_p", "(0, 1]"),
     ({"prompt": "a", "n": 0}, "n", "[1, 64]"),
     ({"prompt": 5}, "prompt", "must be a string"),
@@ -175,7 +175,7 @@ def test_tokenizer_chat_template_is_used_when_present():
     def apply_chat_template(self, messages):
       return "|".join(m["content"] for m in messages) + "|>"
 
-    def encode(self, text, add_bos=False):
+    def encode(self, text, add_bos=False, parse_special=False):
       return [ord(c) for c in text] + ([1] if add_bos else [])
 
   assert chat_prompt_ids(Templated(), [{"role": "user", "content": "ab"}]) == [ord(c) for c in "ab|>"]
@@ -256,3 +256,22 @@ def test_auth_unknown_model_and_unknown_route():
     assert c.get("/metrics").status_code == 200  # metrics and health stay open
     r = c.get("/v1/nothing", headers=ok)
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_stream_sends_a_chunk_for_every_token_even_with_empty_text():
+  # special tokens (<s>, </s>) decode to "": each still gets its chunk (as vLLM sends them)
+  prompt = [TOK.vocab_size - 3]
+  want = expected_tokens(prompt, 6)
+  assert sum(TOK.decode([t]) == "" for t in want) >= 2
+  with client(ScriptedEngine()) as c:
+    for route, body, text_of in (
+        ("/v1/completions", {"prompt": prompt}, lambda ch: ch["text"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, lambda ch: ch["delta"]["content"])):
+      with c.stream("POST", route, json={**body, "max_tokens": 6, "stream": True,
+                                         "stream_options": {"include_usage": True}}) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+      chunks = [e for e in events if e["choices"] and e["choices"][0].get("delta", {}).get("role") is None]
+      assert len(chunks) == events[-1]["usage"]["completion_tokens"] == 6, (route, chunks)
+      if route == "/v1/completions":
+        assert [text_of(e["choices"][0]) for e in chunks] == [TOK.decode(want[:k + 1])[len(TOK.decode(want[:k])):]
+                                                               for k in range(6)]

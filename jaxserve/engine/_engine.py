@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Mapping, Sequence as Seq
 
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.engine._detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, anchor_ids, find_stop, holdback
 from jaxserve.engine._kv_cache_manager import KVCacheManager, cdiv
 from jaxserve.engine._model_runner import ModelRunner, pow2_bucket
 from jaxserve.engine._outputs import CompletionOutput, Logprob, RequestOutput
@@ -33,6 +35,7 @@ class EngineCore:
     self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
     self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     self.eos_id = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else cfg.eos_token_id
+    self._anchor = anchor_ids(tokenizer) if tokenizer is not None else ()  # for incremental detokenization
     self._seq_ids = itertools.count()
     self._arrivals = itertools.count()
     self.reset_stats()
@@ -57,7 +60,9 @@ class EngineCore:
     if not beam:
       bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
       if bad:
-        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        raise ValueError(f"stop_token_ids {bad[:8]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+      if params.top_k >= self.cfg.vocab_size:  # keeps every token: the same as no top-k, and fits int32
+        params = dataclasses.replace(params, top_k=0)
     width = params.beam_width if beam else params.n
     if width > self.max_num_seqs:
       raise ValueError(f"{'beam_width' if beam else 'n'}={width} exceeds max_num_seqs={self.max_num_seqs}")
@@ -253,6 +258,7 @@ class EngineCore:
     if p.logprobs is not None:
       seq.cumulative_logprob += float(out.logprob[row])
       seq.logprobs.append(self._logprob_entry(out, row, token, p.logprobs))
+    num_new_chars = self._detokenize(seq, p)
     n_out = seq.num_output_tokens
     reason = None
     if n_out >= p.min_tokens:
@@ -261,27 +267,38 @@ class EngineCore:
       elif token in p.stop_token_ids:
         reason = ("stop", token)
       elif p.stop:
-        reason = self._check_stop_strings(seq, p)
+        reason = self._check_stop_strings(seq, p, num_new_chars)
     if reason is None and n_out >= req.max_output_tokens:
       reason = ("length", None)
     if reason is not None:
+      if seq.detok is not None and seq.text is None:
+        seq.detok.finish(self.tokenizer, seq.token_ids)
       seq.finish_reason, seq.stop_reason = reason
       self.scheduler.finish_seq(req, seq)
+
+  def _detokenize(self, seq: Sequence, p: SamplingParams) -> int:
+    """Grows the sequence's text by its new token; returns the number of characters added."""
+    if self.tokenizer is None or not (p.detokenize or p.stop):
+      return 0
+    if seq.detok is None:
+      seq.detok = IncrementalDetokenizer(seq.num_prompt_tokens, self._anchor)
+    return seq.detok.step(self.tokenizer, seq.token_ids)
 
   def decode_output(self, seq: Sequence) -> str:
     """The output's text as it continues the prompt (decoded after a few prompt tokens, so that
     a leading space of the first output token is kept, as sentencepiece drops it at the start)."""
-    ctx = seq.token_ids[max(0, seq.num_prompt_tokens - 4):seq.num_prompt_tokens]
+    ctx = seq.token_ids[max(0, seq.num_prompt_tokens - CONTEXT_TOKENS):seq.num_prompt_tokens]
     prefix = self.tokenizer.decode(ctx)
     full = self.tokenizer.decode(ctx + seq.output_token_ids)
     return full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(seq.output_token_ids)
 
-  def _check_stop_strings(self, seq: Sequence, p: SamplingParams) -> tuple[str, str] | None:
-    text = self.decode_output(seq)
-    hits = [(text.find(s), s) for s in p.stop if s in text]
-    if not hits:
+  def _check_stop_strings(self, seq: Sequence, p: SamplingParams, num_new_chars: int) -> tuple[str, str] | None:
+    """Searches only the new text (and the tail a stop could span): O(new text + longest stop) per token."""
+    text = seq.detok.text
+    hit = find_stop(text, num_new_chars, p.stop)
+    if hit is None:
       return None
-    at, stop = min(hits)
+    at, stop = hit
     seq.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
     return ("stop", stop)
 
@@ -332,12 +349,23 @@ class EngineCore:
     outs = []
     for seq in seqs:
       ids = seq.output_token_ids
-      text = seq.text if seq.text is not None else (self.decode_output(seq) if detok else "")
+      text = self._text(seq, req) if detok else ""
       cum = seq.cumulative_logprob if req.is_beam or seq.logprobs is not None else None
       outs.append(CompletionOutput(seq.index, text, list(ids), cum, seq.logprobs, seq.finish_reason,
                                    seq.stop_reason))
     return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outs, req.finished,
                          req.num_cached_tokens)
+
+  def _text(self, seq: Sequence, req: Request) -> str:
+    """The completion's text; while it runs, without the tail a stop string could still cut off."""
+    if seq.text is not None:  # cut by a stop string
+      return seq.text
+    if seq.detok is None:  # beams, and sequences without output yet
+      return self.decode_output(seq) if seq.num_output_tokens else ""
+    text = seq.detok.text
+    if seq.finish_reason is None and not req.is_beam:
+      text = text[:max(0, len(text) - holdback(req.params.stop, req.params.include_stop_str_in_output))]
+    return text
 
   def reset_stats(self) -> None:
     self._steps = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from jaxserve.engine._detokenizer import IncrementalDetokenizer
 from jaxserve.engine._outputs import Logprob
 from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
 
@@ -33,6 +34,7 @@ class Sequence:
   finish_reason: str | None = None
   stop_reason: int | str | None = None
   text: str | None = None  # set when a stop string cut the text
+  detok: IncrementalDetokenizer | None = None  # the output text, grown token by token (not for beams)
   beam_candidates: list[tuple[int, float]] | None = None  # a beam's proposals, waiting for its siblings
 
   @property

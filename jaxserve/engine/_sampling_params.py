@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
+
+import numpy as np
 
 # Logprobs beyond this many per token are refused (vLLM's default ``max_logprobs``).
 MAX_LOGPROBS = 20
+# Ranges of the float fields beyond the obvious ones: the values must be finite and stay meaningful
+# in float32 (a temperature of 1e30 or a penalty of 1e-30 turns logits into inf / NaN).
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+SEED_RANGE = (-(2**63), 2**64)  # what a signed or unsigned 64-bit seed can hold
+# Stop lists: at most this many strings, this many token ids, this many characters in all.
+MAX_STOP_STRINGS = 400
+MAX_STOP_TOKEN_IDS = 400
+MAX_STOP_CHARS = 8192
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,7 +29,7 @@ class SamplingParams:
     n: number of completions; they share the prompt's KV blocks (copy-on-write on the last one).
     temperature: 0 means greedy; otherwise logits are divided by it before sampling.
     top_p: nucleus mass in (0, 1]; 1 disables.
-    top_k: keep the k most likely tokens; 0 or -1 disables.
+    top_k: keep the k most likely tokens; 0 or -1 disables (so does any k >= the vocabulary size).
     min_p: drop tokens whose probability is below ``min_p`` times the most likely one's; 0 disables.
     seed: per-request seed: the same seed and prompt give the same completions whatever else runs.
     repetition_penalty: > 1 discourages tokens already in the prompt or output (HF/vLLM rule:
@@ -58,35 +70,32 @@ class SamplingParams:
 
   def __post_init__(self):
     stop = self.stop
+    if stop is not None and not isinstance(stop, (str, Sequence)):
+      raise ValueError(f"stop must be a string or a list of strings, got {_short(stop)}")
     stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     object.__setattr__(self, "stop", stop)
+    _check_stops(stop, self.stop_token_ids)
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
     _check_int("n", self.n, 1)
-    if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-    if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    _check_real("temperature", self.temperature, 0.0, MAX_TEMPERATURE, "[0, {hi:g}] (0: greedy)")
+    _check_real("top_p", self.top_p, 0.0, 1.0, "(0, 1]", open_lo=True)
     if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
       raise ValueError(f"top_k must be an int, -1 or 0 (disabled) or >= 1, got {self.top_k!r}")
-    if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-      raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-    if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-      raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-    if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+    _check_real("min_p", self.min_p, 0.0, 1.0, "[0, 1]")
+    if self.seed is not None:
+      if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
+    _check_real("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+                "[{lo:g}, {hi:g}] (1: off)")
     for name in ("presence_penalty", "frequency_penalty"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
-        raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+      _check_real(name, getattr(self, name), -2.0, 2.0, "[-2, 2]")
     if self.max_tokens is not None:
       _check_int("max_tokens", self.max_tokens, 1)
     _check_int("min_tokens", self.min_tokens, 0)
     if self.max_tokens is not None and self.min_tokens > self.max_tokens:
       raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-    if any(not isinstance(s, str) or not s for s in stop):
-      raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
     if any(t < 0 for t in self.stop_token_ids):
-      raise ValueError(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
+      raise ValueError(f"stop_token_ids must be >= 0, got {_short(list(self.stop_token_ids))}")
     if self.logprobs is not None:
       _check_int("logprobs", self.logprobs, 0)
       if self.logprobs > MAX_LOGPROBS:
@@ -123,10 +132,39 @@ class BeamSearchParams:
     if 2 * self.beam_width > 2 * MAX_LOGPROBS:
       raise ValueError(f"beam_width must be <= {MAX_LOGPROBS}, got {self.beam_width}")
     _check_int("max_tokens", self.max_tokens, 1)
-    if not isinstance(self.length_penalty, (int, float)):
-      raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+    _check_real("length_penalty", self.length_penalty, -100.0, 100.0, "[-100, 100]")
 
 
 def _check_int(name: str, value: object, lo: int) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < lo:
     raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_real(name: str, value: object, lo: float, hi: float, shown: str, *, open_lo: bool = False) -> None:
+  """``value`` must be a finite real in [lo, hi] ((lo, hi] with ``open_lo``); ``shown`` is the range as written."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not ok or not (lo < value if open_lo else lo <= value) or not value <= hi:
+    raise ValueError(f"{name} must be a finite number in {shown.format(lo=lo, hi=hi)}, got {value!r}")
+
+
+def _check_stops(stop: tuple, stop_token_ids: object) -> None:
+  """Bounds the stop lists (each is checked against every new token's text or id)."""
+  if any(not isinstance(s, str) or not s for s in stop):
+    raise ValueError(f"stop must be non-empty strings, got {_short(stop)}")
+  if len(stop) > MAX_STOP_STRINGS:
+    raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+  chars = sum(len(s) for s in stop)
+  if chars > MAX_STOP_CHARS:
+    raise ValueError(f"stop strings must total at most {MAX_STOP_CHARS} characters, got {chars}")
+  ids = stop_token_ids or ()
+  if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+    raise ValueError(f"stop_token_ids must be a list of ints, got {_short(ids)}")
+  if len(ids) > MAX_STOP_TOKEN_IDS:
+    raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+  if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) for t in ids):
+    raise ValueError(f"stop_token_ids must be a list of ints, got {_short(ids)}")
+
+
+def _short(value: object, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."

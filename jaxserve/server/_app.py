@@ -165,8 +165,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
             lp = None
             if top is not None:
               lp = lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
-            if not text and d.finish_reason is None and lp is None:
-              continue  # tokens whose text is still held back (a partial stop string or UTF-8 character)
+            # one chunk per generated token (as vLLM): its text may be empty (held back, a partial
+            # character, a special token), but clients time tokens by chunks
             yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                             "finish_reason": d.finish_reason}], "usage": None})
         if proto.include_usage(req):
@@ -220,9 +220,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
           for d in upd.choices:
             ntok += len(d.token_ids)
             lp = None if top is None else {"content": chat_logprobs(token_text, top, d.token_ids, d.logprobs or ())}
-            if not d.text and d.finish_reason is None and lp is None:
-              continue
-            yield sse({**head, "choices": [{"index": d.index, "delta": {"content": d.text} if d.text else {},
+            delta = {"content": d.text} if d.text or d.token_ids else {}  # a chunk per token, text or not
+            yield sse({**head, "choices": [{"index": d.index, "delta": delta,
                                             "logprobs": lp, "finish_reason": d.finish_reason}], "usage": None})
         if proto.include_usage(req):
           yield sse({**head, "choices": [], "usage": usage(len(prompt), ntok)})

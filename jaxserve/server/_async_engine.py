@@ -70,7 +70,6 @@ class _Stream:
   sink: asyncio.Queue
   loop: asyncio.AbstractEventLoop
   arrival: float
-  holdback: int  # characters of text held back while a stop string could still complete
   n: int  # completions of the request
   choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
   first_token: bool = False
@@ -197,8 +196,7 @@ class AsyncEngine:
       log.exception("add_request(%s) failed", request_id)
       _deliver(loop, sink, Update(tag, error=APIError(500, f"the engine could not take the request: {e}")))
       return
-    holdback = max((len(s) for s in params.stop), default=1) - 1 if params.stop else 0
-    self._streams[request_id] = _Stream(tag, sink, loop, arrival, holdback, params.n)
+    self._streams[request_id] = _Stream(tag, sink, loop, arrival, params.n)
     self.metrics.prompt_tokens.inc(len(prompt_token_ids))
     _deliver(loop, sink, Update(tag, num_prompt_tokens=len(prompt_token_ids)))
 
@@ -257,13 +255,13 @@ class AsyncEngine:
         self.metrics.itl.observe(now - state.last_time)
       self.metrics.generation_tokens.inc(len(new_ids))
       state.last_time = now
+    # The engine's text of a running completion leaves out what a stop string or an unfinished UTF-8
+    # character could still change, so it only grows: what was sent is its prefix.
     text = c.text or ""
     end = len(text)
-    if not finished:  # hold back what a stop string or an unfinished UTF-8 character could still change
-      end -= stream.holdback
+    if not finished:  # (an engine without that rule may still end in a partial character)
       while end > len(state.text) and text[end - 1] == "\ufffd":
         end -= 1
-    # The engine's text only grows (held-back stop strings aside), so what was sent is its prefix.
     new_text = text[len(state.text):end]
     logprobs = None
     if c.logprobs is not None:
