@@ -79,19 +79,25 @@ def kernel_bytes(params) -> int:
              if keys(p)[0].startswith("layers_") and keys(p)[-1] == "kernel")
 
 
-def decode_steps(llm, batch: int, steps: int, seed: int) -> list[float]:
-  """Wall seconds of each decode-only ``llm.step()`` for ``batch`` sequences of 16-token prompts."""
+def decode_steps(llm, batch: int, steps: int, seed: int, prompt_len: int = 16, vocab: int = 8000) -> list[float]:
+  """Wall seconds of ``steps`` decode-only ``llm.step()`` calls with ``batch`` sequences of ``prompt_len``-token
+  prompts (after every prompt's prefill, chunked where the prompts are long); the requests are aborted after."""
   from jaxserve.engine import SamplingParams
   rng = np.random.default_rng(seed)
-  sp = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, detokenize=False)
-  for i in range(batch):
-    llm.add_request(f"d{seed}-{i}", {"prompt_token_ids": rng.integers(3, 8000, 16).tolist()}, sp)
-  llm.step()  # the prefill of every prompt
+  # room to decode while the other prompts prefill, then ``steps`` more (aborted after the timing)
+  sp = SamplingParams(temperature=0, max_tokens=llm.max_model_len - prompt_len, ignore_eos=True, detokenize=False)
+  ids = [f"d{seed}-{i}" for i in range(batch)]
+  for rid in ids:
+    llm.add_request(rid, {"prompt_token_ids": rng.integers(3, vocab, prompt_len).tolist()}, sp)
+  started: set[str] = set()
+  while len(started) < batch:
+    started.update(o.request_id for o in llm.step() if o.outputs and o.outputs[0].token_ids)
   times = []
-  while llm.has_unfinished_requests():
+  for _ in range(steps):
     t0 = time.perf_counter()
     llm.step()
     times.append(time.perf_counter() - t0)
+  llm.abort_request(ids)
   return times
 
 
