@@ -14,12 +14,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                      description="Serve a model over HTTP with OpenAI's completions and chat completions API.")
   add_model_args(p)
+  p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                 help="the model to serve, as with --model (vLLM's 'vllm serve MODEL')")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
   p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
   p.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"),
                  help="require 'Authorization: Bearer KEY' on /v1 routes (default: $JAXSERVE_API_KEY, else none)")
-  p.add_argument("--served-model-name", default=None,
-                 help="model name clients pass (default: the model file's name, 'stories260K' when embedded)")
+  p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                 help="names clients may pass as 'model'; the first is the one responses use by default "
+                      "(default: the model path as given, 'stories260K' when embedded)")
   e = p.add_argument_group("engine")
   e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
   e.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool (default: engine's choice)")
@@ -27,7 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one engine step at most")
   e.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence "
                  "(default: the model's context)")
-  e.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+  e.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                 help="bytes of the KV pool, if --num-kv-blocks is not given (default: engine's choice)")
+  e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices to shard the model over")
+  e.add_argument("--attention-backend", choices=["auto", "xla", "pallas"], default="auto",
+                 help="auto: the Pallas kernels on GPU, XLA elsewhere")
+  e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                 help="reuse the KV blocks of earlier requests' identical prefixes (default: on)")
+  e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                 help="the same as --no-enable-prefix-caching")
   e.add_argument("--sparse-weights", choices=["auto", "off"], default="auto",
                  help="auto: a pruned model's sparse kernels run compressed (N:M, bitmask); off: all dense")
   e.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
@@ -43,10 +54,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.set_defaults(func=run)
 
 
-def served_name(model: str | None) -> str:
-  if model is None:
-    return "stories260K"
-  return os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
+def model_path(args: argparse.Namespace) -> str | None:
+  """The model to load: the positional MODEL or ``--model`` (one of them, or the same in both)."""
+  if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
+    raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}; pass one")
+  return args.model_arg if args.model_arg is not None else args.model
+
+
+def served_names(args: argparse.Namespace) -> tuple[str, ...]:
+  """``--served-model-name`` values, else the model path as given (vLLM's default), else 'stories260K'."""
+  if args.served_model_name:
+    return tuple(args.served_model_name)
+  model = model_path(args)
+  return (model if model is not None else "stories260K",)
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
+  """The ``jaxserve.LLM`` keyword arguments (all but ``model``) the engine flags ask for."""
+  return dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+              kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
+              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+              attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+              background_compile=args.background_compile, sparse_weights=args.sparse_weights)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,22 +90,20 @@ def run(args: argparse.Namespace) -> int:
   if args.shutdown_timeout < 0:
     raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  loaded = load_model(args.model, args.dtype, args.tokenizer)
+  model = model_path(args)
+  names = served_names(args)
+  loaded = load_model(model, args.dtype, args.tokenizer)
   if loaded.tokenizer is None:
-    raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")
-  llm = LLM(model=loaded, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, dtype=args.dtype,
-            enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-            background_compile=args.background_compile, sparse_weights=args.sparse_weights)
+    raise ValueError(f"{model}: no tokenizer found; pass --tokenizer")
+  llm = LLM(model=loaded, **llm_kwargs(args))
   del loaded  # the engine holds the weights in the form it runs them; no dense copy beside them
   if args.warmup:
     t0 = time.perf_counter()
     n = llm.warmup(mixed=args.background_compile)
     logging.getLogger("jaxserve.serve").info("warm-up: compiled %d step programs in %.1f s", n,
                                              time.perf_counter() - t0)
-  config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
-                        max_model_len=llm.max_model_len, vocab_size=llm.model.cfg.vocab_size, api_key=args.api_key)
+  config = ServerConfig(model_name=names[0], aliases=names[1:], max_model_len=llm.max_model_len,
+                        vocab_size=llm.model.cfg.vocab_size, api_key=args.api_key)
   app = create_app(llm, llm.tokenizer, config)
   run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
   return 0

@@ -194,9 +194,9 @@ class HFTokenizer:
     with self._lock:
       return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-  def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+  def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     with self._lock:
-      return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+      return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
   def save(self, out_dir: str) -> list[str]:
     with self._lock:

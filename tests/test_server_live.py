@@ -309,3 +309,19 @@ def test_sigterm_during_load_exits_zero_and_no_request_hangs():
     assert "engine stopped" in log and "Traceback" not in log, log[-3000:]
     with pytest.raises(httpx.ConnectError):
       httpx.get(srv.url("/health"), timeout=5)
+
+
+def test_served_under_the_path_as_given_with_tokenize_and_a_chunk_per_token():
+  from jaxserve.loaders import DEFAULT_MODEL, DEFAULT_TOKENIZER
+  with ServerProcess([DEFAULT_MODEL, "--tokenizer", DEFAULT_TOKENIZER, "--no-warmup", "--max-num-seqs", "4"]) as srv:
+    c = openai.OpenAI(base_url=srv.url("/v1"), api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in c.models.list().data] == [DEFAULT_MODEL]
+    r = c.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert r.model == DEFAULT_MODEL and r.usage.completion_tokens == 12
+    chunks = list(c.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                       stream=True))
+    assert len(chunks) == 12 and "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
+    tok = httpx.post(srv.url("/tokenize"), json={"model": DEFAULT_MODEL, "prompt": "Once upon a time"}).json()
+    assert tok["count"] == r.usage.prompt_tokens and tok["max_model_len"] > 0
+    back = httpx.post(srv.url("/detokenize"), json={"model": DEFAULT_MODEL, "tokens": tok["tokens"]}).json()
+    assert back == {"prompt": "Once upon a time"}

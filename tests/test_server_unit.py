@@ -275,3 +275,53 @@ def test_stream_sends_a_chunk_for_every_token_even_with_empty_text():
       if route == "/v1/completions":
         assert [text_of(e["choices"][0]) for e in chunks] == [TOK.decode(want[:k + 1])[len(TOK.decode(want[:k])):]
                                                                for k in range(6)]
+
+
+# ---------------------------------------------------------------- served names, /tokenize, /detokenize
+def test_every_served_name_is_listed_and_served_and_echoed():
+  with client(ScriptedEngine(), model_name="/models/my model", aliases=("short", "other")) as c:
+    assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["/models/my model", "short", "other"]
+    for name in ("/models/my model", "short", "other"):
+      r = c.post("/v1/completions", json={"prompt": [5], "model": name, "max_tokens": 2})
+      assert r.status_code == 200 and r.json()["model"] == name
+      r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "model": name,
+                                               "max_tokens": 2})
+      assert r.status_code == 200 and r.json()["model"] == name
+      assert c.get(f"/v1/models/{name}").json()["id"] == name
+    r = c.post("/v1/completions", json={"prompt": [5], "model": "my model", "max_tokens": 2})
+    assert r.status_code == 404 and "'/models/my model', 'short', 'other'" in r.json()["error"]["message"]
+    assert c.post("/v1/completions", json={"prompt": [5], "max_tokens": 2}).json()["model"] == "/models/my model"
+
+
+def test_tokenize_and_detokenize_round_trip_with_vllm_shapes():
+  with client(ScriptedEngine(), api_key="k") as c:
+    auth = {"Authorization": "Bearer k"}
+    text = "Once upon a time, Café ☃"
+    r = c.post("/tokenize", json={"model": "m", "prompt": text}, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == TOK.encode(text, add_bos=True) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == CFG.max_model_len and body["token_strs"] is None
+    back = c.post("/detokenize", json={"model": "m", "tokens": body["tokens"]}, headers=auth)
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+    r = c.post("/tokenize", json={"prompt": text, "add_special_tokens": False, "return_token_strs": True},
+               headers=auth).json()
+    assert r["tokens"] == TOK.encode(text) and r["token_strs"] == [TOK.id_to_piece(t) for t in r["tokens"]]
+    # messages: the ids the chat route runs (the completion route's prompt_tokens agree)
+    msgs = [{"role": "user", "content": "hi there"}]
+    r = c.post("/tokenize", json={"messages": msgs}, headers=auth).json()
+    assert r["tokens"] == chat_prompt_ids(TOK, msgs)
+    usage_ = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}, headers=auth).json()["usage"]
+    assert usage_["prompt_tokens"] == r["count"]
+    no_gen = c.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}, headers=auth).json()
+    assert no_gen["tokens"] == TOK.encode("User: hi there\n", add_bos=True)
+    # errors
+    assert c.post("/tokenize", json={"prompt": text}).status_code == 401
+    for body, param, words in (({"tokens": [1, 99999]}, "tokens", "outside the vocabulary"),
+                               ({"tokens": "abc"}, "tokens", "valid list")):
+      r = c.post("/detokenize", json=body, headers=auth)
+      assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+    r = c.post("/tokenize", json={"prompt": "a", "messages": msgs}, headers=auth)
+    assert r.status_code == 400 and "exactly one of 'prompt'" in r.json()["error"]["message"]
+    r = c.post("/tokenize", json={"prompt": "a", "model": "nope"}, headers=auth)
+    assert r.status_code == 404

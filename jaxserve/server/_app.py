@@ -38,12 +38,19 @@ class ServerConfig:
     max_model_len: prompt plus completion tokens allowed per sequence.
     vocab_size: token ids in prompts must be below it.
     api_key: when set, ``/v1/*`` routes need ``Authorization: Bearer <api_key>``.
+    aliases: more names the model is served under (vLLM's ``--served-model-name A B``: ``model_name``
+      is A, ``aliases`` B); responses name the model as the request did.
   """
 
   model_name: str
   max_model_len: int
   vocab_size: int
   api_key: str | None = None
+  aliases: tuple[str, ...] = ()
+
+  @property
+  def served_names(self) -> tuple[str, ...]:
+    return (self.model_name, *(a for a in self.aliases if a != self.model_name))
 
 
 def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_params_cls: type | None = None,
@@ -96,8 +103,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
                      code="invalid_api_key")
 
   def check_model(name: str | None) -> None:
-    if name is not None and name != config.model_name:
-      raise APIError(404, f"The model '{name}' does not exist; this server serves '{config.model_name}'",
+    if name is not None and name not in config.served_names:
+      served = ", ".join(f"'{n}'" for n in config.served_names)
+      raise APIError(404, f"The model '{name}' does not exist; this server serves {served}",
                      param="model", code="model_not_found")
 
   async def read(request: Request, model: type) -> Any:
@@ -109,8 +117,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
     check_model(body.model)
     return body
 
-  def model_card() -> dict[str, Any]:
-    return {"id": config.model_name, "object": "model", "created": created, "owned_by": "jaxserve",
+  def model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "jaxserve",
             "max_model_len": config.max_model_len}
 
   # ---------------------------------------------------------------- routes
@@ -127,13 +135,27 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   @app.get("/v1/models")
   async def list_models(request: Request) -> dict[str, Any]:
     authorize(request)
-    return {"object": "list", "data": [model_card()]}
+    return {"object": "list", "data": [model_card(name) for name in config.served_names]}
 
   @app.get("/v1/models/{name:path}")
   async def get_model(name: str, request: Request) -> dict[str, Any]:
     authorize(request)
     check_model(name)
-    return model_card()
+    return model_card(name)
+
+  @app.post("/tokenize")
+  async def tokenize(request: Request) -> dict[str, Any]:
+    """vLLM's ``/tokenize``: ``{"prompt"}`` or ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
+    req: proto.TokenizeRequest = await read(request, proto.TokenizeRequest)
+    ids = proto.tokenize(req, tokenizer)
+    strs = proto.token_strs(tokenizer, ids) if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
+
+  @app.post("/detokenize")
+  async def detokenize(request: Request) -> dict[str, Any]:
+    """vLLM's ``/detokenize``: ``{"tokens"}`` -> ``{"prompt"}``."""
+    req: proto.DetokenizeRequest = await read(request, proto.DetokenizeRequest)
+    return {"prompt": proto.detokenize(req, tokenizer, config.vocab_size)}
 
   @app.post("/v1/completions")
   async def completions(request: Request) -> Response:
@@ -147,7 +169,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
     group = RequestGroup(aengine, rid, prompts, params, arrival)
     echo = [tokenizer.decode(p) for p in prompts] if req.echo else None
     top = req.logprobs
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()),
+            "model": req.model or config.model_name}  # the name the request used
 
     if req.stream:
       async def chunks() -> AsyncIterator[str]:
@@ -206,7 +229,8 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     group = RequestGroup(aengine, rid, [prompt], [params], arrival)
     top = params.logprobs
-    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name}
+    head = {"id": rid, "object": "chat.completion", "created": int(time.time()),
+            "model": req.model or config.model_name}  # the name the request used
 
     if req.stream:
       head["object"] = "chat.completion.chunk"

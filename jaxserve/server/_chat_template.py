@@ -20,14 +20,18 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def render_plain(messages: Sequence[dict[str, Any]]) -> str:
+def render_plain(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
   """The plain template's text (without BOS) for ``messages``: dicts with ``role`` and string ``content``."""
-  return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+  text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+  return text + "Assistant:" if add_generation_prompt else text
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
-  """Token ids of the prompt for ``messages``, with the tokenizer's template when it has one."""
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+                    ) -> list[int]:
+  """Token ids of the prompt for ``messages``, with the tokenizer's template when it has one
+  (``add_generation_prompt``: end with the open assistant turn)."""
   if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+    kw = {} if add_generation_prompt else {"add_generation_prompt": False}
     # the template writes special tokens (BOS, turn markers) as text: parse them
-    return tokenizer.encode(tokenizer.apply_chat_template(list(messages)), add_bos=False, parse_special=True)
-  return tokenizer.encode(render_plain(messages), add_bos=True)
+    return tokenizer.encode(tokenizer.apply_chat_template(list(messages), **kw), add_bos=False, parse_special=True)
+  return tokenizer.encode(render_plain(messages, add_generation_prompt), add_bos=True)

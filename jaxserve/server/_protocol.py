@@ -8,7 +8,7 @@ Every problem becomes an :class:`APIError` (HTTP 400) whose message and ``param`
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,6 +89,32 @@ class ChatCompletionRequest(_SamplingFields):
   response_format: dict[str, Any] | None = None
 
 
+class TokenizeRequest(_Strict):
+  """``POST /tokenize`` (vLLM's): ``prompt`` (``TokenizeCompletionRequest``) or ``messages``
+  (``TokenizeChatRequest``), and whether to return the token strings."""
+
+  n: ClassVar[int] = 1  # one prompt (the request-size checks read it)
+  model: str | None = None
+  prompt: str | None = None
+  messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+  add_special_tokens: bool | None = None  # a prompt gets BOS unless false; messages get what the chat route runs
+  add_generation_prompt: bool | None = True
+  return_token_strs: bool | None = False
+
+  @pydantic.model_validator(mode="after")
+  def _one_input(self) -> "TokenizeRequest":
+    if (self.prompt is None) == (self.messages is None):
+      raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a chat)")
+    return self
+
+
+class DetokenizeRequest(_Strict):
+  """``POST /detokenize`` (vLLM's)."""
+
+  model: str | None = None
+  tokens: list[int]
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
   """JSON bytes -> a validated ``model`` instance, or a 400 naming the first bad field."""
   try:
@@ -112,6 +138,8 @@ _FIELD_HINTS = {
 
 def _validation_error(e: pydantic.ValidationError, obj: dict[str, Any]) -> APIError:
   err = e.errors()[0]
+  if not err["loc"]:  # a whole-body rule
+    return bad_request(err["msg"].removeprefix("Value error, "))
   field = str(err["loc"][0])
   if field in ("prompt", "stop") and err["type"] != "missing":  # unions: one message, not one per member
     return bad_request(f"'{field}' must be {_FIELD_HINTS[field]}, got {_short(obj.get(field))}", field)
@@ -175,8 +203,13 @@ def completion_prompts(req: CompletionRequest, tokenizer: Any, vocab_size: int) 
 
 def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
   """The chat prompt's token ids (the tokenizer's chat template, or the plain one)."""
+  return messages_prompt(req.messages, tokenizer)
+
+
+def messages_prompt(chat: list[ChatMessage], tokenizer: Any, add_generation_prompt: bool = True) -> list[int]:
+  """Token ids of chat messages rendered with the tokenizer's chat template (or the plain one)."""
   messages = []
-  for i, m in enumerate(req.messages):
+  for i, m in enumerate(chat):
     content = m.content
     if isinstance(content, list):
       content = "".join(part.text for part in content)
@@ -185,7 +218,7 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
                         f"messages.{i}.content")
     messages.append({"role": m.role, "content": content})
   try:
-    return chat_prompt_ids(tokenizer, messages)
+    return chat_prompt_ids(tokenizer, messages, add_generation_prompt)
   except Exception as e:  # a template may reject role orders (e.g. two user turns in a row)
     raise bad_request(f"'messages' could not be rendered with the chat template: {e}", "messages") from None
 
@@ -272,3 +305,25 @@ def check_prompt_count(num_prompts: int, n: int) -> None:
 
 def include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
   return bool(req.stream_options and req.stream_options.include_usage)
+
+
+# ---------------------------------------------------------------- /tokenize and /detokenize
+def tokenize(req: TokenizeRequest, tokenizer: Any) -> list[int]:
+  """The token ids ``/tokenize`` returns: the prompt's (BOS unless ``add_special_tokens`` is false) or
+  the chat's as the chat completions route renders it."""
+  if req.prompt is not None:
+    return tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
+  return messages_prompt(req.messages, tokenizer, add_generation_prompt=req.add_generation_prompt is not False)
+
+
+def token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
+  """The tokens' own strings (sentencepiece pieces such as ``"▁Once"``, else their decoded text)."""
+  piece = getattr(tokenizer, "id_to_piece", None)
+  return [piece(i) if piece is not None else tokenizer.decode([i]) for i in ids]
+
+
+def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> str:
+  bad = next((t for t in req.tokens if not 0 <= t < vocab_size), None)
+  if bad is not None:
+    raise bad_request(f"'tokens' holds token id {bad}, outside the vocabulary [0, {vocab_size})", "tokens")
+  return tokenizer.decode(req.tokens)
