@@ -12,6 +12,7 @@ lanes past N hold zero values and index/bit 0):
 
 * :class:`PackedDense`: the whole matrix in panels of 48 columns, then the last ``N % 48`` in
   panels of 16, each ``[K, width]`` contiguous (the CPU matmul's streaming order). ``N % 16 == 0``.
+  bfloat16 ones (``pairs``) interleave pairs of rows, as AVX-512 BF16's dot product reads them.
 * :class:`NMSparse`: ``n`` kept values of every ``m`` consecutive rows along K, per column
   (``0 < n < m <= 16``, ``K % m == 0``). ``values [NP, S, P]`` with ``S = K / m * n`` slot rows (row
   ``g*n + j``: the j-th kept value of group g, ascending index) and ``meta`` uint32
@@ -74,36 +75,55 @@ class _Leaf:
 # ----------------------------------------------------------------------------- packed dense
 
 
-@_pytree(("panels",), ("shape",))
+@_pytree(("panels",), ("shape", "pairs"))
 class PackedDense(_Leaf):
-  """A dense ``[K, N]`` float kernel in the CPU matmul's column-panel order (``panels``: ``[K * N]``)."""
+  """A dense ``[K, N]`` float kernel in the CPU matmul's column-panel order (``panels``: ``[rows * N]``).
+
+  With ``pairs`` (the bfloat16 kernel's layout), each panel holds pairs of rows side by side:
+  ``panel[(kp * width + j) * 2 + t] = W[2 * kp + t, n0 + j]``, ``rows = K`` rounded up to even
+  (a zero row past an odd K); without, ``panel[k * width + j] = W[k, n0 + j]`` and ``rows = K``.
+  """
 
   _values = "panels"
   panels: Array
   shape: tuple[int, int]
+  pairs: bool = False
 
   @staticmethod
   def packable(shape: tuple[int, ...]) -> bool:
     """Whether a kernel of this shape can be packed (2-D, N a multiple of 16)."""
     return len(shape) == 2 and shape[1] % NARROW == 0
 
+  @property
+  def rows(self) -> int:
+    """Rows of the packed matrix: K, or K rounded up to even with ``pairs``."""
+    k = self.shape[0]
+    return k + k % 2 if self.pairs else k
+
   @classmethod
-  def pack(cls, w: Array) -> PackedDense:
-    """Packs a ``[K, N]`` matrix (``N % 16 == 0``)."""
+  def pack(cls, w: Array, *, pairs: bool | None = None) -> PackedDense:
+    """Packs a ``[K, N]`` matrix (``N % 16 == 0``); ``pairs`` defaults to True for bfloat16 (its kernel's layout)."""
     if not cls.packable(w.shape):
       raise ValueError(f"PackedDense needs a [K, N] matrix with N a multiple of 16, got shape {tuple(w.shape)}")
+    pairs = jnp.dtype(w.dtype) == jnp.bfloat16 if pairs is None else pairs
     k, n = w.shape
     wide = n // WIDE * WIDE
-    parts = [jnp.transpose(w[:, :wide].reshape(k, -1, WIDE), (1, 0, 2)).reshape(-1),
-             jnp.transpose(w[:, wide:].reshape(k, -1, NARROW), (1, 0, 2)).reshape(-1)]
-    return cls(jnp.concatenate(parts), (k, n))
+    if pairs:
+      w = jnp.pad(w, ((0, k % 2), (0, 0)))
+      panel = lambda a, p: jnp.transpose(a.reshape(a.shape[0] // 2, 2, -1, p), (2, 0, 3, 1)).reshape(-1)
+    else:
+      panel = lambda a, p: jnp.transpose(a.reshape(a.shape[0], -1, p), (1, 0, 2)).reshape(-1)
+    return cls(jnp.concatenate([panel(w[:, :wide], WIDE), panel(w[:, wide:], NARROW)]), (k, n), pairs)
 
   def to_dense(self) -> Array:
     k, n = self.shape
-    wide = n // WIDE * WIDE
-    head = jnp.transpose(self.panels[:k * wide].reshape(-1, k, WIDE), (1, 0, 2)).reshape(k, wide)
-    tail = jnp.transpose(self.panels[k * wide:].reshape(-1, k, NARROW), (1, 0, 2)).reshape(k, n - wide)
-    return jnp.concatenate([head, tail], axis=1)
+    rows, wide = self.rows, n // WIDE * WIDE
+    head, tail = self.panels[:rows * wide], self.panels[rows * wide:]
+    if self.pairs:  # [panels, rows / 2, width, 2] -> [rows, cols]
+      unpanel = lambda a, p: jnp.transpose(a.reshape(-1, rows // 2, p, 2), (1, 3, 0, 2)).reshape(rows, -1)
+    else:
+      unpanel = lambda a, p: jnp.transpose(a.reshape(-1, rows, p), (1, 0, 2)).reshape(rows, -1)
+    return jnp.concatenate([unpanel(head, WIDE), unpanel(tail, NARROW)], axis=1)[:k]
 
 
 # ----------------------------------------------------------------------------- N:M

@@ -158,5 +158,5 @@ def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
   with_kernel = jax.jit(PagedAttention().attend)(q, kb, vb, meta)
   without = jax.jit(PagedAttention(cpu_kernel=False).attend)(q, kb, vb, meta)
   np.testing.assert_allclose(with_kernel, without, atol=2e-5, rtol=2e-5)
-  assert not PagedAttention().use_cpu_kernel(jnp.bfloat16) and not PagedAttention(sliding_window=4).use_cpu_kernel(
-      jnp.float32)
+  assert not PagedAttention().use_cpu_kernel(jnp.float16) and not PagedAttention(sliding_window=4).use_cpu_kernel(
+      jnp.float32)  # bfloat16 pools: tests/test_engine_bf16.py

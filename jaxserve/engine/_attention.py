@@ -287,8 +287,9 @@ class PagedAttention:
       sequence (XLA path; the runner puts the longest sequences first).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     cpu_kernel: attention (with the K/V write) through the C++ kernel of ``_cpu_kernels`` instead of
-      the XLA loops (CPU, float32, no sliding window, one device); the model runner then also runs
-      every Dense on the native matmuls (packed, N:M or bitmask kernels: ``jaxserve.weights``).
+      the XLA loops (CPU, float32 or bfloat16 pools, no sliding window, one device); the model runner
+      then also runs every Dense on the native matmuls (packed, N:M or bitmask kernels:
+      ``jaxserve.weights``).
       None: when it builds and applies; False: never.
   """
 

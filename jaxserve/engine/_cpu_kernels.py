@@ -13,9 +13,12 @@ They are compiled on first use with the system C++ compiler against the FFI head
 jaxlib (without ``-ffast-math``: loading them leaves the process's floating-point modes alone),
 cached under ``$JAXSERVE_CACHE_DIR/cpu_kernels`` (default ``~/.cache/jaxserve/cpu_kernels``, a
 private 0700 directory, keyed by :func:`cache_key`; a library is loaded only from a directory and
-file of this user's that nobody else can write), and registered with JAX. Without a compiler (or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and
-the engine keeps the pure-XLA path. ``JAXSERVE_CPU_KERNEL_ISA=generic`` builds without AVX-512
-(the kernels' portable paths), for tests.
+file of this user's that nobody else can write), and registered with JAX. Without a compiler
+(or with ``JAXSERVE_CPU_KERNEL=0``), :func:`available` is False and the engine keeps the pure-XLA
+path. float32 and bfloat16 (float32 accumulation) pools and packed weights; the sparse matmuls
+are float32 only. ``JAXSERVE_CPU_KERNEL_ISA=generic`` builds without AVX-512
+(the kernels' portable paths) and ``no-bf16`` makes the bfloat16 matmul widen to float32 instead
+of using AVX-512 BF16, for tests. :func:`info` says which paths run (also logged at load).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ import numpy as np
 TARGET = "jaxserve_paged_attention_cpu"
 WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
 MATMUL_TARGET = "jaxserve_matmul_cpu"
+TARGET_BF16 = "jaxserve_paged_attention_bf16_cpu"
+WRITE_TARGET_BF16 = "jaxserve_write_paged_attention_bf16_cpu"
+MATMUL_TARGET_BF16 = "jaxserve_matmul_bf16_cpu"
+ISAS = ("native", "no-bf16", "generic")  # values of $JAXSERVE_CPU_KERNEL_ISA
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-weight dtypes the kernels take
 NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
 BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 _SOURCES = [Path(__file__).parent / "csrc" / name
@@ -70,12 +78,18 @@ def _compile_flags() -> list[str]:
     # Rapids), alternating builds, loaded machine: a 256-row causal prefill 1.1-1.4 ms -> 0.76-0.81
     # ms, decode batches unchanged. Harmless where AVX-512 is absent (the widest vectors are used).
     flags.append("-mprefer-vector-width=512")
-  isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
-  if isa == "generic":
+  if _isa() == "generic":
     flags.append("-mno-avx512f")  # also drops the AVX-512 extensions: the AVX2 (or older) paths
-  elif isa != "native":
-    raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be 'native' or 'generic', got {isa!r}")
   return flags
+
+
+def _isa() -> str:
+  """``$JAXSERVE_CPU_KERNEL_ISA``: ``native`` (default), ``no-bf16`` (the bfloat16 matmul widens to float32
+  instead of using AVX-512 BF16; read when a call is traced) or ``generic`` (built without AVX-512)."""
+  isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
+  if isa not in ISAS:
+    raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be one of {ISAS}, got {isa!r}")
+  return isa
 
 
 def _cpu_flags() -> str:
@@ -180,10 +194,17 @@ def available() -> bool:
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionCpu),
                                     platform="cpu")
         jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveMatmulCpu), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_BF16, jax.ffi.pycapsule(lib.JaxservePagedAttentionBf16Cpu),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_TARGET_BF16, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionBf16Cpu),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(MATMUL_TARGET_BF16, jax.ffi.pycapsule(lib.JaxserveMatmulBf16Cpu),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(NM_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveNmMatmulCpu), platform="cpu")
         jax.ffi.register_ffi_target(BITMASK_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveBitmaskMatmulCpu),
                                     platform="cpu")
         _state["ok"], _state["lib"] = True, lib
+        log.info("jaxserve: CPU kernels loaded (%s); bfloat16 matmul: %s", lib._name, _bf16_path(lib))
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
         log.warning("jaxserve: CPU kernels unavailable, using XLA's attention and matmul (%s)", e)
         _state["ok"], _state["error"] = False, str(e)
@@ -191,8 +212,25 @@ def available() -> bool:
 
 
 def supported(dtype, sliding_window) -> bool:
-  """Whether the kernel handles pools of ``dtype`` (float32 only) with this sliding window (none)."""
-  return jnp.dtype(dtype) == jnp.float32 and sliding_window is None
+  """Whether the kernel handles pools of ``dtype`` (float32 or bfloat16) with this sliding window (none)."""
+  return jnp.dtype(dtype) in DTYPES and sliding_window is None
+
+
+def bf16_path() -> str:
+  """The bfloat16 matmul's path here: ``"avx512_bf16"`` (``vdpbf16ps``) or ``"widen"`` (bfloat16 widened to
+  float32, then FMAs), from the CPU (checked by the library at run time) and ``$JAXSERVE_CPU_KERNEL_ISA``."""
+  return _bf16_path(_state["lib"]) if available() else "widen"
+
+
+def _bf16_path(lib: ctypes.CDLL) -> str:
+  return "avx512_bf16" if _isa() == "native" and lib.JaxserveCpuBf16Dot() else "widen"
+
+
+def info() -> dict[str, object]:
+  """What runs: ``{"available", "isa", "bf16_matmul", "error"}`` (for stats and logs)."""
+  ok = available()
+  return {"available": ok, "isa": _isa(), "bf16_matmul": bf16_path() if ok else None,
+          "error": _state.get("error")}
 
 
 def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, row_seq: jax.Array,
@@ -200,8 +238,8 @@ def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table
   """Attention of query rows over block-layout pools, float32 (call :func:`available` first).
 
   Args:
-    q: ``[T, H, D]`` query rows.
-    k_pages, v_pages: ``[NB, KVH, BS, D]`` pools.
+    q: ``[T, H, D]`` query rows (computed in float32).
+    k_pages, v_pages: ``[NB, KVH, BS, D]`` pools, float32 or bfloat16 (widened as they are read).
     block_tables: ``[S, W]`` physical blocks of each sequence.
     row_seq: ``[T]`` sequence of each row.
     row_len: ``[T]`` positions each row sees (its position + 1: causal); 0 makes the row zero.
@@ -209,7 +247,8 @@ def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table
     num_threads: parts the rows are split into, run on XLA's intra-op thread pool (0: one per
       pool thread).
   """
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  target = _pool_target(TARGET, TARGET_BF16, k_pages, v_pages)
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32), row_seq.astype(jnp.int32),
               row_len.astype(jnp.int32), scale=np.float32(scale), num_threads=np.int64(num_threads))
 
@@ -220,16 +259,25 @@ def write_paged_rows(q: jax.Array, k_new: jax.Array, v_new: jax.Array, slot_mapp
   """The engine's step in one call: writes ``k_new, v_new`` ``[N, KVH, D]`` into their slots
   (``slot_mapping`` ``[N]``; slots outside the pool are skipped), then :func:`paged_rows`.
 
+  ``k_new, v_new`` are rounded to the pools' dtype (as XLA's ``astype``) before they are written.
   The pools are aliased input to output, so inside a jitted step whose pools are donated they
   are updated in place (no scatter, no copy). Returns ``(out, k_pages, v_pages)``.
   """
-  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_pages.shape, jnp.float32),
-               jax.ShapeDtypeStruct(v_pages.shape, jnp.float32))
-  call = jax.ffi.ffi_call(WRITE_TARGET, out_types, input_output_aliases={4: 1, 5: 2})
-  return call(q.astype(jnp.float32), k_new.astype(jnp.float32), v_new.astype(jnp.float32),
+  target = _pool_target(WRITE_TARGET, WRITE_TARGET_BF16, k_pages, v_pages)
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+               jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
+  call = jax.ffi.ffi_call(target, out_types, input_output_aliases={4: 1, 5: 2})
+  return call(q.astype(jnp.float32), k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype),
               slot_mapping.astype(jnp.int32), k_pages, v_pages, block_tables.astype(jnp.int32),
               row_seq.astype(jnp.int32), row_len.astype(jnp.int32), scale=np.float32(scale),
               num_threads=np.int64(num_threads))
+
+
+def _pool_target(f32: str, bf16: str, k_pages: jax.Array, v_pages: jax.Array) -> str:
+  if k_pages.dtype != v_pages.dtype or jnp.dtype(k_pages.dtype) not in DTYPES:
+    raise ValueError(f"paged attention: K/V pools must both be float32 or both bfloat16, got {k_pages.dtype} and "
+                     f"{v_pages.dtype}")
+  return bf16 if k_pages.dtype == jnp.bfloat16 else f32
 
 
 def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -244,16 +292,33 @@ def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[
   return seq, jnp.where(valid, pos + 1, 0)
 
 
-def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0) -> jax.Array:
-  """``x @ W`` for ``x`` ``[..., K]`` and ``W`` ``[K, N]`` in column panels, float32 (call :func:`available` first).
+def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16_dot: bool | None = None) -> jax.Array:
+  """``x @ W`` for ``x`` ``[..., K]`` and ``W`` ``[K, N]`` in column panels, float32 out (call :func:`available` first).
 
-  ``packed``: ``[K, N]`` elements, the panels of :class:`jaxserve.weights.PackedDense` (its ``panels``
-  reshaped to ``[K, N]``; a permutation of W's elements, not W).
+  Args:
+    x: ``[..., K]`` activations; leading axes are flattened into rows; cast to ``packed``'s dtype.
+    packed: the panels of :class:`jaxserve.weights.PackedDense` reshaped to ``[rows, N]`` (a
+      permutation of W's elements, not W): float32 (``rows = K``), or bfloat16 with ``pairs``
+      (``rows`` = K rounded up to even), accumulated in float32.
+    num_threads: parts the panels are split into, run on XLA's intra-op thread pool (0: one per
+      pool thread).
+    bf16_dot: bfloat16 only: use AVX-512 BF16's ``vdpbf16ps`` (where the CPU has it) or widen to
+      float32 and FMA (False); None: :func:`bf16_path`.
   """
-  k, n = packed.shape
+  rows, n = packed.shape
+  k = x.shape[-1]
+  bf16 = packed.dtype == jnp.bfloat16
+  if packed.dtype not in DTYPES or rows != (k + k % 2 if bf16 else k):
+    raise ValueError(f"packed_matmul: need float32 [K, N] or bfloat16 [K rounded up to even, N] panels for K={k}, "
+                     f"got {packed.dtype} {packed.shape}")
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, k).astype(jnp.float32)
-  call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
+  x2 = x.reshape(-1, k).astype(packed.dtype)
+  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+  if bf16:
+    dot = bf16_path() == "avx512_bf16" if bf16_dot is None else bool(bf16_dot)
+    call = jax.ffi.ffi_call(MATMUL_TARGET_BF16, out)
+    return call(x2, packed, num_threads=np.int64(num_threads), bf16_dot=np.int64(dot)).reshape(*lead, n)
+  call = jax.ffi.ffi_call(MATMUL_TARGET, out)
   return call(x2, packed, num_threads=np.int64(num_threads)).reshape(*lead, n)
 
 

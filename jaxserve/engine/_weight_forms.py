@@ -22,7 +22,11 @@ def _cpu_ok(x: jax.Array, w: Any) -> bool:
 
 def _packed_cpu(x: jax.Array, w: PackedDense) -> jax.Array | None:
   from jaxserve.engine import _cpu_kernels
-  return _cpu_kernels.packed_matmul(x, w.panels.reshape(w.shape)) if _cpu_ok(x, w) else None
+  # float32 panels, or bfloat16 ones in pairs of rows (the layout the bfloat16 kernel reads)
+  fits = x.dtype == w.dtype and w.dtype in _cpu_kernels.DTYPES and w.pairs == (w.dtype == jnp.bfloat16)
+  if not (fits and jax.default_backend() == "cpu" and _cpu_kernels.available()):
+    return None
+  return _cpu_kernels.packed_matmul(x, w.panels.reshape(w.rows, w.shape[1]))
 
 
 def _nm_cpu(x: jax.Array, w: NMSparse) -> jax.Array | None:
@@ -58,8 +62,10 @@ def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -
     sparse: ``"auto"``: a kernel whose zeros (or stored compressed form) make an N:M or bitmask
       form at most :data:`jaxserve.weights.MAX_BYTES_FRACTION` of its dense bytes runs compressed,
       when ``native`` kernels exist for it; ``"off"``: every kernel runs dense.
-    native: the C++ CPU kernels run this model (float32 on the CPU): dense kernels with ``N % 16 == 0``
-      are packed, sparse ones kept compressed. False: plain arrays only (XLA, GPU, sharded).
+    native: the C++ CPU kernels run this model (float32 or bfloat16 on the CPU): dense kernels with
+      ``N % 16 == 0`` are packed (bfloat16 ones in pairs of rows: ``PackedDense.pairs``); float32
+      sparse ones are kept compressed (the sparse kernels are float32 only: bfloat16 ones run
+      packed dense). False: plain arrays only (XLA, GPU, sharded).
 
   Returns:
     The parameters with no dense copy of a kernel kept beside its compressed or packed form.
@@ -82,7 +88,8 @@ def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -
         x = NMSparse.compress(x.to_dense(), x.mask(), n=x.n, m=x.m, name=name)
     elif weights.is_typed(x):
       x = x.to_dense()
-    if native and not weights.is_typed(x) and x.dtype == jnp.float32 and PackedDense.packable(x.shape):
+    if native and not weights.is_typed(x) and x.dtype in (jnp.float32, jnp.bfloat16) and PackedDense.packable(
+        x.shape):
       x = PackedDense.pack(x)
     return x
 

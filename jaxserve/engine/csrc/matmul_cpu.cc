@@ -12,11 +12,22 @@
 // a time with the R x P accumulators in vector registers: each weight is read from memory once,
 // sequentially, then from the L2 cache for the panel's other row tiles.
 //
+// bfloat16: x [M, K] and W in bfloat16, out float32 (float32 accumulation). The panels hold
+// pairs of rows: panel[(kp * P + j) * 2 + t] = W[2 * kp + t, n0 + j] (a zero row past an odd K),
+// so one 32-bit lane holds the two weights that AVX-512 BF16's vdpbf16ps multiplies with a
+// broadcast pair of x and adds into one float32 lane. Where the CPU lacks the instruction
+// (checked at run time) or the caller asks (bf16_dot = 0), the pairs are widened to float32
+// (a shift) and FMA'd: the same layout serves both paths.
+//
 // Built with paged_attention_cpu.cc by jaxserve.engine._cpu_kernels.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -65,12 +76,121 @@ void Tile(const float* x, const float* w, float* out, int64_t r0, int64_t n0, in
     for (int v = 0; v < V; ++v) Store(out + (r0 + r) * n_dim + n0 + v * kLanes, acc[r][v]);
 }
 
-template <int V, int R = std::max(1, kAccumulators / V)>
-void Panel(const float* x, const float* w, float* out, int64_t m_dim, int64_t n0, int64_t k_dim, int64_t n_dim) {
+// float32 x and weights: `Tile` above.
+struct F32 {
+  using T = float;
+  static constexpr int kLanes = ::kLanes, kAccumulators = ::kAccumulators;
+  static int64_t PackedRows(int64_t k_dim) { return k_dim; }
+  template <int R, int V>
+  static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
+    Tile<R, V>(x, w, out, r0, n0, k_dim, n_dim);
+  }
+};
+
+// bfloat16 -> float32: the 16 bits are the float's top half.
+inline float Widen(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Pair kp of row r of x as the 32 bits a vdpbf16ps lane reads (the high half 0 past an odd K).
+inline uint32_t XPair(const uint16_t* xr, int64_t kp, int64_t k_dim) {
+  const uint32_t lo = xr[2 * kp];
+  const uint32_t hi = 2 * kp + 1 < k_dim ? xr[2 * kp + 1] : 0;
+  return lo | hi << 16;
+}
+
+typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// bfloat16 weights widened to float32 in registers (any CPU): a pair of rows per 32-bit lane,
+// split into the even row (low halves shifted up) and the odd row (high halves masked).
+struct Bf16Widen {
+  using T = uint16_t;
+  static constexpr int kLanes = ::kLanes, kAccumulators = ::kAccumulators - 4;  // 2V weight registers
+  static int64_t PackedRows(int64_t k_dim) { return (k_dim + 1) / 2 * 2; }
+  template <int R, int V>
+  static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
+    Vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+    const T* xr = x + r0 * k_dim;
+    const int64_t pairs = (k_dim + 1) / 2;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const T* row = w + kp * V * kLanes * 2;
+      for (int j = 0; j < V * kLanes * 2; j += 32) __builtin_prefetch(row + kAhead * V * kLanes * 2 + j, 0, 3);
+      Vec even[V], odd[V];
+      for (int v = 0; v < V; ++v) {
+        UVec u;
+        std::memcpy(&u, row + v * kLanes * 2, sizeof(u));
+        even[v] = (Vec)(u << 16);
+        odd[v] = (Vec)(u & 0xFFFF0000u);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float a0 = Widen(xr[r * k_dim + 2 * kp]);
+        const float a1 = 2 * kp + 1 < k_dim ? Widen(xr[r * k_dim + 2 * kp + 1]) : 0.0f;
+        for (int v = 0; v < V; ++v) acc[r][v] += a0 * even[v] + a1 * odd[v];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) Store(out + (r0 + r) * n_dim + n0 + v * kLanes, acc[r][v]);
+  }
+};
+
+#if defined(__AVX512F__)
+#define JAXSERVE_BF16_DOT 1
+// AVX-512 BF16: one vdpbf16ps per 16 columns and pair of rows. Compiled for the instruction
+// whatever -march says; Bf16DotSupported() decides at run time whether it may run.
+#define JAXSERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+struct Bf16Dot {
+  using T = uint16_t;
+  static constexpr int kLanes = 16, kAccumulators = 24;
+  static int64_t PackedRows(int64_t k_dim) { return (k_dim + 1) / 2 * 2; }
+  template <int R, int V>
+  JAXSERVE_BF16_TARGET static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim,
+                                       int64_t n_dim) {
+    __m512 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    const T* xr = x + r0 * k_dim;
+    const int64_t pairs = (k_dim + 1) / 2;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const T* row = w + kp * V * 32;
+      for (int j = 0; j < V * 32; j += 32) __builtin_prefetch(row + kAhead * V * 32 + j, 0, 3);
+      __m512i b[V];
+      for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_si512(row + v * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512i a = _mm512_set1_epi32(static_cast<int>(XPair(xr + r * k_dim, kp, k_dim)));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (r0 + r) * n_dim + n0 + v * 16, acc[r][v]);
+  }
+};
+#endif
+
+}  // namespace
+
+// Whether the bfloat16 matmul can run vdpbf16ps here (compiled in and the CPU has AVX-512 BF16).
+extern "C" int JaxserveCpuBf16Dot() {
+#if defined(JAXSERVE_BF16_DOT)
+  return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+namespace {
+
+template <class K, int V, int R = std::max(1, K::kAccumulators / V)>
+void Panel(const typename K::T* x, const typename K::T* w, float* out, int64_t m_dim, int64_t n0, int64_t k_dim,
+           int64_t n_dim) {
   int64_t r = 0;
-  for (; r + R <= m_dim; r += R) Tile<R, V>(x, w, out, r, n0, k_dim, n_dim);
+  for (; r + R <= m_dim; r += R) K::template Run<R, V>(x, w, out, r, n0, k_dim, n_dim);
   if constexpr (R > 1) {  // the last rows, fewer than R
-    if (r < m_dim) Panel<V, R / 2>(x + r * k_dim, w, out + r * n_dim, m_dim - r, n0, k_dim, n_dim);
+    if (r < m_dim) Panel<K, V, R / 2>(x + r * k_dim, w, out + r * n_dim, m_dim - r, n0, k_dim, n_dim);
   }
 }
 
@@ -78,36 +198,61 @@ inline int64_t NumPanels(int64_t n_dim) { return n_dim / kWide + (n_dim % kWide)
 
 // Work item i: the i-th 48-column panel, then the 16-column panels of the last columns; from the
 // front of the list for the calling thread, from the back for a helper.
-void RunPanels(const float* x, const float* w, float* out, int64_t m_dim, int64_t k_dim, int64_t n_dim,
-               jaxserve::Items& items, bool front) {
-  const int64_t wide = n_dim / kWide;
+template <class K>
+void RunPanels(const typename K::T* x, const typename K::T* w, float* out, int64_t m_dim, int64_t k_dim,
+               int64_t n_dim, jaxserve::Items& items, bool front) {
+  const int64_t wide = n_dim / kWide, rows = K::PackedRows(k_dim);
   for (int64_t i = items.Next(front); i >= 0; i = items.Next(front)) {
     if (i < wide) {
-      Panel<kWide / kLanes>(x, w + i * k_dim * kWide, out, m_dim, i * kWide, k_dim, n_dim);
+      Panel<K, kWide / K::kLanes>(x, w + i * rows * kWide, out, m_dim, i * kWide, k_dim, n_dim);
     } else {
       const int64_t n0 = wide * kWide + (i - wide) * kNarrow;
-      Panel<kNarrow / kLanes>(x, w + k_dim * n0, out, m_dim, n0, k_dim, n_dim);
+      Panel<K, kNarrow / K::kLanes>(x, w + rows * n0, out, m_dim, n0, k_dim, n_dim);
     }
   }
 }
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || out->dimensions().size() != 2 ||
-      out->dimensions()[0] != xd[0] || out->dimensions()[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("matmul_cpu: expected x [M, K], packed w [K, N], out [M, N]");
-  }
-  const int64_t m_dim = xd[0], k_dim = xd[1], n_dim = wd[1];
-  if (n_dim % kNarrow != 0) return ffi::Error::InvalidArgument("matmul_cpu: N must be a multiple of 16");
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* op = out->typed_data();
+template <class K>
+ffi::Error Matmul(ffi::ThreadPool& pool, const typename K::T* x, const typename K::T* w, float* out,
+                  int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t num_threads) {
   jaxserve::Items items(NumPanels(n_dim));
-  auto run = [=, &items](bool caller) { RunPanels(xp, wp, op, m_dim, k_dim, n_dim, items, caller); };
+  auto run = [=, &items](bool caller) { RunPanels<K>(x, w, out, m_dim, k_dim, n_dim, items, caller); };
   jaxserve::RunOnPool(pool, num_threads, NumPanels(n_dim), run);
   return ffi::Error::Success();
+}
+
+// Checks x [M, K], packed w [rows, N] (rows: K, or K rounded up to even for bfloat16), out [M, N].
+ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions wd, ffi::AnyBuffer::Dimensions od,
+                       bool pairs) {
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || od[0] != xd[0] || od[1] != wd[1] ||
+      wd[0] != (pairs ? (xd[1] + 1) / 2 * 2 : xd[1])) {
+    return ffi::Error::InvalidArgument(pairs ? "matmul_cpu: expected x [M, K], packed w [K rounded up to even, N], "
+                                               "out [M, N]"
+                                             : "matmul_cpu: expected x [M, K], packed w [K, N], out [M, N]");
+  }
+  if (wd[1] % kNarrow != 0) return ffi::Error::InvalidArgument("matmul_cpu: N must be a multiple of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
+  if (ffi::Error e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), false); e.failure()) return e;
+  return Matmul<F32>(pool, x.typed_data(), w.typed_data(), out->typed_data(), x.dimensions()[0],
+                     x.dimensions()[1], w.dimensions()[1], num_threads);
+}
+
+ffi::Error MatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                          ffi::ResultBuffer<ffi::F32> out, int64_t num_threads, int64_t bf16_dot) {
+  if (ffi::Error e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), true); e.failure()) return e;
+  const int64_t m_dim = x.dimensions()[0], k_dim = x.dimensions()[1], n_dim = w.dimensions()[1];
+#if defined(JAXSERVE_BF16_DOT)
+  if (bf16_dot && JaxserveCpuBf16Dot()) {
+    return Matmul<Bf16Dot>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim,
+                           num_threads);
+  }
+#endif
+  return Matmul<Bf16Widen>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim,
+                           num_threads);
 }
 
 }  // namespace
@@ -119,3 +264,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulCpu, MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // packed w, [K, N] elements
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
                                   .Attr<int64_t>("num_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulBf16Cpu, MatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // packed w, [K rounded up to even, N] elements
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [M, N]
+                                  .Attr<int64_t>("num_threads")
+                                  .Attr<int64_t>("bf16_dot"));  // 1: vdpbf16ps where the CPU has it; 0: widen

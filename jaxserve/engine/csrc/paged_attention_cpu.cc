@@ -19,7 +19,9 @@
 // the calling thread works too and never waits for a helper that has not started.
 //
 // Two entry points: attention alone, and the engine's step: write this step's K/V into their
-// slots (pools aliased input to output, updated in place), then attention.
+// slots (pools aliased input to output, updated in place), then attention. Each for float32 and
+// for bfloat16 pools (q and out float32 either way; keys and values are widened to float32 as
+// they are read, a shift, and everything is computed in float32).
 //
 // Built on first use by jaxserve.engine._cpu_kernels with the system C++ compiler.
 
@@ -59,18 +61,29 @@ inline float Exp(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// A pool element as float32: float32 as is, bfloat16 (its 16 bits) as the top half of one.
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // Asks for a block while the previous one is processed: blocks sit at random places in the pool,
 // and the hardware prefetcher does not cross the 4 KiB pages of a block. Non-temporal: a block is
 // read once per pass (measured: 26 GB/s on random blocks vs 20 with the default hint, 2 threads).
-inline void Prefetch(const float* p, int64_t floats) {
+template <typename T>
+inline void Prefetch(const T* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < floats * 4; i += 64) __builtin_prefetch(c + i, 0, 0);
+  for (int64_t i = 0; i < elems * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(c + i, 0, 0);
 }
 
+template <typename T>  // pool element: float, or uint16_t holding bfloat16
 struct Step {
   const float* q;         // [T, H, D]
-  const float* k_pages;   // [NB, KVH, BS, D]
-  const float* v_pages;   // [NB, KVH, BS, D]
+  const T* k_pages;       // [NB, KVH, BS, D]
+  const T* v_pages;       // [NB, KVH, BS, D]
   const int32_t* tables;  // [S, W]
   const int32_t* row_seq; // [T]
   const int32_t* row_len; // [T]
@@ -85,7 +98,7 @@ struct Step {
     const int64_t s = row_seq[r];
     return (s < 0 || s >= num_seqs) ? 0 : std::min<int64_t>(row_len[r], width * block);
   }
-  const float* BlockOf(const float* pages, int64_t seq, int64_t i) const {
+  const T* BlockOf(const T* pages, int64_t seq, int64_t i) const {
     const int64_t b = tables[seq * width + i];
     return pages + ((b < 0 || b >= num_blocks) ? 0 : b) * block_elems();
   }
@@ -99,46 +112,46 @@ struct Scratch {
   std::vector<float> scores, acc, qt;
 };
 
-template <int kD>
-inline float Dot(const float* a, const float* b, int64_t dim) {
+template <int kD, typename T>
+inline float Dot(const float* a, const T* b, int64_t dim) {
   const int64_t n = kD ? kD : dim;
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * Widen(b[i]);
   return s;
 }
 
 // acc[0:D] += sum_j w[j] * rows[j, 0:D], the accumulator in registers when D is known (two sets,
 // even and odd j, so that consecutive FMAs do not wait for each other).
-template <int kD>
-inline void AddWeightedRows(float* acc, const float* w, const float* rows, int64_t n, int64_t dim) {
+template <int kD, typename T>
+inline void AddWeightedRows(float* acc, const float* w, const T* rows, int64_t n, int64_t dim) {
   if constexpr (kD > 0) {
     float a[kD], b[kD];
     for (int i = 0; i < kD; ++i) a[i] = acc[i], b[i] = 0.0f;
     int64_t j = 0;
     for (; j + 1 < n; j += 2) {
       const float w0 = w[j], w1 = w[j + 1];
-      const float* v0 = rows + j * kD;
-      const float* v1 = v0 + kD;
+      const T* v0 = rows + j * kD;
+      const T* v1 = v0 + kD;
 #pragma omp simd
       for (int i = 0; i < kD; ++i) {
-        a[i] += w0 * v0[i];
-        b[i] += w1 * v1[i];
+        a[i] += w0 * Widen(v0[i]);
+        b[i] += w1 * Widen(v1[i]);
       }
     }
     if (j < n) {
       const float wj = w[j];
-      const float* v = rows + j * kD;
+      const T* v = rows + j * kD;
 #pragma omp simd
-      for (int i = 0; i < kD; ++i) a[i] += wj * v[i];
+      for (int i = 0; i < kD; ++i) a[i] += wj * Widen(v[i]);
     }
     for (int i = 0; i < kD; ++i) acc[i] = a[i] + b[i];
   } else {
     for (int64_t j = 0; j < n; ++j) {
       const float wj = w[j];
-      const float* v = rows + j * dim;
+      const T* v = rows + j * dim;
 #pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) acc[i] += wj * v[i];
+      for (int64_t i = 0; i < dim; ++i) acc[i] += wj * Widen(v[i]);
     }
   }
 }
@@ -163,8 +176,8 @@ inline void SoftmaxRows(float* scores, int64_t count, int64_t n, int64_t stride)
 }
 
 // One query row: every head against the row's len keys.
-template <int kD>
-void OneRow(const Step& st, int64_t r, Scratch& s) {
+template <int kD, typename T>
+void OneRow(const Step<T>& st, int64_t r, Scratch& s) {
   const int64_t dim = kD ? kD : st.dim, heads = st.heads, group = st.group(), bs = st.block;
   const int64_t len = st.Len(r), seq = st.row_seq[r];
   const int64_t num_blocks = (len + bs - 1) / bs, stride = num_blocks * bs;
@@ -174,12 +187,12 @@ void OneRow(const Step& st, int64_t r, Scratch& s) {
   for (int64_t i = 0; i < heads * dim; ++i) s.qt[i] = q[i] * st.scale;
   // pass 1: scores
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const float* blk = st.BlockOf(st.k_pages, seq, b);
+    const T* blk = st.BlockOf(st.k_pages, seq, b);
     Prefetch(b + 1 < num_blocks ? st.BlockOf(st.k_pages, seq, b + 1) : st.BlockOf(st.v_pages, seq, 0),
              st.block_elems());
     const int64_t n = std::min(bs, len - b * bs);
     for (int64_t h = 0; h < heads; ++h) {
-      const float* keys = blk + (h / group) * bs * dim;
+      const T* keys = blk + (h / group) * bs * dim;
       const float* qh = s.qt.data() + h * dim;
       float* sc = s.scores.data() + h * stride + b * bs;
       for (int64_t j = 0; j < n; ++j) sc[j] = Dot<kD>(qh, keys + j * dim, dim);
@@ -189,7 +202,7 @@ void OneRow(const Step& st, int64_t r, Scratch& s) {
   // pass 2: weighted sum of values
   s.acc.assign(heads * dim, 0.0f);
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const float* blk = st.BlockOf(st.v_pages, seq, b);
+    const T* blk = st.BlockOf(st.v_pages, seq, b);
     if (b + 1 < num_blocks) Prefetch(st.BlockOf(st.v_pages, seq, b + 1), st.block_elems());
     const int64_t n = std::min(bs, len - b * bs);
     for (int64_t h = 0; h < heads; ++h) {
@@ -202,8 +215,8 @@ void OneRow(const Step& st, int64_t r, Scratch& s) {
 
 // A causal run of rows row..row+num_rows-1 of one sequence (lengths increasing by one), with
 // num_rows * G <= kLanes: per KV head, lane i * G + g holds row i's query head k * G + g.
-template <int kD>
-void Tile(const Step& st, const Item& it, Scratch& s) {
+template <int kD, typename T>
+void Tile(const Step<T>& st, const Item& it, Scratch& s) {
   const int64_t dim = kD ? kD : st.dim, heads = st.heads, group = st.group(), bs = st.block;
   const int64_t seq = st.row_seq[it.row], last = st.Len(it.row + it.num_rows - 1);
   const int64_t num_blocks = (last + bs - 1) / bs, used = it.num_rows * group;
@@ -218,7 +231,7 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
     }
     // scores[p, lane] for every key of every block (masked past each lane's length)
     for (int64_t b = 0; b < num_blocks; ++b) {
-      const float* keys = st.BlockOf(st.k_pages, seq, b) + k * bs * dim;
+      const T* keys = st.BlockOf(st.k_pages, seq, b) + k * bs * dim;
       if (b + 1 < num_blocks) Prefetch(st.BlockOf(st.k_pages, seq, b + 1) + k * bs * dim, bs * dim);
       const int64_t step = bs % kKeysPerStep == 0 ? kKeysPerStep : 1;
       for (int64_t j0 = 0; j0 < bs; j0 += step) {
@@ -226,7 +239,7 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
         for (int64_t i = 0; i < dim; ++i) {
           const float* qt = s.qt.data() + i * kLanes;
           for (int64_t u = 0; u < step; ++u) {
-            const float kv = keys[(j0 + u) * dim + i];
+            const float kv = Widen(keys[(j0 + u) * dim + i]);
 #pragma omp simd
             for (int l = 0; l < kLanes; ++l) a[u][l] += qt[l] * kv;
           }
@@ -267,19 +280,19 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
           for (int i = 0; i < kD; ++i) acc[u][i] = 0.0f;
       }
       for (int64_t b = 0; b < num_blocks; ++b) {
-        const float* vals = st.BlockOf(st.v_pages, seq, b) + k * bs * dim;
+        const T* vals = st.BlockOf(st.v_pages, seq, b) + k * bs * dim;
         const int64_t n = std::min(bs, last - b * bs);
         for (int64_t j = 0; j < n; ++j) {
-          const float* v = vals + j * dim;
+          const T* v = vals + j * dim;
           const float* w = s.scores.data() + (b * bs + j) * kLanes + l0;
           if constexpr (kD == 0) {
 #pragma omp simd
-            for (int64_t i = 0; i < dim; ++i) dyn[i] += w[0] * v[i];
+            for (int64_t i = 0; i < dim; ++i) dyn[i] += w[0] * Widen(v[i]);
           } else {
             for (int u = 0; u < kGroup; ++u) {
               const float wu = w[u];
 #pragma omp simd
-              for (int i = 0; i < kD; ++i) acc[u][i] += wu * v[i];
+              for (int i = 0; i < kD; ++i) acc[u][i] += wu * Widen(v[i]);
             }
           }
         }
@@ -295,8 +308,8 @@ void Tile(const Step& st, const Item& it, Scratch& s) {
   }
 }
 
-template <int kD>
-void RunItems(const Step& st, const std::vector<Item>& items, std::atomic<int64_t>& next) {
+template <int kD, typename T>
+void RunItems(const Step<T>& st, const std::vector<Item>& items, std::atomic<int64_t>& next) {
   Scratch s;
   for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
     const Item& it = items[i];
@@ -308,18 +321,20 @@ void RunItems(const Step& st, const std::vector<Item>& items, std::atomic<int64_
   }
 }
 
-void RunAll(const Step& st, const std::vector<Item>& items, std::atomic<int64_t>& next) {
+template <typename T>
+void RunAll(const Step<T>& st, const std::vector<Item>& items, std::atomic<int64_t>& next) {
   switch (st.dim) {
-    case 32: return RunItems<32>(st, items, next);
-    case 64: return RunItems<64>(st, items, next);
-    case 128: return RunItems<128>(st, items, next);
-    default: return RunItems<0>(st, items, next);
+    case 32: return RunItems<32, T>(st, items, next);
+    case 64: return RunItems<64, T>(st, items, next);
+    case 128: return RunItems<128, T>(st, items, next);
+    default: return RunItems<0, T>(st, items, next);
   }
 }
 
 // Cuts the rows into work items (padding rows are zeroed here): a causal run of one sequence
 // becomes tiles when a tile fills at least half of its lanes, single rows otherwise.
-std::vector<Item> MakeItems(const Step& st) {
+template <typename T>
+std::vector<Item> MakeItems(const Step<T>& st) {
   std::vector<Item> items;
   const int64_t group = st.group();
   const int64_t tile_rows = std::max<int64_t>(1, kLanes / group);
@@ -349,16 +364,22 @@ std::vector<Item> MakeItems(const Step& st) {
 // One shared counter, not parallel.h's Items (the caller from the front, helpers from the back):
 // measured on a 2-core VM, 2 threads, 8 heads of 64, Items made a decode batch of 64 rows (20 to
 // 250 positions) slower, 2.5 ms vs 1.6 ms, and a 256-row prefill 5 to 10% faster.
-ffi::Error Attend(ffi::ThreadPool& pool, const Step& st, int64_t num_threads) {
+template <typename T>
+ffi::Error Attend(ffi::ThreadPool& pool, const Step<T>& st, int64_t num_threads) {
   const std::vector<Item> items = MakeItems(st);
   std::atomic<int64_t> next{0};
   jaxserve::RunOnPool(pool, num_threads, static_cast<int64_t>(items.size()), [&](bool) { RunAll(st, items, next); });
   return ffi::Error::Success();
 }
 
-ffi::Error MakeStep(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k_pages, ffi::Buffer<ffi::F32>& v_pages,
-                    ffi::Buffer<ffi::S32>& tables, ffi::Buffer<ffi::S32>& row_seq, ffi::Buffer<ffi::S32>& row_len,
-                    float scale, Step* st) {
+template <ffi::DataType DT>
+using Pool = ffi::Buffer<DT>;
+template <ffi::DataType DT>
+using Elem = ffi::NativeType<DT>;
+
+template <ffi::DataType DT>
+ffi::Error MakeStep(ffi::Buffer<ffi::F32>& q, Pool<DT>& k_pages, Pool<DT>& v_pages, ffi::Buffer<ffi::S32>& tables,
+                    ffi::Buffer<ffi::S32>& row_seq, ffi::Buffer<ffi::S32>& row_len, float scale, Step<Elem<DT>>* st) {
   auto qd = q.dimensions();
   auto kd = k_pages.dimensions();
   auto td = tables.dimensions();
@@ -370,8 +391,9 @@ ffi::Error MakeStep(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k_pages, ff
   for (size_t i = 0; i < 4; ++i) {
     if (v_pages.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("paged_attention_cpu: K/V pools differ");
   }
-  *st = Step{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), tables.typed_data(), row_seq.typed_data(),
-             row_len.typed_data(), nullptr, qd[0], qd[1], qd[2], kd[1], kd[2], td[1], kd[0], td[0], scale};
+  *st = Step<Elem<DT>>{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), tables.typed_data(),
+                       row_seq.typed_data(), row_len.typed_data(), nullptr, qd[0], qd[1], qd[2], kd[1], kd[2],
+                       td[1], kd[0], td[0], scale};
   if (kd[3] != st->dim || row_len.dimensions()[0] != st->rows || row_seq.dimensions()[0] != st->rows ||
       st->kv_heads < 1 || st->heads % st->kv_heads != 0) {
     return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
@@ -379,19 +401,20 @@ ffi::Error MakeStep(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k_pages, ff
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                         ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> row_seq,
-                         ffi::Buffer<ffi::S32> row_len, ffi::ResultBuffer<ffi::F32> out, float scale,
-                         int64_t num_threads) {
-  Step st;
-  if (ffi::Error e = MakeStep(q, k_pages, v_pages, tables, row_seq, row_len, scale, &st); e.failure()) return e;
+template <ffi::DataType DT>
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, Pool<DT> k_pages, Pool<DT> v_pages,
+                         ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> row_seq, ffi::Buffer<ffi::S32> row_len,
+                         ffi::ResultBuffer<ffi::F32> out, float scale, int64_t num_threads) {
+  Step<Elem<DT>> st;
+  if (ffi::Error e = MakeStep<DT>(q, k_pages, v_pages, tables, row_seq, row_len, scale, &st); e.failure()) return e;
   st.out = out->typed_data();
   return Attend(pool, st, num_threads);
 }
 
 // Writes new[t, k, :] into slot slots[t] (block slots[t] / BS, offset slots[t] % BS) of `pages`;
 // slots outside the pool are skipped.
-void WriteSlots(float* pages, const float* new_rows, const int32_t* slots, int64_t count, const Step& st) {
+template <typename T>
+void WriteSlots(T* pages, const T* new_rows, const int32_t* slots, int64_t count, const Step<T>& st) {
   const int64_t dim = st.dim, limit = st.num_blocks * st.block;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t slot = slots[t];
@@ -399,20 +422,21 @@ void WriteSlots(float* pages, const float* new_rows, const int32_t* slots, int64
     const int64_t b = slot / st.block, off = slot % st.block;
     for (int64_t k = 0; k < st.kv_heads; ++k) {
       std::memcpy(pages + ((b * st.kv_heads + k) * st.block + off) * dim, new_rows + (t * st.kv_heads + k) * dim,
-                  dim * sizeof(float));
+                  dim * sizeof(T));
     }
   }
 }
 
-ffi::Error WriteAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                              ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> slots,
-                              ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
+template <ffi::DataType DT>
+ffi::Error WriteAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, Pool<DT> k_new, Pool<DT> v_new,
+                              ffi::Buffer<ffi::S32> slots, Pool<DT> k_pages, Pool<DT> v_pages,
                               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> row_seq,
                               ffi::Buffer<ffi::S32> row_len, ffi::ResultBuffer<ffi::F32> out,
-                              ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out, float scale,
+                              ffi::ResultBuffer<DT> k_out, ffi::ResultBuffer<DT> v_out, float scale,
                               int64_t num_threads) {
-  Step st;
-  if (ffi::Error e = MakeStep(q, k_pages, v_pages, tables, row_seq, row_len, scale, &st); e.failure()) return e;
+  using T = Elem<DT>;
+  Step<T> st;
+  if (ffi::Error e = MakeStep<DT>(q, k_pages, v_pages, tables, row_seq, row_len, scale, &st); e.failure()) return e;
   auto nd = k_new.dimensions();
   const int64_t count = slots.dimensions().size() == 1 ? slots.dimensions()[0] : -1;
   if (nd.size() != 3 || nd[0] != count || nd[1] != st.kv_heads || nd[2] != st.dim ||
@@ -420,9 +444,9 @@ ffi::Error WriteAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     return ffi::Error::InvalidArgument("paged_attention_cpu: expected new K/V [N,KVH,D] and slots [N]");
   }
   // the pools are aliased to the outputs (updated in place); copy first if XLA did not alias them
-  float* kp = k_out->typed_data();
-  float* vp = v_out->typed_data();
-  const size_t pool_bytes = k_pages.element_count() * sizeof(float);
+  T* kp = k_out->typed_data();
+  T* vp = v_out->typed_data();
+  const size_t pool_bytes = k_pages.element_count() * sizeof(T);
   if (kp != k_pages.typed_data()) std::memcpy(kp, k_pages.typed_data(), pool_bytes);
   if (vp != v_pages.typed_data()) std::memcpy(vp, v_pages.typed_data(), pool_bytes);
   WriteSlots(kp, k_new.typed_data(), slots.typed_data(), count, st);
@@ -433,35 +457,46 @@ ffi::Error WriteAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   return Attend(pool, st, num_threads);
 }
 
+template <ffi::DataType DT>
+auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
+      .template Arg<Pool<DT>>()               // k_pages [NB, KVH, BS, D]
+      .template Arg<Pool<DT>>()               // v_pages [NB, KVH, BS, D]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // block tables [S, W]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // row_seq [T]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // row_len [T]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("num_threads");
+}
+
+template <ffi::DataType DT>
+auto WriteAttentionBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
+      .template Arg<Pool<DT>>()               // new keys [N, KVH, D]
+      .template Arg<Pool<DT>>()               // new values [N, KVH, D]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // slots [N]
+      .template Arg<Pool<DT>>()               // k_pages [NB, KVH, BS, D] (aliased to k_out)
+      .template Arg<Pool<DT>>()               // v_pages (aliased to v_out)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // block tables [S, W]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // row_seq [T]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // row_len [T]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
+      .template Ret<Pool<DT>>()               // k_out
+      .template Ret<Pool<DT>>()               // v_out
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("num_threads");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages [NB, KVH, BS, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages [NB, KVH, BS, D]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // block tables [S, W]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_seq [T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_len [T]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("num_threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveWritePagedAttentionCpu, WriteAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys [N, KVH, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values [N, KVH, D]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots [N]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages [NB, KVH, BS, D] (aliased to k_out)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages (aliased to v_out)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // block tables [S, W]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_seq [T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_len [T]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // k_out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_out
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("num_threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, AttentionImpl<ffi::F32>, AttentionBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionBf16Cpu, AttentionImpl<ffi::BF16>, AttentionBinding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveWritePagedAttentionCpu, WriteAttentionImpl<ffi::F32>,
+                              WriteAttentionBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveWritePagedAttentionBf16Cpu, WriteAttentionImpl<ffi::BF16>,
+                              WriteAttentionBinding<ffi::BF16>());
