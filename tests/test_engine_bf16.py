@@ -204,3 +204,24 @@ def test_engine_bfloat16_equals_float32_greedy():
     assert formats.get("packed", 0) >= 1 and set(formats) <= {"packed", "dense"}, formats
     outs[dtype] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
   assert outs["bfloat16"] == outs["float32"]
+
+
+def test_model_with_bf16_packed_weights_runs_the_kernel():
+  """The forward pass with bfloat16 weights packed by the engine calls the bfloat16 kernel for every packed Dense
+  and equals the plain bfloat16 forward within bfloat16 rounding."""
+  from jaxserve.config import ModelConfig
+  from jaxserve.engine._weight_forms import prepare_params, weight_formats
+  from jaxserve.model import forward, init_params
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, max_position_embeddings=64, dtype="bfloat16")
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg.replace(dtype="float32"), seed=3))
+  packed = prepare_params(params, native=True)
+  assert weight_formats(packed) == {"packed": 2 * 7 + 1}
+  assert all(w.pairs and w.dtype == jnp.bfloat16 for w in jax.tree.leaves(packed, is_leaf=weights.is_typed)
+             if weights.is_typed(w))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 11)), jnp.int32)
+  run = jax.jit(lambda p, t: forward(p, cfg, t).logits)
+  assert run.lower(packed, tokens).as_text().count(_cpu_kernels.MATMUL_TARGET_BF16) == 2 * 7 + 1
+  plain, fast = np.asarray(run(params, tokens)), np.asarray(run(packed, tokens))
+  np.testing.assert_allclose(fast, plain, rtol=0.05, atol=0.05 * np.abs(plain).max())
+  assert (fast.argmax(-1) == plain.argmax(-1)).mean() > 0.9
