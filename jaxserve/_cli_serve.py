@@ -6,8 +6,12 @@ import argparse
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from jaxserve._cli_args import add_model_args
+
+if TYPE_CHECKING:
+  from jaxserve.server._limits import TransportLimits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--shutdown-timeout", type=float, default=30.0,
                  help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
   p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+  _add_limit_args(p)
   p.set_defaults(func=run)
 
 
@@ -104,6 +109,48 @@ def run(args: argparse.Namespace) -> int:
                                              time.perf_counter() - t0)
   config = ServerConfig(model_name=names[0], aliases=names[1:], max_model_len=llm.max_model_len,
                         vocab_size=llm.model.cfg.vocab_size, api_key=args.api_key)
-  app = create_app(llm, llm.tokenizer, config)
-  run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+  stats = llm.stats()
+  limits = _limits_from_args(args, max_num_seqs=args.max_num_seqs, max_model_len=llm.max_model_len,
+                             kv_pool_tokens=stats["kv_blocks_total"] * stats["kv_block_size"])
+  app = create_app(llm, llm.tokenizer, config, limits=limits)
+  run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+             header_timeout=limits.header_timeout)
   return 0
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+  """The ``jaxserve serve`` flags of ``jaxserve.server._limits.TransportLimits`` (same defaults)."""
+  g = p.add_argument_group("limits per client")
+  g.add_argument("--max-queued-requests", type=int, default=256,
+                 help="sequences that may wait for a batch slot beyond --max-num-seqs; requests beyond get 429 "
+                      "with Retry-After (default 256)")
+  g.add_argument("--max-tokens-per-request", type=int, default=None,
+                 help="most n x max_tokens (summed over prompts) one request may ask for "
+                      "(default: half the KV pool's tokens, at least max_model_len)")
+  g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                 help="largest request body in bytes, counted while reading (default 8 MiB)")
+  g.add_argument("--header-timeout", type=float, default=10.0,
+                 help="seconds to receive a request's headers; idle connections are closed after it (default 10)")
+  g.add_argument("--body-timeout", type=float, default=30.0,
+                 help="seconds to receive a request's body (default 30)")
+  g.add_argument("--stream-stall-timeout", type=float, default=30.0,
+                 help="seconds a streaming client may read nothing before its requests are aborted (default 30)")
+  g.add_argument("--max-stream-buffer", type=int, default=4096,
+                 help="engine updates buffered for a client that does not read before its requests are aborted "
+                      "(default 4096)")
+
+
+def _limits_from_args(args: argparse.Namespace, *, max_num_seqs: int, max_model_len: int,
+                      kv_pool_tokens: int | None) -> TransportLimits:
+  """``TransportLimits`` from the flags of :func:`_add_limit_args` and the engine's sizes."""
+  from jaxserve.server._limits import TransportLimits  # noqa: PLC0415
+  if args.max_queued_requests < 0:
+    raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+  per_request = args.max_tokens_per_request
+  if per_request is None and kv_pool_tokens is not None:
+    per_request = max(max_model_len, kv_pool_tokens // 2)
+  return TransportLimits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                         header_timeout=args.header_timeout,
+                         max_in_flight_seqs=max_num_seqs + args.max_queued_requests,
+                         max_tokens_per_request=per_request, max_stream_buffer=args.max_stream_buffer,
+                         stream_stall_timeout=args.stream_stall_timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hmac
@@ -15,18 +16,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jaxserve.server import _protocol as proto
 from jaxserve.server._async_engine import AsyncEngine, ClientDisconnected, RequestGroup
 from jaxserve.server._errors import APIError
+from jaxserve.server._limits import (TransportLimits, check_prompt_bounds, check_sizes, check_unicode,
+                                     default_max_prompt_chars, parse_json, read_body)
 from jaxserve.server._metrics import ServerMetrics
 from jaxserve.server._responses import (SSE_DONE, Accumulator, CompletionLogprobs, TokenText, chat_logprobs, sse,
                                         usage)
 
 log = logging.getLogger("jaxserve.server")
 
-# Request bodies above this many bytes are refused (413) before parsing.
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# Scope extension under which the server (``_runner``) puts a callable that cuts the connection.
+ABORT_CONNECTION = "jaxserve.abort_connection"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,15 +58,24 @@ class ServerConfig:
 
 
 def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_params_cls: type | None = None,
-               *, start_engine: bool = True) -> FastAPI:
+               *, start_engine: bool = True, limits: TransportLimits | None = None) -> FastAPI:
   """Builds the ASGI app around ``engine`` (``jaxserve.LLM`` or anything with its incremental API).
 
   The engine thread starts with the app's lifespan and stops (aborting what is left) when it ends.
+  ``limits`` bound what one client may take (default: ``TransportLimits()``).
   """
   if sampling_params_cls is None:
     from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
+  limits = limits or TransportLimits()
+  max_prompt_chars = limits.max_prompt_chars or default_max_prompt_chars(tokenizer, config.max_model_len)
   metrics = ServerMetrics(config.model_name)
-  aengine = AsyncEngine(engine, metrics)
+  aengine = AsyncEngine(engine, metrics, limits)
+  # Prompts are tokenized here, off the event loop, one at a time (the engine thread is the only
+  # other user of the tokenizer).
+  tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenize")
+
+  async def off_loop(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
   token_text = TokenText(tokenizer)
   created = int(time.time())
 
@@ -74,16 +87,23 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
     try:
       yield
     finally:
+      tokenize_pool.shutdown(wait=False, cancel_futures=True)
       await asyncio.get_running_loop().run_in_executor(None, aengine.shutdown)
       log.info("engine stopped after %d steps", aengine.steps)
 
   app = FastAPI(title="jaxserve", lifespan=lifespan)
   app.state.engine = aengine
   app.state.metrics = metrics
+  app.state.limits = limits
 
   @app.exception_handler(APIError)
   async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {}
+    if e.status == 429:
+      headers["Retry-After"] = str(limits.retry_after)
+    if e.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
+      headers["Connection"] = "close"
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -109,12 +129,28 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
                      param="model", code="model_not_found")
 
   async def read(request: Request, model: type) -> Any:
+    """The request body, read within the size and time limits, parsed and checked for what is cheap
+    to check (model name, prompt count and length) before anything is tokenized."""
     authorize(request)
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-      raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES}")
-    body = proto.parse_body(await request.body(), model)
+    if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+      raise APIError(413, f"request body of {size} bytes is over the limit of {limits.max_body_bytes}; "
+                     "send a smaller request", code="request_too_large")
+    try:
+      async with asyncio.timeout(limits.body_timeout):
+        raw = await read_body(request.stream(), limits.max_body_bytes)
+    except TimeoutError:
+      raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
+                     code="request_timeout") from None
+    except ClientDisconnect:
+      raise APIError(499, "client disconnected while sending the request body") from None
+    # pydantic validates lists item by item on the event loop (a second for 4M token ids): bound them first
+    check_sizes(parse_json(raw), max(config.max_model_len, proto.MAX_SEQUENCES_PER_REQUEST))
+    body = proto.parse_body(raw, model)
+    check_unicode(raw, body)
     check_model(body.model)
+    check_prompt_bounds(body, max_model_len=config.max_model_len, max_prompt_chars=max_prompt_chars,
+                        max_prompts=proto.MAX_SEQUENCES_PER_REQUEST)
     return body
 
   def model_card(name: str) -> dict[str, Any]:
@@ -147,7 +183,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   async def tokenize(request: Request) -> dict[str, Any]:
     """vLLM's ``/tokenize``: ``{"prompt"}`` or ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
     req: proto.TokenizeRequest = await read(request, proto.TokenizeRequest)
-    ids = proto.tokenize(req, tokenizer)
+    ids = await off_loop(proto.tokenize, req, tokenizer)
     strs = proto.token_strs(tokenizer, ids) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
 
@@ -155,13 +191,13 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   async def detokenize(request: Request) -> dict[str, Any]:
     """vLLM's ``/detokenize``: ``{"tokens"}`` -> ``{"prompt"}``."""
     req: proto.DetokenizeRequest = await read(request, proto.DetokenizeRequest)
-    return {"prompt": proto.detokenize(req, tokenizer, config.vocab_size)}
+    return {"prompt": await off_loop(proto.detokenize, req, tokenizer, config.vocab_size)}
 
   @app.post("/v1/completions")
   async def completions(request: Request) -> Response:
     arrival = time.monotonic()
     req: proto.CompletionRequest = await read(request, proto.CompletionRequest)
-    prompts = proto.completion_prompts(req, tokenizer, config.vocab_size)
+    prompts = await off_loop(proto.completion_prompts, req, tokenizer, config.vocab_size)
     params = [proto.sampling_params(req, len(p), config.max_model_len, sampling_params_cls) for p in prompts]
     n = params[0].n
     proto.check_prompt_count(len(prompts), n)
@@ -195,7 +231,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
         if proto.include_usage(req):
           yield sse({**head, "choices": [], "usage": usage(sum(group.num_prompt_tokens), ntok)})
 
-      return await _stream(request, group, chunks())
+      return await _stream(request, group, chunks(), limits.stream_stall_timeout)
 
     acc = Accumulator()
     lps: dict[int, CompletionLogprobs] = {}
@@ -224,7 +260,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   async def chat_completions(request: Request) -> Response:
     arrival = time.monotonic()
     req: proto.ChatCompletionRequest = await read(request, proto.ChatCompletionRequest)
-    prompt = proto.chat_prompt(req, tokenizer)
+    prompt = await off_loop(proto.chat_prompt, req, tokenizer)
     params = proto.sampling_params(req, len(prompt), config.max_model_len, sampling_params_cls)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     group = RequestGroup(aengine, rid, [prompt], [params], arrival)
@@ -250,7 +286,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
         if proto.include_usage(req):
           yield sse({**head, "choices": [], "usage": usage(len(prompt), ntok)})
 
-      return await _stream(request, group, chunks())
+      return await _stream(request, group, chunks(), limits.stream_stall_timeout)
 
     acc = Accumulator()
     lps: dict[int, list] = {}
@@ -292,7 +328,8 @@ async def _collect(request: Request, group: RequestGroup, collect: Any) -> None:
     group.abort()
 
 
-async def _stream(request: Request, group: RequestGroup, chunks: AsyncIterator[str]) -> StreamingResponse:
+async def _stream(request: Request, group: RequestGroup, chunks: AsyncIterator[str],
+                  stall_timeout: float) -> StreamingResponse:
   """Starts the requests (errors still become a 4xx status), then streams SSE chunks and ``[DONE]``."""
   await group.start()
 
@@ -311,18 +348,41 @@ async def _stream(request: Request, group: RequestGroup, chunks: AsyncIterator[s
       watcher.cancel()
       group.abort()
 
-  return _GroupStreamingResponse(group, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+  return _GroupStreamingResponse(group, stall_timeout, body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+class _ClientStalled(Exception):
+  """A write to a streaming client blocked longer than the stall timeout."""
 
 
 class _GroupStreamingResponse(StreamingResponse):
-  """A streaming response that aborts its requests however it ends (even if its body never started)."""
+  """A streaming response that aborts its requests however it ends (even if its body never started),
+  and gives up on a client that reads nothing for ``stall_timeout`` seconds (the server closes the
+  connection)."""
 
-  def __init__(self, group: RequestGroup, *args: Any, **kwargs: Any):
+  def __init__(self, group: RequestGroup, stall_timeout: float, *args: Any, **kwargs: Any):
     super().__init__(*args, **kwargs)
     self._group = group
+    self._stall_timeout = stall_timeout
 
   async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def send_or_give_up(message: Any) -> None:
+      try:
+        async with asyncio.timeout(self._stall_timeout):
+          await send(message)
+      except TimeoutError:
+        self._group.abort()
+        raise _ClientStalled() from None
+
     try:
-      await super().__call__(scope, receive, send)
+      await super().__call__(scope, receive, send_or_give_up)
+    except _ClientStalled:
+      log.warning("%s: the client read nothing for %g s; its requests were aborted and the connection closed",
+                  self._group.ids[0].rsplit("-", 1)[0], self._stall_timeout)
+      abort_connection = scope.get("extensions", {}).get(ABORT_CONNECTION)
+      if abort_connection is not None:  # else the server closes it, seeing the response unfinished
+        abort_connection()
+        await asyncio.sleep(0)  # the server learns of the disconnect before this handler returns
     finally:
       self._group.abort()

@@ -17,9 +17,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from jaxserve.server._errors import APIError
+from jaxserve.server._limits import TransportLimits
 from jaxserve.server._metrics import ServerMetrics
 
 log = logging.getLogger("jaxserve.server")
@@ -51,7 +52,7 @@ class Update:
 
 
 class ClientDisconnected(Exception):
-  """The HTTP client went away; its requests were aborted."""
+  """The HTTP client went away (or stopped reading); its requests were aborted."""
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ class _Stream:
   """Engine-thread state of one request: where to send updates and what was already sent."""
 
   tag: int
-  sink: asyncio.Queue
+  sink: Callable[[Update], None]  # called on ``loop`` with each update
   loop: asyncio.AbstractEventLoop
   arrival: float
   n: int  # completions of the request
@@ -85,11 +86,14 @@ class AsyncEngine:
     engine: an object with ``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``
       and ``stats`` (``jaxserve.LLM``).
     metrics: where the thread reports engine state and latencies.
+    limits: the bounds on what one request may take (queue, tokens, stream buffer).
   """
 
-  def __init__(self, engine: Any, metrics: ServerMetrics):
+  def __init__(self, engine: Any, metrics: ServerMetrics, limits: TransportLimits | None = None):
     self.engine = engine
     self.metrics = metrics
+    self.limits = limits or TransportLimits()
+    self.in_flight_seqs = 0  # sequences of admitted requests not yet released (event-loop side only)
     self._cmds: queue.SimpleQueue = queue.SimpleQueue()
     self._streams: dict[str, _Stream] = {}
     self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
@@ -110,8 +114,32 @@ class AsyncEngine:
   def alive(self) -> bool:
     return self._thread.is_alive() and not self._closed
 
-  def add(self, request_id: str, prompt_token_ids: list[int], params: Any, *, tag: int, sink: asyncio.Queue,
-          arrival: float) -> None:
+  def admit(self, params: Sequence[Any]) -> int:
+    """Checks one HTTP request's sequences against the limits and counts them in flight (release
+    them with :meth:`release`); 400 over the per-request token cap, 429 when the queue is full."""
+    if self._closed:
+      raise APIError(503, "the server is shutting down")
+    seqs = sum(int(getattr(p, "n", 1) or 1) for p in params)
+    cap = self.limits.max_tokens_per_request
+    tokens = sum(int(getattr(p, "n", 1) or 1) * int(getattr(p, "max_tokens", 0) or 0) for p in params)
+    if cap is not None and tokens > cap:
+      raise APIError(400, f"the request asks for {tokens} tokens (n x max_tokens over its prompts), more than the "
+                     f"{cap} one request may take; lower 'n' or 'max_tokens'", param="max_tokens")
+    bound = self.limits.max_in_flight_seqs
+    if bound is not None and seqs > bound:
+      raise APIError(400, f"the request asks for {seqs} sequences (n x prompts), more than the {bound} this server "
+                     f"runs or queues at once; lower 'n' or send fewer prompts", param="n")
+    if bound is not None and self.in_flight_seqs + seqs > bound:
+      raise APIError(429, f"the server is busy ({self.in_flight_seqs} sequences running or queued, at most {bound}); "
+                     f"retry after {self.limits.retry_after} s", code="server_busy")
+    self.in_flight_seqs += seqs
+    return seqs
+
+  def release(self, seqs: int) -> None:
+    self.in_flight_seqs -= seqs
+
+  def add(self, request_id: str, prompt_token_ids: list[int], params: Any, *, tag: int,
+          sink: Callable[[Update], None], arrival: float) -> None:
     """Queues a request; its updates go to ``sink`` (the first one acknowledges it or holds the error)."""
     if self._closed:
       raise APIError(503, "the server is shutting down")
@@ -279,9 +307,9 @@ class AsyncEngine:
       self.metrics.update_engine(stats)
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, item: Any) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, sink: Callable[[Update], None], item: Any) -> None:
   try:
-    loop.call_soon_threadsafe(sink.put_nowait, item)
+    loop.call_soon_threadsafe(sink, item)
   except RuntimeError:  # the event loop is closed: nobody is listening any more
     pass
 
@@ -289,9 +317,12 @@ def _deliver(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, item: Any) ->
 class RequestGroup:
   """The engine requests of one HTTP request (one per prompt), merged into one stream of updates.
 
-  Usage: ``await group.start()`` (raises the first ``APIError`` of any prompt, aborting the others),
-  then ``async for update in group.updates()``; ``group.abort()`` in a ``finally`` aborts whatever
-  has not finished (a no-op otherwise).
+  Usage: ``await group.start()`` (raises the first ``APIError`` of any prompt, aborting the others,
+  or the 400/429 of :meth:`AsyncEngine.admit`), then ``async for update in group.updates()``;
+  ``group.abort()`` in a ``finally`` aborts whatever has not finished (a no-op otherwise). Updates
+  wait in a buffer of ``limits.max_stream_buffer``; a consumer that falls that far behind (a
+  streaming client that does not read) has its requests aborted, and ``updates()`` raises
+  :class:`ClientDisconnected`.
   """
 
   def __init__(self, engine: AsyncEngine, base_id: str, prompts: Sequence[list[int]], params: Sequence[Any],
@@ -305,10 +336,30 @@ class RequestGroup:
     self._sink: asyncio.Queue = asyncio.Queue()
     self._pending: list[Update] = []
     self._unfinished: set[int] = set()
+    self._admitted = 0  # sequences counted in the engine's in-flight total until released
+    self.stalled = False  # the consumer fell more than max_stream_buffer updates behind
+
+  def _put(self, item: Any) -> None:
+    """Runs on the event loop for each update of the engine thread."""
+    if self.stalled:
+      return
+    if self._sink.qsize() >= self.engine.limits.max_stream_buffer:
+      log.warning("%s: the client read nothing while %d updates queued up; aborting its requests",
+                  self.ids[0].rsplit("-", 1)[0], self._sink.qsize())
+      self.stalled = True
+      self.abort()
+      self._sink.put_nowait(ClientDisconnected)
+      return
+    self._sink.put_nowait(item)
 
   async def start(self) -> None:
+    self._admitted = self.engine.admit(self.params)
     for tag, (rid, prompt, params) in enumerate(zip(self.ids, self.prompts, self.params)):
-      self.engine.add(rid, prompt, params, tag=tag, sink=self._sink, arrival=self.arrival)
+      try:
+        self.engine.add(rid, prompt, params, tag=tag, sink=self._put, arrival=self.arrival)
+      except APIError:
+        self.abort()
+        raise
       self._unfinished.add(tag)
     acked: set[int] = set()
     error = None
@@ -333,7 +384,9 @@ class RequestGroup:
     self._sink.put_nowait(ClientDisconnected)
 
   async def updates(self) -> AsyncIterator[Update]:
-    while self._unfinished:
+    while self._unfinished or self.stalled:
+      if self.stalled:
+        raise ClientDisconnected()
       item = self._pending.pop(0) if self._pending else await self._sink.get()
       if item is ClientDisconnected:
         self.abort()
@@ -349,3 +402,5 @@ class RequestGroup:
     for tag in sorted(self._unfinished):
       self.engine.abort(self.ids[tag])
     self._unfinished.clear()
+    self.engine.release(self._admitted)
+    self._admitted = 0

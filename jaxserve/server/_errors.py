@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 503: "server_unavailable",
-          500: "internal_server_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_exceeded", 503: "server_unavailable", 500: "internal_server_error"}
 
 
 class APIError(Exception):

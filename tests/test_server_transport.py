@@ -1,0 +1,346 @@
+"""Transport hardening of ``jaxserve serve``: body size and read limits, cheap bounds before tokenizing,
+malformed JSON, slow clients, the queue bound, the per-request token cap and SIGTERM with hostile
+connections open. Each test drives a live server on 127.0.0.1 (small limits, so they run in seconds)
+with raw sockets where a well-behaved client library would not do what a hostile client does.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from jaxserve.server.testing import HOST, ServerProcess
+
+MODEL = "stories260K"
+LIMIT_ARGS = ["--max-num-seqs", "16", "--max-queued-requests", "4", "--max-tokens-per-request", "8000",
+              "--header-timeout", "1", "--body-timeout", "2", "--stream-stall-timeout", "1",
+              "--max-stream-buffer", "64"]
+OK = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+  with ServerProcess(LIMIT_ARGS) as srv:
+    yield srv
+
+
+def post(server, body, **kw) -> httpx.Response:
+  kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+  return httpx.post(server.url("/v1/completions"), timeout=60, **kw)
+
+
+def still_serving(server) -> None:
+  r = post(server, OK)
+  assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+
+
+def metric(server, name: str, labels: str = "") -> float:
+  for line in httpx.get(server.url("/metrics"), timeout=10).text.splitlines():
+    if line.startswith(f"jaxserve:{name}{{") and labels in line:
+      return float(line.rsplit(" ", 1)[1])
+  return 0.0
+
+
+def wait_idle(server, timeout: float = 30.0) -> bool:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if metric(server, "num_requests_running") == 0 and metric(server, "kv_cache_blocks_used") == 0:
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def connect(server, rcvbuf: int | None = None) -> socket.socket:
+  s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  if rcvbuf is not None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+  s.connect((HOST, server.port))
+  return s
+
+
+def request_head(path: str, extra: str = "") -> bytes:
+  return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n{extra}\r\n").encode()
+
+
+def closed_within(sock: socket.socket, timeout: float) -> bytes | None:
+  """What the server sent before closing ``sock``, or None if it is still open after ``timeout``."""
+  sock.settimeout(0.2)
+  got, deadline = b"", time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      data = sock.recv(65536)
+    except socket.timeout:
+      continue
+    except OSError:
+      return got
+    if not data:
+      return got
+    got += data
+  return None
+
+
+class HealthProbe:
+  """Polls ``/health`` on a thread; ``worst`` is its slowest answer (a failure counts as infinite)."""
+
+  def __init__(self, server):
+    self.server, self.times, self._stop = server, [], threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    with httpx.Client(timeout=30) as h:
+      while not self._stop.is_set():
+        t0 = time.monotonic()
+        try:
+          ok = h.get(self.server.url("/health")).status_code == 200
+        except httpx.HTTPError:
+          ok = False
+        self.times.append(time.monotonic() - t0 if ok else float("inf"))
+        time.sleep(0.02)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join(60)
+
+  @property
+  def worst(self) -> float:
+    return max(self.times)
+
+
+# ---------------------------------------------------------------- 14.4: the body limit while reading
+def test_chunked_body_over_the_limit_gets_413_before_it_is_all_sent(server):
+  total = 50 * 1024 * 1024
+  sock = connect(server)
+  sock.sendall(request_head("/v1/completions", "Transfer-Encoding: chunked\r\n"))
+  chunk = b"[" + b"1," * 32000
+  frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+  sent = 0
+  sock.settimeout(10)
+  try:
+    while sent < total:
+      sock.sendall(frame)
+      sent += len(chunk)
+  except OSError:  # the server answered and closed the connection
+    pass
+  answer = closed_within(sock, 30)
+  sock.close()
+  assert answer is not None and answer.startswith(b"HTTP/1.1 413"), answer[:200] if answer else answer
+  assert b"over the limit of 8388608 bytes" in answer
+  assert sent < total, "the server read the whole 50 MB body"
+  still_serving(server)
+
+
+def test_content_length_over_the_limit_gets_413(server):
+  sock = connect(server)
+  sock.sendall(request_head("/v1/completions", "Content-Length: 9000000\r\n"))
+  answer = closed_within(sock, 10)
+  assert answer is not None and answer.startswith(b"HTTP/1.1 413"), answer
+  sock.close()
+
+
+# ---------------------------------------------------------------- 14.5: cheap bounds first, tokenizing off the loop
+@pytest.mark.parametrize("case", ["8MB prompt", "2M prompts", "4M token ids", "8MB chat message", "2M messages",
+                                  "4M detokenize ids"])
+def test_huge_prompts_get_400_while_health_answers(server, case):
+  big = 8 * 1024 * 1024 - 1000
+  route, body, words = "/v1/completions", None, None
+  if case == "8MB prompt":
+    body, words = {**OK, "prompt": "a " * (big // 2)}, "characters"
+  elif case == "2M prompts":
+    body, words = {**OK, "prompt": ["a"] * (big // 4)}, f"'prompt' has {big // 4} items"
+  elif case == "4M token ids":
+    body, words = {**OK, "prompt": [5] * (big // 2)}, f"'prompt' has {big // 2} items"
+  elif case == "2M messages":
+    route = "/v1/chat/completions"
+    body, words = {"messages": [{"role": "user"}] * (big // 16)}, f"'messages' has {big // 16} items"
+  elif case == "4M detokenize ids":
+    route = "/detokenize"
+    body, words = {"tokens": [5] * (big // 2)}, f"'tokens' has {big // 2} items"
+  else:
+    route = "/v1/chat/completions"
+    body, words = {"model": MODEL, "messages": [{"role": "user", "content": "a " * (big // 2)}]}, "characters"
+  raw = json.dumps(body, separators=(",", ":")).encode()
+  with HealthProbe(server) as probe:
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    r = httpx.post(server.url(route), content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    elapsed = time.monotonic() - t0
+    time.sleep(0.2)
+  assert r.status_code == 400 and words in r.json()["error"]["message"], r.text[:300]
+  # /health kept answering: no step of the request held the event loop for long (it took 7.5-30 s before)
+  assert probe.worst < 1.5, (probe.worst, elapsed)
+  still_serving(server)
+
+
+def test_prompts_within_the_cheap_bounds_are_checked_in_full(server):
+  """Under the character and item bounds, prompts are tokenized (or checked id by id) and refused
+  for their real size; 65 prompts are over the 64 completions a request may start."""
+  r = post(server, {**OK, "prompt": "Once upon a time " * 300})
+  assert r.status_code == 400 and "maximum context length is 512" in r.json()["error"]["message"], r.text
+  r = post(server, {**OK, "prompt": [5] * 511 + [5000]})
+  assert r.status_code == 400 and "maximum context length is 512" in r.json()["error"]["message"], r.text
+  r = post(server, {**OK, "prompt": ["a"] * 65})
+  assert r.status_code == 400 and "at most 64 per request" in r.json()["error"]["message"], r.text
+
+
+# ---------------------------------------------------------------- 14.8: malformed but parseable JSON
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"prompt": "a", "max_tokens": ' + b"7" * 5001 + b"}", "not valid JSON"),
+    (b'{"prompt": "a\\ud800b", "max_tokens": 4}', "'prompt' holds a lone UTF-16 surrogate"),
+    (b'{"prompt": ["ok", "\\udfff"], "max_tokens": 4}', "'prompt.1' holds a lone UTF-16 surrogate"),
+    (b'{"model": "\\ud800", "prompt": "a", "max_tokens": 4}', "'model' holds a lone UTF-16 surrogate"),
+], ids=["deep", "5001 digits", "surrogate in prompt", "surrogate in a prompt list", "surrogate in model"])
+def test_malformed_json_gets_400(server, raw, words):
+  r = post(server, raw)
+  assert r.status_code == 400, r.text[:300]
+  assert words in r.json()["error"]["message"], r.text[:300]
+  still_serving(server)
+
+
+def test_surrogate_pair_escapes_are_text(server):
+  r = post(server, b'{"prompt": "a \\ud83d\\ude00 b", "max_tokens": 2}')
+  assert r.status_code == 200, r.text
+  r = httpx.post(server.url("/v1/chat/completions"), timeout=60, headers={"Content-Type": "application/json"},
+                 content=b'{"messages": [{"role": "user", "content": "x\\udc00"}], "max_tokens": 2}')
+  assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+
+
+# ---------------------------------------------------------------- 14.9: slow clients
+def test_slowloris_and_idle_connections_are_closed(server):
+  """--header-timeout 1, --body-timeout 2: every hostile socket is closed within a few seconds."""
+  idle = connect(server)
+  partial_headers = connect(server)
+  partial_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+  partial_body = connect(server)
+  partial_body.sendall(request_head("/v1/completions", "Content-Length: 1000\r\n") + b'{"prompt": ')
+  open_chunked = connect(server)
+  open_chunked.sendall(request_head("/v1/completions", "Transfer-Encoding: chunked\r\n") + b"3\r\n{\"p\r\n")
+  socks = {"idle": idle, "partial headers": partial_headers, "partial body": partial_body,
+           "open chunked body": open_chunked}
+  results: dict[str, bytes | None] = {}
+
+  def dribble():  # one header byte every 0.3 s would keep uvicorn's keep-alive timer from ever firing
+    s = connect(server)
+    for b in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+      try:
+        s.sendall(bytes([b]))
+      except OSError:
+        break
+      time.sleep(0.3)
+    results["dribbled headers"] = closed_within(s, 0.5)
+    s.close()
+
+  t = threading.Thread(target=dribble)
+  t.start()
+  t0 = time.monotonic()
+  for name, s in socks.items():
+    results[name] = closed_within(s, max(0.1, 8 - (time.monotonic() - t0)))
+    s.close()
+  t.join(90)
+  assert all(v is not None for v in results.values()), {k: v for k, v in results.items() if v is None}
+  assert results["idle"] == b"" and results["partial headers"] == b""
+  for name in ("partial body", "open chunked body"):
+    assert results[name].startswith(b"HTTP/1.1 408"), (name, results[name])
+  still_serving(server)
+
+
+def test_keep_alive_connection_dribbling_after_its_response_is_closed(server):
+  sock = connect(server)
+  body = json.dumps(OK).encode()
+  sock.sendall(request_head("/v1/completions", f"Content-Length: {len(body)}\r\n") + body)
+  sock.settimeout(30)
+  assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+  for _ in range(3):  # bytes of a next request's headers, slowly: not enough to keep the connection
+    sock.sendall(b"G")
+    time.sleep(0.4)
+  assert closed_within(sock, 3) is not None
+  sock.close()
+
+
+def test_stream_that_is_never_read_is_aborted_and_frees_its_blocks(server):
+  assert wait_idle(server)
+  aborted0 = metric(server, "request_success_total", 'finished_reason="abort"')
+  # ~8 MB of events: more than the socket buffers hold (~3 MB on loopback), so the server's writes block
+  body = json.dumps({**OK, "prompt": ["Once", "Lily"], "max_tokens": 490, "n": 8, "logprobs": 20,
+                     "ignore_eos": True, "stream": True, "temperature": 0.8, "seed": 1}).encode()
+  sock = connect(server, rcvbuf=4096)
+  sock.sendall(request_head("/v1/completions", f"Content-Length: {len(body)}\r\n") + body)
+  deadline = time.monotonic() + 30
+  while metric(server, "num_requests_running") == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  # the client reads nothing; the server must give up on it (buffer of 64 updates or 1 s stalled)
+  assert wait_idle(server, 30), "the unread stream still holds KV blocks"
+  assert metric(server, "request_success_total", 'finished_reason="abort"') == aborted0 + 2
+  assert closed_within(sock, 30) is not None, "the server kept the stalled connection open"
+  sock.close()
+  still_serving(server)
+
+
+def test_queue_bound_gives_429_with_retry_after(server):
+  """--max-num-seqs 16 --max-queued-requests 4: 20 sequences in flight at most."""
+  assert wait_idle(server)
+  body = {**OK, "max_tokens": 500, "n": 5, "ignore_eos": True, "stream": True, "prompt": "Once"}
+  with httpx.Client(timeout=60) as h:
+    streams = [h.stream("POST", server.url("/v1/completions"), json=body) for _ in range(4)]
+    responses = [s.__enter__() for s in streams]
+    try:
+      assert [r.status_code for r in responses] == [200] * 4
+      r = h.post(server.url("/v1/completions"), json={**body, "n": 1, "stream": False})
+      assert r.status_code == 429, r.text
+      assert r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]["message"]
+    finally:
+      for s in streams:
+        s.__exit__(None, None, None)
+  assert wait_idle(server)
+  still_serving(server)
+
+
+def test_per_request_token_cap(server):
+  r = post(server, {**OK, "n": 17, "max_tokens": 480})
+  assert r.status_code == 400, r.text
+  err = r.json()["error"]
+  assert err["param"] == "max_tokens" and "8160 tokens" in err["message"] and "8000" in err["message"]
+  r = post(server, {**OK, "prompt": ["a", "b", "c"], "n": 8, "max_tokens": 400})
+  assert r.status_code == 400 and "9600 tokens" in r.json()["error"]["message"]
+  assert post(server, {**OK, "n": 4, "max_tokens": 100}).status_code == 200
+  r = post(server, {**OK, "n": 21, "max_tokens": 4})  # more sequences than the server holds at once
+  assert r.status_code == 400 and "21 sequences" in r.json()["error"]["message"], r.text
+
+
+# ---------------------------------------------------------------- 14.10: SIGTERM with hostile connections
+def test_sigterm_with_hostile_connections_exits_zero_within_the_timeout():
+  with ServerProcess(["--max-num-seqs", "64", "--shutdown-timeout", "2", "--header-timeout", "60", "--body-timeout", "60",
+                      "--stream-stall-timeout", "60"]) as srv:
+    hostile = [connect(srv) for _ in range(4)]  # idle
+    for s in hostile[:2]:
+      s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # partial headers
+    for _ in range(3):  # open chunked bodies
+      s = connect(srv)
+      s.sendall(request_head("/v1/completions", "Transfer-Encoding: chunked\r\n") + b"1\r\n{\r\n")
+      hostile.append(s)
+    body = json.dumps({**OK, "max_tokens": 500, "n": 16, "logprobs": 5, "ignore_eos": True, "stream": True,
+                       "temperature": 1.0, "prompt": "Once"}).encode()
+    for _ in range(3):  # streams nobody reads
+      s = connect(srv, rcvbuf=4096)
+      s.sendall(request_head("/v1/completions", f"Content-Length: {len(body)}\r\n") + body)
+      hostile.append(s)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    srv.terminate()
+    code = srv.wait(60)
+    took = time.monotonic() - t0
+    for s in hostile:
+      s.close()
+    log = srv.log_text()
+    assert code == 0, log[-3000:]
+    assert took < 2 + 3, (took, log[-3000:])  # the shutdown timeout plus the close grace, not 2x + 5 s
+    assert "Traceback" not in log and "engine stopped" in log, log[-3000:]
