@@ -211,6 +211,14 @@ def test_detokenization_and_stop_search_do_not_redecode_the_output():
   prompt_ids = ref[0].prompt_token_ids
   whole = Sequence(0, prompt_ids + got.token_ids, len(prompt_ids))
   assert got.text == ref[0].outputs[0].text == plain.engine.decode_output(whole)
+  # the incremental API (the server's) reads the text every step, stop strings or not: still short windows
+  counting.lengths.clear()
+  llm.add_request("r", PROMPT, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+  texts = []
+  while llm.has_unfinished_requests():
+    texts += [o.outputs[0].text for o in llm.step()]
+  assert max(counting.lengths) <= 16, max(counting.lengths)
+  assert texts[-1] == got.text and all(got.text.startswith(t) for t in texts)
 
 
 def test_find_stop_searches_only_the_new_text_and_its_tail():
@@ -230,3 +238,45 @@ def test_find_stop_searches_only_the_new_text_and_its_tail():
     naive = [(i, s) for s in stops for i in range(len(t)) if t.startswith(s, i) and i + len(s) > len(t) - new]
     want = min(naive, key=lambda h: (h[0], stops.index(h[1]))) if naive else None
     assert find_stop(t, new, stops) == want, (t, new, stops)
+
+
+def _whole(tok, ids, num_prompt):
+  """The reference: the output decoded at once after a few prompt tokens (the engine's ``decode_output``)."""
+  ctx = ids[max(0, num_prompt - 4):num_prompt]
+  prefix, full = tok.decode(ctx), tok.decode(ctx + ids[num_prompt:])
+  return full[len(prefix):] if full.startswith(prefix) else tok.decode(ids[num_prompt:])
+
+
+def test_incremental_detokenizer_equals_whole_decode(tmp_path):
+  import os
+
+  import numpy as np
+
+  from jaxserve.engine._detokenizer import IncrementalDetokenizer, anchor_ids
+  from jaxserve.loaders import ASSETS, EVAL_TEXT, save_hf
+  from jaxserve.tokenizer import Llama2cTokenizer, SentencePieceTokenizer, load_tokenizer
+  sp = SentencePieceTokenizer(os.path.join(ASSETS, "tok512.model"))
+  m = load_model()
+  hf = load_tokenizer(save_hf(m.cfg, m.params, str(tmp_path / "hf"), sp))
+  rng = np.random.default_rng(0)
+  lines = [ln for ln in open(EVAL_TEXT, encoding="utf-8").read()[:20000].split("\n") if ln.strip()]
+  for tok in (Llama2cTokenizer(os.path.join(ASSETS, "tok512.bin"), 512), sp, hf):
+    for trial in range(60):
+      num_prompt = int(rng.integers(1, 8))
+      if tok is hf:  # real text with multi-byte characters (random byte tokens are not prefix-stable in HF's decoder)
+        line = lines[trial % len(lines)]
+        cut = int(rng.integers(0, len(line)))
+        ids = sp.encode(line[:cut] + "  Café ☃ naïve 日本 " + line[cut:], add_bos=True)
+        num_prompt = min(num_prompt, len(ids) - 1)
+      else:  # text prompt tokens, then anything: byte pieces, specials, words
+        ids = [1] + rng.integers(259, 512, num_prompt - 1).tolist() + rng.integers(0, 512, 30).tolist()
+        if trial % 2:
+          ids = ids[:num_prompt] + rng.choice(np.r_[0:259, 300:320], 30).tolist()
+      whole = _whole(tok, ids, num_prompt)
+      d = IncrementalDetokenizer(num_prompt, anchor_ids(tok))
+      step = int(rng.integers(1, 4))  # one or several tokens per call
+      for k in range(num_prompt + 1, len(ids) + 1, step):
+        d.step(tok, ids[:k])
+        assert whole.startswith(d.text), (type(tok).__name__, ids, k)
+      d.finish(tok, ids)
+      assert d.text == whole, (type(tok).__name__, ids)

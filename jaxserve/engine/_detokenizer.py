@@ -50,7 +50,10 @@ class IncrementalDetokenizer:
     return len(new)
 
   def step(self, tokenizer: Any, ids: Sequence[int]) -> int:
-    """Takes in the tokens appended to ``ids`` (prompt + output); returns how many characters were added."""
+    """Takes in the tokens appended to ``ids`` (prompt + output) since the last call (one or many);
+    returns how many characters were added."""
+    if self.read_offset >= len(ids):
+      return 0
     before, full = self._window(tokenizer, ids)
     if len(full) <= len(before) or full.endswith("\ufffd"):
       return 0

@@ -258,7 +258,7 @@ class EngineCore:
     if p.logprobs is not None:
       seq.cumulative_logprob += float(out.logprob[row])
       seq.logprobs.append(self._logprob_entry(out, row, token, p.logprobs))
-    num_new_chars = self._detokenize(seq, p)
+    num_new_chars = self._detok(seq).step(self.tokenizer, seq.token_ids) if p.stop else 0
     n_out = seq.num_output_tokens
     reason = None
     if n_out >= p.min_tokens:
@@ -271,18 +271,15 @@ class EngineCore:
     if reason is None and n_out >= req.max_output_tokens:
       reason = ("length", None)
     if reason is not None:
-      if seq.detok is not None and seq.text is None:
-        seq.detok.finish(self.tokenizer, seq.token_ids)
       seq.finish_reason, seq.stop_reason = reason
       self.scheduler.finish_seq(req, seq)
 
-  def _detokenize(self, seq: Sequence, p: SamplingParams) -> int:
-    """Grows the sequence's text by its new token; returns the number of characters added."""
-    if self.tokenizer is None or not (p.detokenize or p.stop):
-      return 0
+  def _detok(self, seq: Sequence) -> IncrementalDetokenizer:
+    """The sequence's incremental detokenizer. It advances with every token when stop strings need
+    the text, else when the text is read (each step for a server, once at the end for ``generate``)."""
     if seq.detok is None:
       seq.detok = IncrementalDetokenizer(seq.num_prompt_tokens, self._anchor)
-    return seq.detok.step(self.tokenizer, seq.token_ids)
+    return seq.detok
 
   def decode_output(self, seq: Sequence) -> str:
     """The output's text as it continues the prompt (decoded after a few prompt tokens, so that
@@ -360,12 +357,15 @@ class EngineCore:
     """The completion's text; while it runs, without the tail a stop string could still cut off."""
     if seq.text is not None:  # cut by a stop string
       return seq.text
-    if seq.detok is None:  # beams, and sequences without output yet
+    if req.is_beam:  # beams are new sequences every step: decoded whole
       return self.decode_output(seq) if seq.num_output_tokens else ""
-    text = seq.detok.text
-    if seq.finish_reason is None and not req.is_beam:
-      text = text[:max(0, len(text) - holdback(req.params.stop, req.params.include_stop_str_in_output))]
-    return text
+    detok = self._detok(seq)
+    if seq.finish_reason is not None:
+      detok.finish(self.tokenizer, seq.token_ids)
+      return detok.text
+    detok.step(self.tokenizer, seq.token_ids)
+    text = detok.text
+    return text[:max(0, len(text) - holdback(req.params.stop, req.params.include_stop_str_in_output))]
 
   def reset_stats(self) -> None:
     self._steps = 0
