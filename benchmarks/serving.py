@@ -12,10 +12,15 @@ Usage::
   python benchmarks/serving.py                       # jaxserve + transformers (+ vLLM if its venv exists)
   python benchmarks/serving.py --vllm-python /tmp/vllm-venv/bin/python
   python benchmarks/serving.py --num-requests 16 --skip-hf   # quick
+  python benchmarks/serving.py --smoke                     # tiny model and workload, seconds: checks the script
 
-Timing: jaxserve and vLLM run the workload once to warm up (compilation), then ``--repeats``
-times timed (default 3, prefix cache reset before each; the median counts: single runs of either
-engine vary by about 10% on this machine); transformers (eager) runs once. Output tokens/s = sum of the
+Timing: the timeline of each engine: construction (jaxserve compiles its fixed set of step
+programs there, vLLM compiles and profiles), a first pass over the workload, then ``--repeats``
+timed passes (default 3, prefix cache reset before each; the median is the steady speed: single
+runs of either engine vary by about 10% on this machine); transformers (eager) runs once.
+jaxserve's first process starts with an empty compilation cache (a fresh directory, or
+``--cache-dir``); a second process with the same model, settings and cache directory is then
+timed from start to the end of its first pass (construction + first ``generate``). Output tokens/s = sum of the
 requested output lengths / wall time of the timed run. Threads: a short transformers probe
 picks one thread or every core, whichever is faster on this machine now (on a shared machine,
 one), and every engine gets that count. vLLM runs twice, with its threads bound to cores (its
@@ -42,26 +47,31 @@ sys.path.insert(0, str(ROOT))
 
 MODEL_KW = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4, tie_word_embeddings=False)
+# --smoke: a tiny model and engine (seconds), to check that the script runs
+SMOKE_MODEL_KW = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+SMOKE_ENGINE_KW = dict(max_num_seqs=8, max_num_batched_tokens=128)
+_UNTIMED = dict(compile="lazy", compilation_cache=False)  # engines of the KV analyses: only what they run is compiled
 MAX_MODEL_LEN = 384  # the longest request: 256 prompt + 128 output tokens
 
 
-def make_model(path: str) -> str:
+def make_model(path: str, model_kw: dict = MODEL_KW) -> str:
   """Saves the benchmark model (once; deterministic) and returns its directory."""
   if os.path.exists(os.path.join(path, "config.json")):
     return path
   import torch
   import transformers
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL_KW)).float().eval()
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_kw)).float().eval()
   model.save_pretrained(path, safe_serialization=True)
   return path
 
 
-def make_workload(n: int, seed: int = 0) -> list[dict]:
+def make_workload(n: int, seed: int = 0, vocab_size: int = MODEL_KW["vocab_size"]) -> list[dict]:
   rng = np.random.default_rng(seed)
   prompt_lens = np.clip(np.round(rng.lognormal(np.log(64), 0.9, n)), 4, 256).astype(int)
   output_lens = np.clip(np.round(rng.lognormal(np.log(48), 0.7, n)), 8, 128).astype(int)
-  return [dict(prompt_token_ids=rng.integers(3, MODEL_KW["vocab_size"], p).tolist(), max_tokens=int(o))
+  return [dict(prompt_token_ids=rng.integers(3, vocab_size, p).tolist(), max_tokens=int(o))
           for p, o in zip(prompt_lens, output_lens)]
 
 
@@ -76,22 +86,81 @@ def timed_passes(generate, reset, repeats: int):
   return out, runs
 
 
-def run_jaxserve(model_dir: str, workload: list[dict], repeats: int = 1, **engine_kw) -> dict:
-  """One warm-up pass, then ``repeats`` timed passes (prefix cache reset before each); ``elapsed_s`` is their median."""
-  from jaxserve.engine import LLM, SamplingParams
-  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, **engine_kw)
+def run_jaxserve(model_dir: str, workload: list[dict], repeats: int = 1, cache_dir: str | None = None,
+                 **engine_kw) -> dict:
+  """The timeline: construction, a first pass, then ``repeats`` timed passes (prefix cache reset before
+  each); ``elapsed_s`` is their median."""
+  from jaxserve.engine import LLM
+  t0 = time.perf_counter()
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, compilation_cache=cache_dir or False, **engine_kw)
+  construction = time.perf_counter() - t0
+  programs = llm.stats()["num_compiled_programs"]
+  prompts, params = _jaxserve_inputs(workload)
+  t0 = time.perf_counter()
+  llm.generate(prompts, params, use_tqdm=False)
+  first = time.perf_counter() - t0
+  after_first = llm.stats()["num_compiled_programs"]
+  outs, runs = timed_passes(lambda: llm.generate(prompts, params, use_tqdm=False), llm.reset_prefix_cache, repeats)
+  stats = llm.stats()
+  return dict(construction_s=construction, first_pass_s=first, elapsed_s=float(np.median(runs)), runs_s=runs,
+              tokens=[o.outputs[0].token_ids for o in outs], stats=stats, programs_at_construction=programs,
+              compiled_in_first_pass=after_first - programs,
+              recompiled_after_warmup=stats["num_compiled_programs"] - after_first)
+
+
+def _jaxserve_inputs(workload: list[dict]):
+  from jaxserve.engine import SamplingParams
   prompts = [{"prompt_token_ids": w["prompt_token_ids"]} for w in workload]
   params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
             for w in workload]
+  return prompts, params
+
+
+def timeline_child(model_dir: str, workload_path: str, cache_dir: str, engine_kw: str, out_path: str) -> None:
+  """A fresh process: construction (programs from the cache) and one pass; writes its figures to ``out_path``."""
+  from jax import monitoring
+  counts = {"cache_hits": 0}
+  monitoring.register_event_listener(
+      lambda event, **kw: counts.__setitem__("cache_hits", counts["cache_hits"] + (event == "/jax/compilation_cache/cache_hits")))
+  from jaxserve.engine import LLM
+  with open(workload_path) as f:
+    workload = json.load(f)
   t0 = time.perf_counter()
-  llm.generate(prompts, params, use_tqdm=False)
-  warmup = time.perf_counter() - t0
-  programs = llm.stats()["num_compiled_programs"]
-  outs, runs = timed_passes(lambda: llm.generate(prompts, params, use_tqdm=False), llm.reset_prefix_cache, repeats)
-  stats = llm.stats()
-  return dict(elapsed_s=float(np.median(runs)), runs_s=runs, warmup_s=warmup,
-              tokens=[o.outputs[0].token_ids for o in outs], stats=stats,
-              recompiled_after_warmup=stats["num_compiled_programs"] - programs)
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, compilation_cache=cache_dir, **json.loads(engine_kw))
+  construction = time.perf_counter() - t0
+  prompts, params = _jaxserve_inputs(workload)
+  t0 = time.perf_counter()
+  outs = llm.generate(prompts, params, use_tqdm=False)
+  first = time.perf_counter() - t0
+  with open(out_path, "w") as f:
+    json.dump(dict(construction_s=construction, first_pass_s=first, cache_hits=counts["cache_hits"],
+                   programs=llm.stats()["num_compiled_programs"],
+                   tokens=[o.outputs[0].token_ids for o in outs]), f)
+
+
+def run_second_process(model_dir: str, workload: list[dict], cache_dir: str, engine_kw: dict) -> dict:
+  """Construction + first pass of a second jaxserve process with the first one's compilation cache."""
+  with tempfile.TemporaryDirectory() as tmp:
+    wl, out = os.path.join(tmp, "workload.json"), os.path.join(tmp, "out.json")
+    with open(wl, "w") as f:
+      json.dump(workload, f)
+    proc = subprocess.run([sys.executable, __file__, "--timeline-child", model_dir, wl, cache_dir, json.dumps(engine_kw),
+                           out], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0 or not os.path.exists(out):
+      return dict(error=(proc.stderr or proc.stdout)[-3000:])
+    with open(out) as f:
+      return json.load(f)
+
+
+def timeline(out_tokens: int, construction_s: float | None, first_pass_s: float | None, steady_s: float) -> dict:
+  """One engine's timeline figures (None where the engine did not report a phase)."""
+  row = dict(construction_s=construction_s, first_pass_s=first_pass_s, steady_tok_s=out_tokens / steady_s)
+  if first_pass_s:
+    row["first_pass_tok_s"] = out_tokens / first_pass_s
+    row["first_over_steady"] = row["first_pass_tok_s"] / row["steady_tok_s"]
+  if construction_s is not None and first_pass_s:
+    row["construction_plus_first_s"] = construction_s + first_pass_s
+  return row
 
 
 def _hf_model(model_dir: str):
@@ -174,7 +243,8 @@ def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bi
 def kv_budget_fit(model_dir: str, workload: list[dict], budget_tokens: int, block_size: int = 16) -> dict:
   """How many sequences run at once in a KV budget: paged (measured) vs contiguous (budget / max_model_len)."""
   from jaxserve.engine import LLM, SamplingParams
-  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, num_kv_blocks=budget_tokens // block_size, block_size=block_size)
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, num_kv_blocks=budget_tokens // block_size, block_size=block_size,
+            **_UNTIMED)
   params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
             for w in workload]
   llm.generate([{"prompt_token_ids": w["prompt_token_ids"]} for w in workload], params, use_tqdm=False)
@@ -186,7 +256,7 @@ def kv_budget_fit(model_dir: str, workload: list[dict], budget_tokens: int, bloc
 def waste_at_block_size(model_dir: str, workload: list[dict], block_size: int) -> float:
   """KV waste of the same workload with another block size (the engine's statistic)."""
   from jaxserve.engine import LLM, SamplingParams
-  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size)
+  llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size, **_UNTIMED)
   params = [SamplingParams(temperature=0, max_tokens=w["max_tokens"], ignore_eos=True, detokenize=False)
             for w in workload]
   llm.generate([{"prompt_token_ids": w["prompt_token_ids"]} for w in workload], params, use_tqdm=False)
@@ -203,7 +273,7 @@ def waste_paper_lengths(model_dir: str, n: int = 32, block_size: int = 16, seed:
   rng = np.random.default_rng(seed)
   prompt_lens = np.clip(np.round(rng.lognormal(np.log(110), 0.85, n)), 4, 1024).astype(int)
   output_lens = np.clip(np.round(rng.lognormal(np.log(260), 0.7, n)), 8, 1024).astype(int)
-  llm = LLM(model_dir, max_model_len=2048, block_size=block_size)
+  llm = LLM(model_dir, max_model_len=2048, block_size=block_size, **_UNTIMED)
   prompts = [{"prompt_token_ids": rng.integers(3, MODEL_KW["vocab_size"], p).tolist()} for p in prompt_lens]
   params = [SamplingParams(temperature=0, max_tokens=int(o), ignore_eos=True, detokenize=False) for o in output_lens]
   llm.generate(prompts, params, use_tqdm=False)
@@ -222,7 +292,7 @@ def n4_block_savings(model_dir: str, prompt_len: int = 200, block_size: int = 16
   for name, reqs in (("n4", [SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=32, ignore_eos=True)]),
                      ("separate", [SamplingParams(temperature=1.0, seed=i, max_tokens=32, ignore_eos=True)
                                    for i in range(4)])):
-    llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size, enable_prefix_caching=False)
+    llm = LLM(model_dir, max_model_len=MAX_MODEL_LEN, block_size=block_size, enable_prefix_caching=False, **_UNTIMED)
     for i, p in enumerate(reqs):
       llm.add_request(f"{name}{i}", prompt, p)
     llm.step()
@@ -244,21 +314,39 @@ def _match(a: list[list[int]], b: list[list[int]]) -> float:
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--num-requests", type=int, default=64)
-  ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "jaxserve-bench-llama-8l-512"))
+  ap.add_argument("--model-dir", default=None, help="where the benchmark model is saved (default: the temp directory)")
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--threads", default="auto", help="threads per engine: 'auto' (probe 1 vs all cores) or a number")
   ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
   ap.add_argument("--repeats", type=int, default=3,
                   help="timed passes of jaxserve and of each vLLM run (median reported; runs vary ~10%% here)")
-  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+  ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/serving.json; "
+                  "with --smoke a file in the temp directory)")
+  ap.add_argument("--cache-dir", default=None,
+                  help="jaxserve's compilation cache for both processes (default: a fresh temporary directory, so "
+                       "the first process compiles everything)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny model and workload, one pass each, jaxserve only: checks the script in seconds")
+  ap.add_argument("--timeline-child", nargs=5, help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.timeline_child:
+    timeline_child(*args.timeline_child)
+    return
 
-  model_dir = make_model(args.model_dir)
-  workload = make_workload(args.num_requests)
+  model_kw, engine_kw = (SMOKE_MODEL_KW, SMOKE_ENGINE_KW) if args.smoke else (MODEL_KW, {})
+  if args.smoke:
+    args.model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "jaxserve-bench-smoke-llama-2l-64")
+    args.num_requests, args.repeats, args.skip_hf = min(args.num_requests, 6), 1, True
+    args.threads = "1" if args.threads == "auto" else args.threads
+    args.out = args.out or os.path.join(tempfile.gettempdir(), "jaxserve-serving-smoke.json")
+  args.out = args.out or str(ROOT / "benchmarks" / "results" / "serving.json")
+  args.model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "jaxserve-bench-llama-8l-512")
+  model_dir = make_model(args.model_dir, model_kw)
+  workload = make_workload(args.num_requests, vocab_size=model_kw["vocab_size"])
   out_tokens = sum(w["max_tokens"] for w in workload)
   res = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
                           loadavg_at_start=os.getloadavg()),
-             model=MODEL_KW, num_requests=len(workload), output_tokens=out_tokens,
+             model=model_kw, smoke=args.smoke, num_requests=len(workload), output_tokens=out_tokens,
              prompt_tokens=sum(len(w["prompt_token_ids"]) for w in workload), max_model_len=MAX_MODEL_LEN)
   print(f"workload: {len(workload)} requests, {res['prompt_tokens']} prompt tokens, {out_tokens} output tokens",
         flush=True)
@@ -277,12 +365,30 @@ def main() -> None:
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
   print(f"threads per engine: {threads} (probe: {res.get('thread_probe_s')})", flush=True)
 
-  js = run_jaxserve(model_dir, workload, repeats=args.repeats)
-  res["jaxserve"] = dict(elapsed_s=js["elapsed_s"], runs_s=js["runs_s"], warmup_s=js["warmup_s"],
-                         tok_s=out_tokens / js["elapsed_s"], stats=js["stats"],
+  cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="jaxserve-xla-")
+  js = run_jaxserve(model_dir, workload, repeats=args.repeats, cache_dir=cache_dir, **engine_kw)
+  res["jaxserve"] = dict(elapsed_s=js["elapsed_s"], runs_s=js["runs_s"], construction_s=js["construction_s"],
+                         first_pass_s=js["first_pass_s"], tok_s=out_tokens / js["elapsed_s"], stats=js["stats"],
+                         programs_at_construction=js["programs_at_construction"],
+                         compiled_in_first_pass=js["compiled_in_first_pass"],
                          recompiled_after_warmup=js["recompiled_after_warmup"])
-  print(f"jaxserve: {out_tokens / js['elapsed_s']:.1f} tok/s (median of {', '.join(f'{t:.2f}' for t in js['runs_s'])} s)",
-        flush=True)
+  print(f"jaxserve: construction {js['construction_s']:.1f} s ({js['programs_at_construction']} programs), first pass "
+        f"{js['first_pass_s']:.2f} s, steady {out_tokens / js['elapsed_s']:.1f} tok/s (median of "
+        f"{', '.join(f'{t:.2f}' for t in js['runs_s'])} s)", flush=True)
+  second = run_second_process(model_dir, workload, cache_dir, engine_kw)
+  res["jaxserve_second_process"] = {k: v for k, v in second.items() if k != "tokens"}
+  res["timeline"] = {"jaxserve": timeline(out_tokens, js["construction_s"], js["first_pass_s"], js["elapsed_s"])}
+  if "error" in second:
+    print(f"jaxserve second process: failed: {second['error'][-500:]}", flush=True)
+  else:
+    second_total = second["construction_s"] + second["first_pass_s"]
+    res["timeline"]["jaxserve_second_process"] = dict(
+        construction_s=second["construction_s"], first_pass_s=second["first_pass_s"],
+        construction_plus_first_s=second_total, cache_hits=second["cache_hits"], programs=second["programs"],
+        over_first_process=second_total / res["timeline"]["jaxserve"]["construction_plus_first_s"],
+        same_tokens=second["tokens"] == js["tokens"])
+    print(f"jaxserve second process (same cache): construction {second['construction_s']:.1f} s "
+          f"({second['cache_hits']} programs from the cache), first pass {second['first_pass_s']:.2f} s", flush=True)
   engines = {"jaxserve": js["tokens"]}
   if not args.skip_hf:
     hf = run_transformers(model_dir, workload, threads)
@@ -290,7 +396,9 @@ def main() -> None:
                                torch_threads=hf["torch_threads"], batch_size=16)
     engines["transformers"] = hf["tokens"]
     print(f"transformers: {out_tokens / hf['elapsed_s']:.1f} tok/s ({hf['elapsed_s']:.1f} s)", flush=True)
-  if os.path.exists(args.vllm_python):
+  if args.smoke:
+    res["vllm"] = dict(error="skipped (--smoke)")
+  elif os.path.exists(args.vllm_python):
     # both thread placements; the faster one is vLLM's figure
     runs = {mode: run_vllm(args.vllm_python, model_dir, workload, threads, bind=mode == "bind", repeats=args.repeats)
             for mode in ("bind", "nobind")}
@@ -301,7 +409,9 @@ def main() -> None:
     else:
       mode = min(ok, key=lambda m: ok[m]["elapsed_s"])
       vl = ok[mode]
+      res["timeline"]["vllm"] = timeline(out_tokens, vl.get("construction_s"), vl.get("warmup_s"), vl["elapsed_s"])
       res["vllm"] = dict(elapsed_s=vl["elapsed_s"], warmup_s=vl.get("warmup_s"), tok_s=out_tokens / vl["elapsed_s"],
+                         construction_s=vl.get("construction_s"),
                          runs_s=vl.get("runs_s"), version=vl.get("version"), torch_threads=vl.get("torch_threads"),
                          threads_bind=mode,
                          tok_s_by_bind={m: out_tokens / r["elapsed_s"] for m, r in ok.items()})
@@ -312,6 +422,9 @@ def main() -> None:
     res["vllm"] = dict(error=f"{args.vllm_python} not found (create the venv: see the README)")
   res["greedy_match_vs_jaxserve"] = {k: _match(js["tokens"], v) for k, v in engines.items() if k != "jaxserve"}
 
+  if args.smoke:  # the KV analyses below take minutes on the real model; the smoke run stops here
+    _write(res, args.out)
+    return
   res["kv_waste_block8"] = waste_at_block_size(model_dir, workload, 8)
   res["kv_budget"] = kv_budget_fit(model_dir, workload, budget_tokens=4096)
   res["kv_waste_paper_lengths"] = waste_paper_lengths(model_dir)
@@ -342,12 +455,21 @@ def main() -> None:
   print(f"n=4 on a {n4['prompt_len']}-token prompt: {n4['n4']['blocks_after_prefill']} blocks after prefill vs "
         f"{n4['separate']['blocks_after_prefill']} for 4 requests (ratio {n4['ratio_after_prefill']:.2f}); peak "
         f"{n4['n4']['peak_blocks']} vs {n4['separate']['peak_blocks']} ({n4['ratio_peak']:.2f})")
-  print(f"compiled programs: {s['num_compiled_programs']} (recompiled after warm-up: {js['recompiled_after_warmup']})")
+  print(f"compiled programs: {s['num_compiled_programs']} (compiled in the first pass: {js['compiled_in_first_pass']}, "
+        f"after it: {js['recompiled_after_warmup']})")
+  _write(res, args.out)
+
+
+def _write(res: dict, out: str) -> None:
+  print("\ntimeline (construction s, first pass s, first-pass tok/s, steady tok/s):")
+  for name, row in res["timeline"].items():
+    print(f"  {name:<26} {row.get('construction_s') or float('nan'):8.2f} {row.get('first_pass_s') or float('nan'):8.2f} "
+          f"{row.get('first_pass_tok_s', float('nan')):10.1f} {row.get('steady_tok_s', float('nan')):10.1f}")
   res["machine"]["loadavg_at_end"] = os.getloadavg()
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
     json.dump(res, f, indent=1)
-  print(f"wrote {args.out}")
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from jaxserve.engine._block_pool import NULL_BLOCK_ID, BlockPool, FreeBlockQueue, KVBlock
 from jaxserve.engine._engine import EngineCore
 from jaxserve.engine._kv_cache_manager import KVCacheManager
-from jaxserve.engine._sampler import SamplerOutput
+from jaxserve.engine._sampler import SamplerOutput, num_top_logprobs
 from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
 from jaxserve.testing import tiny_config
 
@@ -132,7 +132,7 @@ class FakeRunner:
     del logits
     rows = len(t.row_index)
     tokens = np.array([_token(self.contexts[t.row_index[i]], int(t.counter[i, 0])) for i in range(rows)], np.int32)
-    k = cfg.num_logprobs or 0
+    k = num_top_logprobs(VOCAB) if t.logprobs else 0
     top_ids = np.zeros((rows, k), np.int32)
     top_lp = np.zeros((rows, k), np.float32)
     for i in range(rows):

@@ -206,14 +206,13 @@ def test_bad_params_values_are_refused():
 
 def test_abort_frees_blocks_and_no_recompilation_after_warmup(hf_model):
   _, loaded = hf_model
-  llm = LLM(loaded, block_size=8, max_num_batched_tokens=64)
+  llm = LLM(loaded, block_size=8, max_num_batched_tokens=64, compilation_cache=False)
   prompts = [{"prompt_token_ids": p} for p in _prompts(6, (3, 17, 33, 50, 9))]
   runner = llm.engine.runner
-  jit_cache = lambda: len(runner._executables) + sum(f._cache_size() for f in (runner._sample, runner._copy))
-  first = _ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+  jit_cache = lambda: len(runner._executables) + sum(f._cache_size() for f in (runner._forward, runner._sample, runner._copy))
   warm, cached = llm.stats()["num_compiled_programs"], jit_cache()
-  assert len(runner._executables) == sum(k[0] == "forward" for k in runner.program_keys)
-  assert runner._forward._cache_size() == 0  # forward programs are compiled ahead of time, per bucket
+  assert warm == len(runner.program_keys())  # the constructor compiled the whole set
+  first = _ids(llm.generate(prompts, GREEDY, use_tqdm=False))
   llm.reset_prefix_cache()  # else the second run hits the cache and its steps have other shapes
   assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == first
   assert llm.stats()["num_compiled_programs"] == warm and jit_cache() == cached  # nothing recompiled
@@ -227,27 +226,29 @@ def test_abort_frees_blocks_and_no_recompilation_after_warmup(hf_model):
   assert not llm.has_unfinished_requests() and llm.stats()["kv_blocks_used"] == 0
 
 
-def test_warmup_and_background_compile_never_block_a_step(hf_model):
+def test_lazy_background_compile_never_blocks_a_step(hf_model):
   _, loaded = hf_model
   prompts = [{"prompt_token_ids": p} for p in _prompts(7, (3, 17, 33, 50, 9, 26, 61, 4))]
   params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (14, 3, 9, 20, 5, 11, 2, 17)]
-  plain = LLM(loaded, block_size=8, max_num_batched_tokens=64, max_num_seqs=16)
+  kw = dict(block_size=8, max_num_batched_tokens=64, max_num_seqs=16, compile="lazy", compilation_cache=False)
+  plain = LLM(loaded, **kw)
+  assert plain.stats()["num_compiled_programs"] == 0  # lazy: nothing compiled before the first step
   want = _ids(plain.generate(prompts, params, use_tqdm=False))
   assert plain.engine.runner.num_blocking_compiles > 0 and plain.engine.runner.num_fallback_steps == 0
 
-  llm = LLM(loaded, block_size=8, max_num_batched_tokens=64, max_num_seqs=16, background_compile=True)
-  # decode buckets 8 and 16, and one catch-all mixed bucket per token bucket 16, 32, 64
-  assert llm.warmup(mixed=True) == 5 and llm.warmup(mixed=True) == 0
+  llm = LLM(loaded, background_compile=True, **kw)
   runner = llm.engine.runner
-  assert {k for k in runner._executables} == {(8, 8, 0), (16, 16, 0), (32, 16, 16), (48, 16, 16), (80, 16, 16)}
+  runner._compile(runner.step_key(64, decode_only=False))  # the largest step program holds every step
   for _ in range(2):
     assert _ids(llm.generate(prompts, params, use_tqdm=False)) == want
     llm.reset_prefix_cache()
-  assert runner.num_blocking_compiles == 0  # every step ran at once, in its bucket or a compiled larger one
+  assert runner.num_blocking_compiles == 0  # every step ran at once, in its program or a compiled larger one
   assert runner.num_fallback_steps > 0
   for f in list(runner._compiling.values()):
     f.result(timeout=120)
-  assert len(runner._executables) > 5  # the steps' own buckets were compiled on the helper thread
+  assert len(runner._executables) > 1  # the steps' own programs were compiled on the helper thread
+  left = len(runner.program_keys()) - len(runner._executables)
+  assert llm.warmup() == left and llm.warmup() == 0 and llm.stats()["num_compiled_programs"] == len(runner.program_keys())
 
   with pytest.raises(ValueError, match="max_num_seqs must be an int >= 1"):
     llm.warmup(max_num_seqs=0)

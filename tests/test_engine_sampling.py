@@ -67,7 +67,7 @@ def _tensors(rows, **overrides):
               repetition_penalty=np.ones(rows, np.float32), presence_penalty=np.zeros(rows, np.float32),
               frequency_penalty=np.zeros(rows, np.float32), seed=np.zeros((rows, 2), np.uint32),
               counter=np.stack([np.zeros(rows), np.arange(rows)], 1).astype(np.int32), prompt_mask=None,
-              output_counts=None, banned=None)
+              output_counts=None, banned=None, logprobs=np.bool_(False))
   base.update(overrides)
   return SamplingTensors(**base)
 
@@ -101,13 +101,13 @@ def test_top1_sampling_equals_greedy_and_samples_follow_the_distribution():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.standard_normal((8, V)).astype(np.float32) * 2)
   greedy = sample(logits, _tensors(8, temperature=np.zeros(8, np.float32)), SamplerConfig())
-  top1 = sample(logits, _tensors(8, top_k=np.ones(8, np.int32)), SamplerConfig(all_greedy=False, use_top_k_top_p=True))
+  top1 = sample(logits, _tensors(8, top_k=np.ones(8, np.int32)), SamplerConfig())
   np.testing.assert_array_equal(greedy.tokens, jnp.argmax(logits, -1))
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
   # 4000 draws of one row: empirical frequencies follow softmax(logits)
   n = 4000
   t = _tensors(n, row_index=np.zeros(n, np.int32), counter=np.stack([np.zeros(n), np.arange(n)], 1).astype(np.int32))
-  draws = np.asarray(jax.jit(sample, static_argnums=2)(logits, t, SamplerConfig(all_greedy=False)).tokens)
+  draws = np.asarray(jax.jit(sample, static_argnums=2)(logits, t, SamplerConfig()).tokens)
   freq = np.bincount(draws, minlength=V) / n
   np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.03)
 
@@ -115,7 +115,7 @@ def test_top1_sampling_equals_greedy_and_samples_follow_the_distribution():
 def test_seeded_rows_are_reproducible_and_independent_of_batch():
   rng = np.random.default_rng(2)
   logits = jnp.asarray(rng.standard_normal((4, V)).astype(np.float32))
-  cfg = SamplerConfig(all_greedy=False)
+  cfg = SamplerConfig()
   seed = np.array([[7, 0]] * 4, np.uint32)
   a = sample(logits, _tensors(4, seed=seed), cfg).tokens
   b = sample(logits[::-1], _tensors(4, seed=seed, row_index=np.arange(4)[::-1].astype(np.int32)), cfg).tokens
@@ -127,16 +127,17 @@ def test_seeded_rows_are_reproducible_and_independent_of_batch():
 def test_logprobs_ranks_and_top_k():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.standard_normal((3, V)).astype(np.float32))
-  out = sample(logits, _tensors(3, temperature=np.zeros(3, np.float32)), SamplerConfig(num_logprobs=4))
+  out = sample(logits, _tensors(3, temperature=np.zeros(3, np.float32), logprobs=np.bool_(True)), SamplerConfig())
   logp = np.asarray(jax.nn.log_softmax(logits))
   np.testing.assert_allclose(out.logprob, logp.max(-1), rtol=1e-6)
   np.testing.assert_array_equal(out.rank, 1)
-  np.testing.assert_array_equal(out.top_ids, np.argsort(-logp, -1)[:, :4])
+  np.testing.assert_array_equal(out.top_ids[:, :4], np.argsort(-logp, -1)[:, :4])
 
 
 def test_ban_masks_stop_tokens():
   logits = jnp.zeros((2, V)).at[:, 2].set(10.0)
   banned = np.zeros((2, V), bool)
   banned[0, 2] = True
-  out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned), SamplerConfig(use_ban=True))
+  out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned, prompt_mask=np.zeros((2, V), bool),
+                                output_counts=np.zeros((2, V), np.int32)), SamplerConfig(vocab_arrays=True))
   assert int(out.tokens[0]) != 2 and int(out.tokens[1]) == 2

@@ -11,7 +11,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.engine._detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer, anchor_ids, find_stop, holdback
 from jaxserve.engine._kv_cache_manager import KVCacheManager, cdiv
-from jaxserve.engine._model_runner import ModelRunner, pow2_bucket
+from jaxserve.engine._model_runner import ModelRunner, SequenceInputError, pad_rows
 from jaxserve.engine._outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.engine._request import Request, RequestStatus, Sequence
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors
@@ -19,6 +19,15 @@ from jaxserve.engine._sampling_params import BeamSearchParams, SamplingParams
 from jaxserve.engine._scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
 PromptType = str | Mapping[str, Any] | Seq[int]
+
+
+class EngineStepError(RuntimeError):
+  """A device step failed; the requests it ran (``request_ids``) failed with it. The engine has
+  recovered (fresh KV pools) and serves the next step normally."""
+
+  def __init__(self, request_ids: list[str], cause: BaseException):
+    super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); failed requests: {request_ids}")
+    self.request_ids = request_ids
 
 
 class EngineCore:
@@ -127,28 +136,83 @@ class EngineCore:
 
   # ---- the step
   def step(self) -> list[Request]:
-    """Schedules and runs one batch; returns the requests that made progress (finished ones included)."""
+    """Schedules and runs one batch; returns the requests that made progress (finished ones included).
+
+    A request whose own host-side work fails (building its step inputs, sampling rows or output)
+    finishes with ``finish_reason="error"`` and its ``error`` set; the others run on. A failed
+    device step costs the KV pools (donated to it): the step's requests fail, the other running
+    ones go back to the queue to be recomputed, the engine starts over with fresh pools and an
+    empty prefix cache, and :class:`EngineStepError` is raised; the next step serves normally.
+    """
     sched = self.scheduler.schedule()
     if not sched.seqs:
       if self.scheduler.has_unfinished() and not sched.preempted:
         raise RuntimeError("the scheduler could not place any request; the KV pool is too small")
       return []
-    logits, greedy, rows = self.runner.execute(sched)
-    self.scheduler.update_after_step(sched)
-    sampled = [(s, row) for s, row in zip(sched.seqs, rows) if s.samples]
     touched: dict[str, Request] = {s.request.request_id: s.request for s in sched.seqs}
-    if sampled:
-      tensors, cfg, row_of = self._sampling_inputs(sampled)
-      if cfg == SamplerConfig():  # plain greedy: the argmax computed with the step is the answer
-        out = SamplerOutput(np.asarray(greedy)[tensors.row_index], None, None, None, None)
+    try:
+      while True:
+        try:
+          logits, greedy, rows = self.runner.execute(sched)
+          break
+        except SequenceInputError as e:  # nothing ran: drop those requests and build the step again
+          for i in e.indices:
+            self._fail(sched.seqs[i].request, f"building this request's step inputs failed: {e}")
+          sched = dataclasses.replace(sched, seqs=tuple(s for s in sched.seqs if not s.request.finished))
+          if not sched.seqs:
+            return list(touched.values())
+      self.scheduler.update_after_step(sched)
+      sampled = [(s, row) for s, row in zip(sched.seqs, rows) if s.samples]
+      if sampled:
+        tensors, cfg, row_of, plain = self._sampling_inputs(sampled)
+        if plain:  # greedy without penalties or logprobs: the argmax computed with the step is the answer
+          out = SamplerOutput(np.asarray(greedy)[tensors.row_index], None, None, None, None)
+        else:
+          out = self.runner.sample(logits, tensors, cfg)
       else:
-        out = self.runner.sample(logits, tensors, cfg)
+        np.asarray(greedy)  # wait for the step: a failure shows here, not in the next one
+    except Exception as e:  # noqa: BLE001 - the device step failed: its pools are gone
+      failed = self._recover(sched, e)
+      raise EngineStepError(failed, e) from e
+    if sampled:
       self._apply(sampled, out, row_of)
     self._record_step(sched)
     return list(touched.values())
 
+  def _fail(self, req: Request, error: str) -> None:
+    """Finishes a request that cannot go on: ``finish_reason="error"``, ``error`` says why; frees its blocks."""
+    if req.finished:
+      return
+    for seq in req.seqs:
+      seq.finish_reason = "error"
+    req.finished_seqs.extend(req.seqs)
+    req.error = error
+    self.scheduler.finish_request(req)
+    req.seqs.clear()
+
+  def _recover(self, sched: SchedulerOutput, exc: BaseException) -> list[str]:
+    """After a failed device step: fails the step's requests, sends the other running ones back to be
+    recomputed, forgets the prefix cache and gives the runner fresh pools. Returns the failed ids."""
+    failed = []
+    for s in sched.seqs:
+      if not s.request.finished:
+        self._fail(s.request, f"the engine step running this request failed: {type(exc).__name__}: {exc}")
+        failed.append(s.request.request_id)
+    for req in reversed(list(self.scheduler.running)):  # their KV was in the lost pools
+      self.scheduler.running.remove(req)
+      self.scheduler._preempt(req)
+    self.kv.pool.reset_prefix_cache()
+    if self.kv.num_used_blocks:
+      raise RuntimeError(f"{self.kv.num_used_blocks} KV blocks still in use after recovering from a failed step")
+    self.runner.reset_device_state()
+    return failed
+
   def _sampling_inputs(self, sampled: list[tuple[ScheduledSeq, int]]):
-    """Per-row sampling arrays; a prompt of ``n`` samples gets ``n`` rows on its logits row."""
+    """Per-row sampling arrays; a prompt of ``n`` samples gets ``n`` rows on its logits row.
+
+    Returns ``(tensors, cfg, row_of, plain)``: ``plain`` when the forward's argmax is the answer. A
+    request whose rows cannot be built fails alone (its rows stay neutral: greedy, ignored).
+    """
     rows: list[tuple[Request, Sequence, int, int]] = []  # request, seq, logits row, completion index
     row_of = []
     for s, row in sampled:
@@ -156,91 +220,102 @@ class EngineCore:
       row_of.append(len(rows))
       k = req.params.n if not req.is_beam and not req.forked else 1
       rows.extend((req, s.seq, row, s.seq.index + i) for i in range(k))
-    r = pow2_bucket(len(rows), 8)
+    r = pad_rows(len(rows), self.max_num_seqs)
     vocab = self.cfg.vocab_size
     f32 = lambda v: np.full(r, v, np.float32)
     t = dict(row_index=np.zeros(r, np.int32), temperature=f32(0), top_k=np.full(r, vocab, np.int32), top_p=f32(1),
              min_p=f32(0), repetition_penalty=f32(1), presence_penalty=f32(0), frequency_penalty=f32(0),
              seed=np.zeros((r, 2), np.uint32), counter=np.zeros((r, 2), np.int32))
-    flags = dict(all_greedy=True, use_top_k_top_p=False, use_min_p=False, use_penalties=False, use_ban=False)
-    num_logprobs = None
+    neutral = {name: a[0].copy() for name, a in t.items()}
     for i, (req, seq, row, index) in enumerate(rows):
-      p = req.params
       t["row_index"][i] = row
-      if req.is_beam:
-        num_logprobs = max(num_logprobs or 0, 2 * p.beam_width)
-        continue
-      if p.logprobs is not None:
-        num_logprobs = max(num_logprobs or 0, p.logprobs)
-      t["seed"][i] = (req.seed & 0xFFFFFFFF, req.seed >> 32)
-      t["counter"][i] = (index, seq.num_output_tokens)
-      t["temperature"][i] = p.temperature
-      if p.temperature > 0:
-        flags["all_greedy"] = False
-        if p.top_k > 0 or p.top_p < 1:
-          flags["use_top_k_top_p"] = True
-          t["top_k"][i] = p.top_k if p.top_k > 0 else vocab
-          t["top_p"][i] = p.top_p
-        if p.min_p > 0:
-          flags["use_min_p"] = True
-          t["min_p"][i] = p.min_p
-      if p.has_penalties:
-        flags["use_penalties"] = True
-        t["repetition_penalty"][i] = p.repetition_penalty
-        t["presence_penalty"][i] = p.presence_penalty
-        t["frequency_penalty"][i] = p.frequency_penalty
-      if seq.num_output_tokens < p.min_tokens:
-        flags["use_ban"] = True
-    extra = dict(prompt_mask=None, output_counts=None, banned=None)
-    if flags["use_penalties"]:
-      extra["prompt_mask"] = np.zeros((r, vocab), bool)
-      extra["output_counts"] = np.zeros((r, vocab), np.int32)
-      for i, (req, seq, _, _) in enumerate(rows):
-        if not req.is_beam and req.params.has_penalties:
-          extra["prompt_mask"][i, req.prompt_token_ids] = True
-          np.add.at(extra["output_counts"][i], seq.output_token_ids, 1)
-    if flags["use_ban"]:
-      extra["banned"] = np.zeros((r, vocab), bool)
-      for i, (req, seq, _, _) in enumerate(rows):
-        p = req.params
-        if not req.is_beam and seq.num_output_tokens < p.min_tokens:
-          stops = list(p.stop_token_ids) + ([self.eos_id] if self.eos_id is not None and not p.ignore_eos else [])
-          extra["banned"][i, stops] = True
-    if num_logprobs is not None:
-      num_logprobs = min(pow2_bucket(num_logprobs) if num_logprobs else 0, vocab)
-    cfg = SamplerConfig(num_logprobs=num_logprobs, **flags)
-    return SamplingTensors(**t, **extra), cfg, row_of
-
-  def _apply(self, sampled: list[tuple[ScheduledSeq, int]], out: SamplerOutput, row_of: list[int]) -> None:
-    beams: dict[str, Request] = {}
-    for (s, _), row in zip(sampled, row_of):
-      req, seq = s.request, s.seq
       if req.finished:
         continue
-      if req.is_beam:
-        k = 2 * req.params.beam_width
-        seq.beam_candidates = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
-        beams[req.request_id] = req
+      try:
+        self._fill_row(t, i, req, seq, index)
+      except Exception as e:  # noqa: BLE001 - this request alone fails
+        for name, a in t.items():
+          a[i] = row if name == "row_index" else neutral[name]
+        self._fail(req, f"building this request's sampling inputs failed: {type(e).__name__}: {e}")
+    live = [(i, req, seq) for i, (req, seq, _, _) in enumerate(rows) if not req.finished]
+    want_logprobs = any(req.is_beam or req.params.logprobs is not None for _, req, _ in live)
+    penalties = [(i, req, seq) for i, req, seq in live if not req.is_beam and req.params.has_penalties]
+    bans = [(i, req, seq) for i, req, seq in live
+            if not req.is_beam and seq.num_output_tokens < req.params.min_tokens]
+    extra = dict(prompt_mask=None, output_counts=None, banned=None)
+    if penalties or bans:
+      extra = dict(prompt_mask=np.zeros((r, vocab), bool), output_counts=np.zeros((r, vocab), np.int32),
+                   banned=np.zeros((r, vocab), bool))
+      for i, req, seq in penalties:
+        extra["prompt_mask"][i, req.prompt_token_ids] = True
+        np.add.at(extra["output_counts"][i], seq.output_token_ids, 1)
+      for i, req, seq in bans:
+        p = req.params
+        stops = list(p.stop_token_ids) + ([self.eos_id] if self.eos_id is not None and not p.ignore_eos else [])
+        extra["banned"][i, stops] = True
+    cfg = SamplerConfig(vocab_arrays=bool(penalties or bans))
+    plain = not (cfg.vocab_arrays or want_logprobs or t["temperature"].any())
+    return SamplingTensors(**t, **extra, logprobs=np.bool_(want_logprobs)), cfg, row_of, plain
+
+  def _fill_row(self, t: dict[str, np.ndarray], i: int, req: Request, seq: Sequence, index: int) -> None:
+    """Writes one sampling row's settings (neutral values stand for a setting that is off)."""
+    if req.is_beam:
+      return
+    p = req.params
+    t["seed"][i] = (req.seed & 0xFFFFFFFF, req.seed >> 32)
+    t["counter"][i] = (index, seq.num_output_tokens)
+    t["temperature"][i] = p.temperature
+    if p.temperature > 0:
+      if p.top_k > 0 or p.top_p < 1:
+        t["top_k"][i] = min(p.top_k, self.cfg.vocab_size) if p.top_k > 0 else self.cfg.vocab_size
+        t["top_p"][i] = p.top_p
+      if p.min_p > 0:
+        t["min_p"][i] = p.min_p
+    if p.has_penalties:
+      t["repetition_penalty"][i] = p.repetition_penalty
+      t["presence_penalty"][i] = p.presence_penalty
+      t["frequency_penalty"][i] = p.frequency_penalty
+
+  def _apply(self, sampled: list[tuple[ScheduledSeq, int]], out: SamplerOutput, row_of: list[int]) -> None:
+    """Appends the sampled tokens; a request whose own host work raises fails alone."""
+    beams: dict[str, Request] = {}
+    for (s, _), row in zip(sampled, row_of):
+      if s.request.finished:
         continue
-      if not req.forked:
-        req.forked = True
-        children = [seq]
-        for i in range(1, req.params.n):
-          child = Sequence(next(self._seq_ids), list(seq.token_ids), seq.num_prompt_tokens, index=i,
-                           num_computed_tokens=seq.num_computed_tokens,
-                           logprobs=None if seq.logprobs is None else [])
-          self.kv.fork(seq.seq_id, child.seq_id)
-          req.seqs.append(child)
-          children.append(child)
-        for i, child in enumerate(children):
-          self._append(req, child, out, row + i)
-      else:
-        self._append(req, seq, out, row)
-      if not req.seqs:
-        self.scheduler.finish_request(req)
+      try:
+        self._apply_one(s, out, row, beams)
+      except Exception as e:  # noqa: BLE001 - one request's failure is not the others'
+        self._fail(s.request, f"processing this request's sampled tokens failed: {type(e).__name__}: {e}")
     for req in beams.values():
-      if all(seq.beam_candidates is not None for seq in req.seqs):
-        self._beam_step(req)
+      if not req.finished and all(seq.beam_candidates is not None for seq in req.seqs):
+        try:
+          self._beam_step(req)
+        except Exception as e:  # noqa: BLE001
+          self._fail(req, f"this request's beam step failed: {type(e).__name__}: {e}")
+
+  def _apply_one(self, s: ScheduledSeq, out: SamplerOutput, row: int, beams: dict[str, Request]) -> None:
+    req, seq = s.request, s.seq
+    if req.is_beam:
+      k = 2 * req.params.beam_width
+      seq.beam_candidates = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
+      beams[req.request_id] = req
+      return
+    if not req.forked:
+      req.forked = True
+      children = [seq]
+      for i in range(1, req.params.n):
+        child = Sequence(next(self._seq_ids), list(seq.token_ids), seq.num_prompt_tokens, index=i,
+                         num_computed_tokens=seq.num_computed_tokens,
+                         logprobs=None if seq.logprobs is None else [])
+        self.kv.fork(seq.seq_id, child.seq_id)
+        req.seqs.append(child)
+        children.append(child)
+      for i, child in enumerate(children):
+        self._append(req, child, out, row + i)
+    else:
+      self._append(req, seq, out, row)
+    if not req.seqs:
+      self.scheduler.finish_request(req)
 
   def _logprob_entry(self, out: SamplerOutput, row: int, token: int, k: int) -> dict[int, Logprob]:
     dec = (lambda i: self.tokenizer.decode([i])) if self.tokenizer is not None else (lambda i: None)
@@ -351,7 +426,7 @@ class EngineCore:
       outs.append(CompletionOutput(seq.index, text, list(ids), cum, seq.logprobs, seq.finish_reason,
                                    seq.stop_reason))
     return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outs, req.finished,
-                         req.num_cached_tokens)
+                         req.num_cached_tokens, req.error)
 
   def _text(self, seq: Sequence, req: Request) -> str:
     """The completion's text; while it runs, without the tail a stop string could still cut off."""

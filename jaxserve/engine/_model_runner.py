@@ -1,4 +1,4 @@
-"""Runs a scheduled step on the device: builds bucketed inputs, calls the model over the paged pools, samples."""
+"""Runs a scheduled step on the device: pads it to one of a fixed set of compiled programs, calls the model over the paged pools, samples."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.engine import _compile_cache
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
-from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample
+from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample, sampling_tensors_spec
 from jaxserve.engine._scheduler import SchedulerOutput
 from jaxserve.engine._weight_forms import prepare_params
 from jaxserve.model import forward
@@ -37,29 +39,69 @@ def token_bucket(n: int) -> int:
   return p * 3 // 4 if p >= 512 and n <= p * 3 // 4 else p
 
 
+def step_token_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, ...]:
+  """Padded token counts of the step programs: each decode batch's bucket (up to ``max_num_seqs``
+  sequences) and each token bucket (up to ``max_num_batched_tokens`` tokens); a step runs in the
+  smallest one that holds its tokens."""
+  decode = {decode_bucket(n) for n in range(1, min(max_num_seqs, max_num_batched_tokens) + 1)}
+  return tuple(sorted(decode | {token_bucket(t) for t in range(1, max_num_batched_tokens + 1)}))
+
+
+def row_buckets(max_rows: int) -> tuple[int, ...]:
+  """Padded row counts of the sampler's programs: 8, 32, 128, ... (x4), the last one ``max_rows`` rounded up to 8."""
+  top = -(-max_rows // 8) * 8
+  out, r = [], 8
+  while r < top:
+    out.append(r)
+    r *= 4
+  return tuple(out + [top])
+
+
+def pad_rows(num_rows: int, max_num_seqs: int) -> int:
+  """The sampler row bucket for ``num_rows`` rows (at most ``max_num_seqs`` in a step: a request is
+  admitted only with room for all its ``n`` samples or beams)."""
+  return next((b for b in row_buckets(max_num_seqs) if b >= num_rows), pow2_bucket(num_rows, 8))
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
   itemsize = jnp.dtype(dtype).itemsize
   return sum(2 * cfg.kv_heads(i) * block_size * cfg.head_dim * itemsize for i in range(cfg.num_layers))
 
 
+class SequenceInputError(Exception):
+  """Building the step's host inputs failed for some sequences alone (the others build fine)."""
+
+  def __init__(self, indices: list[int], cause: BaseException):
+    super().__init__(f"{type(cause).__name__}: {cause}")
+    self.indices, self.cause = indices, cause
+
+
 class ModelRunner:
-  """Owns the device state (parameters, per-layer KV pools) and the jitted step programs.
+  """Owns the device state (parameters, per-layer KV pools, the last step's logits) and the compiled step programs.
 
-  Every step is padded to a bucket: ``(tokens, decode slots, prefill slots)`` for the model (at
-  most ``max_num_seqs / 8 + 6`` decode buckets times a few token and prefill buckets) and
-  ``(logits rows, sample rows, sampler config)`` for the sampler, so the number of compiled
-  programs stays small and stops growing after warm-up. The pools are donated to each call
-  so XLA updates them in place.
+  The programs form a small fixed set (:meth:`program_keys`), compiled ahead of use by
+  :meth:`compile_all` (``LLM(compile="eager")``) or on first use:
 
-  With ``background_compile``, a step whose bucket has no compiled program yet runs in the
-  smallest compiled bucket that holds it (more padding, same results up to float rounding)
-  while its own program compiles on a helper thread; only a step that fits no compiled bucket
-  waits for a compile. A server then does not stall every stream on each new bucket.
+  * the model step, one per padded token count T (:func:`step_token_buckets`): a step's tokens
+    pad to the smallest T that holds them and its sequences to ``min(T, max_num_seqs)`` slots
+    (the C++ CPU kernel reads ragged metadata, so nothing else shapes the program). Backends that
+    batch decodes apart (the XLA loops, the Pallas decode kernel) get a second, decode-only program
+    per decode bucket. The step writes its logits into a persistent ``[slots, V]`` buffer.
+  * the sampler, one per row bucket (:func:`row_buckets`) and with or without ``[R, V]``
+    penalty/ban arrays; every other sampling choice is data, so client settings add no program.
+  * the copy-on-write block copy, one per copy-count bucket.
+
+  The pools and the logits buffer are donated to each step so XLA updates them in place; after a
+  failed step they are gone, and :meth:`reset_device_state` allocates fresh ones.
+
+  With ``background_compile`` (lazy compilation), a step whose program is not compiled yet runs
+  in the smallest compiled program that holds it (more padding, same results up to float rounding)
+  while its own compiles on a helper thread.
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_blocks: int, block_size: int, max_model_len: int,
-               max_num_seqs: int, attention: PagedAttention, kv_sharding: Any = None,
-               background_compile: bool = False, sparse_weights: str = "auto"):
+               max_num_seqs: int, max_num_batched_tokens: int, attention: PagedAttention, kv_sharding: Any = None,
+               background_compile: bool = False, sparse_weights: str = "auto", compilation_cache: str | None = None):
     self.cfg, self.attn = cfg, attention
     # with the C++ CPU kernels, every Dense runs on a native matmul over its packed or compressed
     # kernel (converted once, here; typed leaves dispatch in jaxserve.weights.matmul)
@@ -68,148 +110,219 @@ class ModelRunner:
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
-    dtype = jnp.dtype(cfg.dtype)
-    shapes = [pool_shape(cfg.kv_heads(i), num_blocks, block_size, cfg.head_dim, attention.kv_layout)
-              for i in range(cfg.num_layers)]
-    self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
-    if kv_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
-      self.kv = jax.device_put(self.kv, kv_sharding)
-    self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
+    self.max_num_seqs = max_num_seqs
+    self.token_buckets = step_token_buckets(max_num_seqs, max_num_batched_tokens)
+    self.max_slots = decode_bucket(max_num_seqs)
+    self.row_buckets = row_buckets(max_num_seqs)
+    # decode-only steps get programs of their own where the attention batches decodes apart
+    self.split_decodes = not attention.use_cpu_kernel(cfg.dtype)
+    self.kv_sharding = kv_sharding
+    self.compilation_cache = compilation_cache
+    self.reset_device_state()
+    self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
-    self.program_keys: set[tuple] = set()  # one jit program per distinct key
-    self.max_num_seqs = max_num_seqs
-    self._executables: dict[tuple[int, int, int], Any] = {}  # forward bucket -> compiled program
-    self._compiling: dict[tuple[int, int, int], concurrent.futures.Future] = {}
+    self._executables: dict[tuple, Any] = {}  # program key -> compiled program
+    self._compiling: dict[tuple, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
     self._compiler = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-compile")
                       if background_compile else None)
-    self.num_fallback_steps = 0  # steps run in a larger bucket while their own compiled
+    self.num_fallback_steps = 0  # steps run in a larger program while their own compiled
     self.num_blocking_compiles = 0  # steps that waited for their program to compile
 
-  def _forward_impl(self, params, kv, tokens, positions, meta, logits_index):
+  def reset_device_state(self) -> None:
+    """Allocates fresh (zeroed) KV pools and logits buffer: at start, and after a failed step took the old ones."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    shapes = [pool_shape(self.cfg.kv_heads(i), self.num_blocks, self.block_size, self.cfg.head_dim,
+                         self.attn.kv_layout) for i in range(self.cfg.num_layers)]
+    self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
+    self.logits = jnp.zeros((self.max_slots, self.cfg.vocab_size), jnp.float32)
+    if self.kv_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
+      self.kv = jax.device_put(self.kv, self.kv_sharding)
+      self.logits = jax.device_put(self.logits, NamedSharding(self.kv_sharding.mesh, PartitionSpec()))
+
+  def _forward_impl(self, params, kv, logits_buf, tokens, positions, meta, logits_index):
     out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
     logits = out.logits[0]
-    return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv
+    buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
+    if self.kv_sharding is not None:
+      buf = jax.lax.with_sharding_constraint(buf, NamedSharding(self.kv_sharding.mesh, PartitionSpec()))
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv, buf
+
+  # ---- the program set
+  def step_key(self, num_tokens: int, decode_only: bool) -> tuple[str, int, int, int]:
+    """``("step", T, slots, decode slots)`` of a step with this many tokens (all decodes or not)."""
+    t = next((b for b in self.token_buckets if b >= num_tokens), None)
+    if t is None:
+      raise ValueError(f"a step of {num_tokens} tokens exceeds max_num_batched_tokens "
+                       f"(largest step program: {self.token_buckets[-1]} tokens)")
+    slots = min(t, self.max_slots)
+    if decode_only and self.split_decodes:
+      t = slots = decode_bucket(num_tokens)
+      return ("step", t, slots, slots)
+    return ("step", t, slots, 0)
+
+  def sample_key(self, num_rows: int, cfg: SamplerConfig) -> tuple[str, int, SamplerConfig]:
+    return ("sample", pad_rows(num_rows, self.max_num_seqs), cfg)
+
+  def copy_key(self, num_copies: int) -> tuple[str, int]:
+    return ("copy", max(8, 1 << (3 * math.ceil(math.log2(max(num_copies, 1)) / 3))))
+
+  def program_keys(self) -> list[tuple]:
+    """Every program a step can need: what :meth:`compile_all` compiles."""
+    keys = {self.step_key(t, False) for t in self.token_buckets}
+    if self.split_decodes:
+      keys |= {self.step_key(n, True) for n in range(1, min(self.max_num_seqs, self.token_buckets[-1]) + 1)}
+    keys = sorted(keys)
+    keys += [self.sample_key(r, SamplerConfig(vocab_arrays=v)) for r in self.row_buckets for v in (False, True)]
+    keys += sorted({self.copy_key(n) for n in range(1, self.max_num_seqs + 1)})
+    return keys
 
   @property
   def num_compiled_programs(self) -> int:
-    """Programs compiled so far: one per distinct bucket (the keys jit specializes on)."""
-    return len(self.program_keys)
+    """Programs compiled so far (each one at this boundary: model steps, samplers, block copies)."""
+    return len(self._executables)
 
+  def compile_all(self, progress: bool = False) -> int:
+    """Compiles every program of :meth:`program_keys` not compiled yet; returns how many it compiled."""
+    todo = [k for k in self.program_keys() if k not in self._executables]
+    bar = None
+    if progress and todo:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(todo), desc="Compiling step programs", dynamic_ncols=True)
+    for key in todo:
+      self._compile(key)
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+    return len(todo)
+
+  def _spec(self, x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+  def _example_args(self, key) -> tuple:
+    """Arguments of the right shapes for compiling program ``key`` (all padding)."""
+    spec = functools.partial(jax.tree.map, self._spec)
+    if key[0] == "step":
+      _, t, slots, decode_slots = key
+      meta = make_meta([], 0, num_tokens=t, decode_slots=decode_slots, prefill_slots=slots - decode_slots,
+                       block_size=self.block_size, table_width=self.table_width)
+      zeros = np.zeros((1, t), np.int32)
+      return spec(self.params), spec(self.kv), spec(self.logits), zeros, zeros, meta, np.zeros((1, slots), np.int32)
+    if key[0] == "sample":
+      _, r, cfg = key
+      return spec(self.logits), sampling_tensors_spec(r, self.cfg.vocab_size, cfg), cfg
+    n = key[1]
+    return spec(self.kv), np.zeros(n, np.int32), np.zeros(n, np.int32)
+
+  def _compile(self, key):
+    fn = {"step": self._forward, "sample": self._sample, "copy": self._copy}[key[0]]
+    with _compile_cache.scope(self.compilation_cache):
+      exe = fn.lower(*self._example_args(key)).compile()
+    with self._lock:
+      self._executables[key] = exe
+    return exe
+
+  def _program(self, key):
+    exe = self._executables.get(key)
+    if exe is None:  # lazy compilation: the first step that needs it waits
+      self.num_blocking_compiles += 1
+      exe = self._compile(key)
+    return exe
+
+  # ---- running a step
   def copy(self, copies: Sequence[tuple[int, int]]) -> None:
-    """Copy-on-write block copies, padded to a power of two with null-block no-ops."""
-    n = pow2_bucket(len(copies))
-    src = np.zeros(n, np.int32)
-    dst = np.zeros(n, np.int32)
+    """Copy-on-write block copies, padded with null-block no-ops."""
+    key = self.copy_key(len(copies))
+    src = np.zeros(key[1], np.int32)
+    dst = np.zeros(key[1], np.int32)
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    self.program_keys.add(("copy", n))
-    self.kv = self._copy(self.kv, src, dst)
+    self.kv = self._program(key)(self.kv, src, dst)
 
   def execute(self, sched: SchedulerOutput) -> tuple[jax.Array, jax.Array, list[int]]:
     """Runs the model on the scheduled tokens.
 
     Returns:
-      ``(logits, greedy, rows)``: device logits ``[slots, V]`` (one row per padded sequence slot),
-      their argmax ``[slots]`` (plain greedy batches need nothing else), and for each scheduled
-      sequence in order its row in ``logits``.
+      ``(logits, greedy, rows)``: the logits buffer ``[max slots, V]`` (this step's rows first),
+      the argmax of each of the step's logits rows ``[slots]`` (plain greedy batches need nothing
+      else), and for each scheduled sequence in order its row in ``logits``.
+
+    Raises:
+      SequenceInputError: the host inputs of some sequences could not be built (nothing ran).
     """
-    if sched.copies:
-      self.copy(sched.copies)
     nd = sched.num_decode
     # decodes longest first (the batched decode loop stops early for groups of short ones)
     order = sorted(range(nd), key=lambda j: -sched.seqs[j].start) + list(range(nd, len(sched.seqs)))
     seqs = [sched.seqs[j] for j in order]
-    num_prefill = len(seqs) - nd
-    prefill_tokens = sum(s.num_tokens for s in seqs[nd:])
-    key = self.bucket(nd, num_prefill, prefill_tokens)
-    num_tokens, decode_slots, prefill_slots = self._choose(key, nd, num_prefill, prefill_tokens)
+    key = self._choose(self.step_key(sched.num_tokens, nd == len(seqs)), sched.num_tokens, len(seqs))
+    if len(seqs) > key[2]:
+      raise RuntimeError(f"a step of {len(seqs)} sequences exceeds its program's {key[2]} slots "
+                         f"(max_num_seqs={self.max_num_seqs}): the scheduler admitted too many")
+    try:
+      args, slot_of = self._step_inputs(seqs, nd, key)
+    except Exception as e:  # noqa: BLE001 - find the sequences that fail alone; the rest can run
+      bad = [order[j] for j, s in enumerate(seqs) if self._fails_alone(s, key)]
+      if not bad:
+        raise
+      raise SequenceInputError(bad, e) from e
+    rows = [0] * len(seqs)
+    for j, slot in enumerate(slot_of):
+      rows[order[j]] = slot
+    if sched.copies:
+      self.copy(sched.copies)
+    greedy, self.kv, self.logits = self._run_step(self._program(key), args)
+    return self.logits, greedy, rows
+
+  def _run_step(self, exe, args):
+    """Calls a compiled step program (the pools and logits buffer are donated to it)."""
+    return exe(self.params, self.kv, self.logits, *args)
+
+  def _step_inputs(self, seqs, nd: int, key) -> tuple[tuple, list[int]]:
+    """The step's host arrays ``(tokens, positions, meta, logits_index)``, and each sequence's logits slot."""
+    _, num_tokens, slots, decode_slots = key
     tokens = np.zeros((1, num_tokens), np.int32)
     positions = np.zeros((1, num_tokens), np.int32)
-    logits_index = np.zeros((1, decode_slots + prefill_slots), np.int32)
-    rows, row = [0] * len(seqs), 0
-    for j, s in enumerate(seqs):
+    logits_index = np.zeros((1, slots), np.int32)
+    row = 0
+    for j, s in enumerate(seqs):  # sequence j takes logits slot j (decode-only programs: all are decodes)
       end = s.start + s.num_tokens
       tokens[0, row:row + s.num_tokens] = s.seq.token_ids[s.start:end]
       positions[0, row:row + s.num_tokens] = np.arange(s.start, end)
-      slot = j if j < nd else decode_slots + j - nd
       row += s.num_tokens
-      logits_index[0, slot] = row - 1
-      rows[order[j]] = slot
-    meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd,
-                     num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
+      logits_index[0, j] = row - 1
+    meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd if decode_slots else 0,
+                     num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=slots - decode_slots,
                      block_size=self.block_size, table_width=self.table_width)
-    bucket = (num_tokens, decode_slots, prefill_slots)
-    exe = self._executables.get(bucket)
-    if exe is None:  # compile here (the first step of this bucket waits for it)
-      self.num_blocking_compiles += 1
-      exe = self._compile(bucket, (tokens, positions, meta, logits_index))
-    logits, greedy, self.kv = exe(self.params, self.kv, tokens, positions, meta, logits_index)
-    return logits, greedy, rows
+    return (tokens, positions, meta, logits_index), list(range(len(seqs)))
 
-  @staticmethod
-  def bucket(num_decode: int, num_prefill: int, prefill_tokens: int) -> tuple[int, int, int]:
-    """``(tokens, decode slots, prefill slots)`` a step of this many decodes and prefill chunks pads to."""
-    decode_slots = decode_bucket(num_decode) if num_decode else 0
-    prefill_slots = pow2_bucket(num_prefill) if num_prefill else 0
-    return decode_slots + (token_bucket(prefill_tokens) if num_prefill else 0), decode_slots, prefill_slots
+  def _fails_alone(self, s, key) -> bool:
+    try:
+      self._step_inputs([s], 0, ("step", key[1], key[2], 0))
+    except Exception:  # noqa: BLE001
+      return True
+    return False
 
-  def _choose(self, key, nd, num_prefill, prefill_tokens) -> tuple[int, int, int]:
-    """The step's own bucket, or with background compilation a compiled one that holds it."""
+  def _choose(self, key, num_tokens: int, num_seqs: int):
+    """The step's own program, or with background compilation a compiled one that holds it."""
     with self._lock:
       for done in [k for k, f in self._compiling.items() if f.done()]:
         self._compiling.pop(done).result()  # re-raises a compile error here
     if self._compiler is None or key in self._executables:
       return key
-    fits = [k for k in self._executables
-            if k[1] >= nd and k[2] >= num_prefill and k[0] - k[1] >= prefill_tokens and (k[2] > 0) == (num_prefill > 0)]
+    decode_only = key[3] > 0
+    fits = [k for k in self._executables if k[0] == "step" and k[1] >= num_tokens and k[2] >= num_seqs
+            and (k[3] == 0 or (decode_only and k[3] >= num_seqs))]
     if not fits:
       return key
     with self._lock:
       if key not in self._compiling:
-        self._compiling[key] = self._compiler.submit(self._compile, key, self._example_inputs(key))
+        self._compiling[key] = self._compiler.submit(self._compile, key)
     self.num_fallback_steps += 1
-    return min(fits, key=lambda k: (k[0], k[1] + k[2]))
-
-  def _example_inputs(self, key):
-    """Inputs of the right shapes for compiling bucket ``key`` (all padding)."""
-    num_tokens, decode_slots, prefill_slots = key
-    meta = make_meta([], 0, num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=prefill_slots,
-                     block_size=self.block_size, table_width=self.table_width)
-    zeros = np.zeros((1, num_tokens), np.int32)
-    return zeros, zeros, meta, np.zeros((1, decode_slots + prefill_slots), np.int32)
-
-  def _compile(self, key, inputs):
-    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-    exe = self._forward.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.kv), *inputs).compile()
-    with self._lock:
-      self._executables[key] = exe
-      self.program_keys.add(("forward",) + key)
-    return exe
-
-  def warmup(self, max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None) -> int:
-    """Compiles programs ahead of use; returns how many it compiled.
-
-    Always the decode-only bucket of every batch size up to ``max_num_seqs``. With
-    ``max_num_batched_tokens``, also one catch-all mixed bucket per prefill-token bucket up to it
-    (every decode slot and as many prefill slots as tokens): any mixed step fits one of them, so
-    with background compilation no step ever waits for a compile.
-    """
-    top = max_num_seqs or self.max_num_seqs
-    keys = [(slots, slots, 0) for slots in sorted({decode_bucket(i) for i in range(1, top + 1)})]
-    if max_num_batched_tokens:
-      d = decode_bucket(top)
-      tokens = sorted({token_bucket(t) for t in range(1, max_num_batched_tokens + 1)})
-      keys += [(d + t, d, pow2_bucket(min(top, t))) for t in tokens]
-    n = 0
-    for key in keys:
-      if key not in self._executables:
-        self._compile(key, self._example_inputs(key))
-        n += 1
-    return n
+    return min(fits, key=lambda k: (k[1], k[2]))
 
   def sample(self, logits: jax.Array, tensors: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
-    """Samples on the device and brings the (small) results to the host: the step's one sync."""
-    self.program_keys.add(("sample", logits.shape[0], tensors.row_index.shape[0], cfg))
-    out = self._sample(logits, tensors, cfg)
+    """Samples on the device from the logits buffer :meth:`execute` returned and brings the (small)
+    results to the host: the step's one sync."""
+    out = self._program(self.sample_key(tensors.row_index.shape[0], cfg))(logits, tensors)
     return SamplerOutput(*(None if x is None else np.asarray(x) for x in out))

@@ -25,8 +25,8 @@ class CompletionOutput:
     cumulative_logprob: sum of the sampled tokens' logprobs (None unless logprobs were asked for;
       always set for beam search).
     logprobs: per generated token, ``{token_id: Logprob}`` for the sampled token and the top ones.
-    finish_reason: ``"stop"`` (EOS, stop token or stop string), ``"length"`` or ``"abort"``;
-      None while running.
+    finish_reason: ``"stop"`` (EOS, stop token or stop string), ``"length"``, ``"abort"`` or
+      ``"error"`` (the engine failed the request: :attr:`RequestOutput.error` says why); None while running.
     stop_reason: the stop token id or stop string that ended it, if any.
   """
 
@@ -52,3 +52,4 @@ class RequestOutput:
   outputs: list[CompletionOutput]
   finished: bool
   num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+  error: str | None = None  # why the engine failed this request (its completions end with finish_reason "error")

@@ -71,6 +71,7 @@ class Request:
   forked: bool = False  # the prompt's sequence has been split into n samples / beams
   num_cached_tokens: int = 0
   num_preemptions: int = 0
+  error: str | None = None  # why the engine failed this request (finish_reason "error")
 
   @property
   def is_beam(self) -> bool:

@@ -9,19 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine._sampling_params import MAX_LOGPROBS
+
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Static choices (part of the jit key): which processing steps any row of the batch needs."""
+  """The sampler's one static choice (part of the program key): whether the batch carries ``[R, V]``
+  penalty and ban arrays. Every other setting (temperature, top-k/p, min-p, seeds, logprobs) is
+  data, tested on the device, so no client's choice adds a program."""
 
-  all_greedy: bool = True
-  use_top_k_top_p: bool = False
-  use_min_p: bool = False
-  use_penalties: bool = False
-  use_ban: bool = False
-  num_logprobs: int | None = None  # top-k logprobs to return (None: no logprobs at all)
+  vocab_arrays: bool = False
 
 
 class SamplingTensors(NamedTuple):
@@ -40,14 +39,31 @@ class SamplingTensors(NamedTuple):
   prompt_mask: Array | None  # [R, V] bool: token occurs in the prompt (penalties only)
   output_counts: Array | None  # [R, V] int32: occurrences in the output so far (penalties only)
   banned: Array | None  # [R, V] bool: stop tokens masked before min_tokens
+  logprobs: Array  # [] bool: compute logprobs (and the top ``num_top_logprobs`` of each row)
 
 
 class SamplerOutput(NamedTuple):
   tokens: Array  # [R] int32
   logprob: Array | None  # [R] float32: sampled token's log-probability under the model
   rank: Array | None  # [R] int32: its rank (1 = most likely)
-  top_ids: Array | None  # [R, K] int32
+  top_ids: Array | None  # [R, K] int32 (K = num_top_logprobs(V); a row asking for k reads the first k)
   top_logprobs: Array | None  # [R, K] float32
+
+
+def num_top_logprobs(vocab_size: int) -> int:
+  """Top logprobs every logprobs program returns: enough for any request (``MAX_LOGPROBS``, beam candidates)."""
+  return min(2 * MAX_LOGPROBS, vocab_size)
+
+
+def sampling_tensors_spec(num_rows: int, vocab_size: int, cfg: SamplerConfig) -> SamplingTensors:
+  """Shapes and dtypes of the sampler's inputs for ``num_rows`` rows (what its programs compile for)."""
+  r, spec = num_rows, jax.ShapeDtypeStruct
+  f32, i32 = (lambda *shape: spec(shape, jnp.float32)), (lambda *shape: spec(shape, jnp.int32))
+  vocab = lambda dtype: spec((r, vocab_size), dtype) if cfg.vocab_arrays else None
+  return SamplingTensors(row_index=i32(r), temperature=f32(r), top_k=i32(r), top_p=f32(r), min_p=f32(r),
+                         repetition_penalty=f32(r), presence_penalty=f32(r), frequency_penalty=f32(r),
+                         seed=spec((r, 2), jnp.uint32), counter=i32(r, 2), prompt_mask=vocab(jnp.bool_),
+                         output_counts=vocab(jnp.int32), banned=vocab(jnp.bool_), logprobs=spec((), jnp.bool_))
 
 
 def apply_penalties(logits: Array, prompt_mask: Array, output_counts: Array, repetition: Array,
@@ -93,32 +109,50 @@ def _row_keys(seed: Array, counter: Array) -> Array:
 
 
 def sample(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
-  """Samples one token per row of ``t`` from ``logits[t.row_index]`` (``[N, V]`` float32)."""
+  """Samples one token per row of ``t`` from ``logits[t.row_index]`` (``[N, V]`` float32).
+
+  Rows with temperature 0 take the argmax. The batch's choices are tested on the device and the
+  work they need runs under ``lax.cond`` (sampling at all, top-k/top-p, min-p, logprobs), so one
+  program serves every mix of settings and a greedy batch pays for none of it. Neutral values
+  leave a row unchanged (top_k = V, top_p = 1, min_p = 0, penalties 1/0/0, nothing banned).
+  """
   raw = logits[t.row_index]
   x = raw
-  if cfg.use_ban:
+  if cfg.vocab_arrays:
     x = jnp.where(t.banned, -jnp.inf, x)
-  if cfg.use_penalties:
     x = apply_penalties(x, t.prompt_mask, t.output_counts, t.repetition_penalty, t.presence_penalty,
                         t.frequency_penalty)
   greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-  if cfg.all_greedy:
-    tokens = greedy
-  else:
-    temp = jnp.where(t.temperature > 0, t.temperature, 1.0)
-    x = top_k_top_p_min_p(x / temp[:, None], t.top_k, t.top_p, t.min_p, use_top_k_top_p=cfg.use_top_k_top_p,
-                          use_min_p=cfg.use_min_p)
+  v = x.shape[-1]
+  random = t.temperature > 0
+
+  def sampled(x):
+    x = x / jnp.where(random, t.temperature, 1.0)[:, None]
+    x = jax.lax.cond(jnp.any(random & ((t.top_k < v) | (t.top_p < 1))),
+                     lambda x: top_k_top_p_min_p(x, t.top_k, t.top_p, t.min_p, use_min_p=False), lambda x: x, x)
+    x = jax.lax.cond(jnp.any(random & (t.min_p > 0)),
+                     lambda x: top_k_top_p_min_p(x, t.top_k, t.top_p, t.min_p, use_top_k_top_p=False),
+                     lambda x: x, x)
     keys = _row_keys(t.seed, t.counter)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (x.shape[-1],), jnp.float32))(keys)
-    sampled = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)  # Gumbel-max == categorical
-    tokens = jnp.where(t.temperature > 0, sampled, greedy)
-  if cfg.num_logprobs is None:
-    return SamplerOutput(tokens, None, None, None, None)
-  logp = jax.nn.log_softmax(raw, axis=-1)
-  lp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  rank = jnp.sum(logp > lp[:, None], axis=-1).astype(jnp.int32) + 1
-  top_lp, top_ids = jax.lax.top_k(logp, cfg.num_logprobs) if cfg.num_logprobs else (None, None)
-  return SamplerOutput(tokens, lp, rank, top_ids, top_lp)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+    return jnp.where(random, jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32), greedy)  # Gumbel-max == categorical
+
+  tokens = jax.lax.cond(jnp.any(random), sampled, lambda x: greedy, x)
+  k = num_top_logprobs(v)
+
+  def logprobs(raw):
+    logp = jax.nn.log_softmax(raw, axis=-1)
+    lp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logp > lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return lp, rank, top_ids.astype(jnp.int32), top_lp
+
+  def none(raw):
+    r = raw.shape[0]
+    return (jnp.zeros(r, jnp.float32), jnp.zeros(r, jnp.int32), jnp.zeros((r, k), jnp.int32),
+            jnp.zeros((r, k), jnp.float32))
+
+  return SamplerOutput(tokens, *jax.lax.cond(t.logprobs, logprobs, none, raw))
 
 
 def reference_processed_logits(logits: np.ndarray, *, prompt: list[int], output: list[int], temperature: float,

@@ -73,7 +73,9 @@ class Scheduler:
 
   @property
   def num_running_seqs(self) -> int:
-    return sum(len(r.seqs) for r in self.running)
+    """Sequences the running requests hold or will once forked (``n`` samples, beams): what
+    ``max_num_seqs`` bounds."""
+    return sum(r.width for r in self.running)
 
   def finish_seq(self, req: Request, seq: Sequence) -> None:
     """Moves a finished sequence out of the live set and frees its blocks."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Sequence
 
 import jax
 
 from jaxserve import weights
+from jaxserve.engine import _compile_cache
 from jaxserve.engine._attention import PagedAttention
-from jaxserve.engine._engine import EngineCore, PromptType
+from jaxserve.engine._engine import EngineCore, EngineStepError, PromptType
 from jaxserve.engine._kv_cache_manager import cdiv
 from jaxserve.engine._model_runner import ModelRunner, kv_bytes_per_block
 from jaxserve.engine._outputs import RequestOutput
@@ -52,8 +54,19 @@ class LLM:
       kernels, float32 on the CPU; a kernel whose compressed form would not be at most 0.7x its
       dense bytes stays dense. ``"off"``: every kernel dense (for comparison). Sharded
       (``tensor_parallel_size > 1``), GPU and bfloat16 models run dense.
-    background_compile: when a step needs a shape bucket that has no compiled program yet, run it
-      padded into a larger compiled bucket and compile its own on a helper thread (for servers,
+    compile: ``"eager"`` (default): compile every step program here, before the first request (a
+      progress bar counts them: a few dozen, a fixed set that no later request adds to, so the
+      first ``generate`` runs at full speed). ``"lazy"``: compile each program when a step first
+      needs it (a quick constructor; the first requests wait for compiles).
+    compilation_cache: keep compiled programs on disk, so a later process with the same model and
+      settings loads them instead of compiling. ``True`` (default): in JAX's cache directory if
+      you configured one (``jax_compilation_cache_dir``), else in ``$JAXSERVE_CACHE_DIR/xla``
+      (default ``$XDG_CACHE_HOME/jaxserve/xla``, i.e. ``~/.cache/jaxserve/xla``, created private);
+      a path: that directory; ``False``: no persistent cache. It is JAX's own cache, switched on
+      only around the engine's compiles: your other JAX programs are not cached by it, and your
+      JAX settings are left as they were.
+    background_compile: with ``compile="lazy"``, when a step needs a program not compiled yet, run
+      it padded into a larger compiled one and compile its own on a helper thread (for servers,
       where a synchronous compile stalls every stream). Outputs can differ from a run without it
       by float rounding only.
   """
@@ -62,7 +75,8 @@ class LLM:
                kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
                seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None,
-               tensor_parallel_size: int = 1, background_compile: bool = False, sparse_weights: str = "auto"):
+               tensor_parallel_size: int = 1, background_compile: bool = False, sparse_weights: str = "auto",
+               compile: str = "eager", compilation_cache: bool | str | os.PathLike = True):
     from jaxserve.loaders import LoadedModel, load_model
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
@@ -72,6 +86,9 @@ class LLM:
       raise ValueError(f"attention_backend must be 'auto', 'xla' or 'pallas', got {attention_backend!r}")
     if sparse_weights not in SPARSE_MODES:
       raise ValueError(f"sparse_weights must be one of {SPARSE_MODES}, got {sparse_weights!r}")
+    if compile not in ("eager", "lazy"):
+      raise ValueError(f"compile must be 'eager' or 'lazy', got {compile!r}")
+    cache_dir = _compile_cache.resolve(compilation_cache)
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
       raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
     mesh = make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
@@ -107,10 +124,13 @@ class LLM:
       attention_backend = "pallas" if kernel_ok else "xla"
     attn = PagedAttention(impl=attention_backend, sliding_window=cfg.sliding_window, interpret=pallas_interpret,
                           cpu_kernel=False if mesh is not None else None)  # a custom call does not shard
-    runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
-                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, attention=attn,
-                         kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
-                         background_compile=bool(background_compile), sparse_weights=sparse_weights)
+    with _compile_cache.scope(cache_dir):  # the runner's own small setup programs are cached too
+      runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
+                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, attention=attn,
+                           kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
+                           background_compile=bool(background_compile), sparse_weights=sparse_weights,
+                           compilation_cache=cache_dir)
     del params
     # the runner's (packed or compressed) parameters are the only copy kept
     self.model = loaded._replace(params=runner.params)
@@ -120,6 +140,8 @@ class LLM:
     self.max_model_len = max_model_len
     self.attention_backend = attention_backend
     self._ids = itertools.count()
+    if compile == "eager":
+      runner.compile_all(progress=True)
 
   # ---- offline API
   def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -169,12 +191,21 @@ class LLM:
     if use_tqdm:
       from tqdm.auto import tqdm
       bar = tqdm(total=len(reqs), desc="Processed prompts", dynamic_ncols=True)
-    while self.engine.has_unfinished():
-      done = sum(r.finished for r in self.engine.step())
-      if bar is not None and done:
-        bar.update(done)
-    if bar is not None:
-      bar.close()
+    try:
+      while self.engine.has_unfinished():
+        done = sum(r.finished for r in self.engine.step())
+        if bar is not None and done:
+          bar.update(done)
+    except EngineStepError:
+      for req in reqs:  # leave the engine idle (and recovered) for the next call
+        self.engine.abort(req.request_id)
+      raise
+    finally:
+      if bar is not None:
+        bar.close()
+    failed = [(i, r.error) for i, r in enumerate(reqs) if r.error is not None]
+    if failed:
+      raise RuntimeError(f"{len(failed)} of {len(reqs)} prompts failed; prompt {failed[0][0]}: {failed[0][1]}")
     return [self.engine.output(r) for r in reqs]
 
   # ---- incremental API (the HTTP server's)
@@ -190,7 +221,9 @@ class LLM:
 
   def step(self) -> list[RequestOutput]:
     """Runs one engine step; returns the cumulative output of every request that progressed
-    (``finished=True`` for the last time a request appears)."""
+    (``finished=True`` for the last time a request appears; a request the engine failed alone
+    ends with ``finish_reason="error"`` and ``error`` set). Raises :class:`EngineStepError` when
+    the device step failed: its requests failed, the engine has recovered and the next step runs."""
     return [self.engine.output(r) for r in self.engine.step()]
 
   def has_unfinished_requests(self) -> bool:
@@ -215,17 +248,16 @@ class LLM:
     self.engine.reset_stats()
 
   def warmup(self, max_num_seqs: int | None = None, mixed: bool = False) -> int:
-    """Compiles step programs now rather than on first use; returns how many were compiled.
+    """Compiles every step program not compiled yet (what ``compile="eager"`` does in the
+    constructor); returns how many it compiled (0 after an eager construction).
 
-    Compiles the decode-only program of every batch-size bucket up to ``max_num_seqs`` (default the
-    engine's). With ``mixed``, also one catch-all program per prefill-token bucket up to
-    ``max_num_batched_tokens``, into which ``background_compile`` pads any step whose own
-    bucket is still compiling. Other buckets compile on first use.
+    ``max_num_seqs`` and ``mixed`` are accepted for compatibility: the program set is fixed by the
+    engine's settings, and all of it is compiled.
     """
     if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
       raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
-    tokens = self.engine.scheduler.max_num_batched_tokens if mixed else None
-    return self.engine.runner.warmup(max_num_seqs, tokens)
+    del mixed
+    return self.engine.runner.compile_all()
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prefix (the blocks stay free); e.g. between a warm-up and a timed run."""

@@ -1,0 +1,100 @@
+"""The engine's persistent compilation cache: JAX's own on-disk cache, switched on only around the engine's compiles.
+
+JAX keeps its cache directory in a process-wide setting (``jax_compilation_cache_dir``) and binds
+its cache object to that directory on the first compile that sees one. A library must not leave
+that behind in the process of the code that imports it, so :func:`scope` sets the directory (and
+thresholds low enough for a CPU step program's half-second compile) only for the calling thread,
+only while the engine compiles, and afterwards puts JAX's cache object back the way it found it.
+A directory the user configured (``jax_compilation_cache_dir`` set) is used as it is, never replaced.
+
+The JAX calls that reach past its public API live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from jax._src import compilation_cache as _jax_cache
+from jax._src import config as _jax_config
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state = {"active": 0, "bound_before": False}  # scopes open now; whether JAX's cache was bound before them
+
+
+def default_dir() -> Path:
+  """``$JAXSERVE_CACHE_DIR/xla``, else ``$XDG_CACHE_HOME/jaxserve/xla``, else ``~/.cache/jaxserve/xla``."""
+  root = os.environ.get("JAXSERVE_CACHE_DIR")
+  if not root:
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "jaxserve")
+  return Path(root) / "xla"
+
+
+def resolve(setting: bool | str | os.PathLike | None) -> str | None:
+  """The directory the engine's programs are cached in for ``LLM(compilation_cache=setting)``, or None.
+
+  ``True``: the user's ``jax_compilation_cache_dir`` if set, else :func:`default_dir`. A path: that
+  directory. ``False``/``None``: no persistent cache. A directory the engine creates is private
+  (0700); one owned by another user, or writable by others, is refused (JAX loads executables from
+  it: whoever can write there can run code in this process), with a warning, and nothing is cached.
+  """
+  if setting is None or setting is False:
+    return None
+  if setting is True:
+    user = _jax_config.compilation_cache_dir.value
+    if user:
+      return str(user)
+    path = default_dir()
+  elif isinstance(setting, (str, os.PathLike)):
+    path = Path(setting)
+  else:
+    raise ValueError(f"compilation_cache must be True, False or a directory path, got {setting!r}")
+  try:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+  except OSError as e:
+    log.warning("no persistent compilation cache: cannot create %s (%s)", path, e)
+    return None
+  if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+    log.warning("no persistent compilation cache: %s belongs to another user or others can write to it; "
+                "pass compilation_cache=<a directory of your own> or False", path)
+    return None
+  return str(path)
+
+
+@contextlib.contextmanager
+def scope(path: str | None) -> Iterator[None]:
+  """Compiles inside this context read and write JAX's persistent cache at ``path`` (None: off).
+
+  Thread-local settings: the directory (unless the user configured one), no minimum compile time
+  and no minimum entry size. If these contexts (several threads may compile at once) are what
+  bound JAX's cache object to a directory, the last one to exit unbinds it, so the process's later
+  compiles see JAX as before.
+  """
+  if path is None:
+    with _jax_config.enable_compilation_cache(False):
+      yield
+    return
+  user = _jax_config.compilation_cache_dir.value
+  with _lock:
+    if _state["active"] == 0:
+      _state["bound_before"] = _jax_cache._cache is not None
+    _state["active"] += 1
+  try:
+    with contextlib.ExitStack() as stack:
+      if not user:
+        stack.enter_context(_jax_config.compilation_cache_dir(path))
+      stack.enter_context(_jax_config.persistent_cache_min_compile_time_secs(0.0))
+      stack.enter_context(_jax_config.persistent_cache_min_entry_size_bytes(-1))
+      yield
+  finally:
+    with _lock:
+      _state["active"] -= 1
+      if _state["active"] == 0 and not _state["bound_before"] and _jax_cache._cache is not None:
+        _jax_cache.reset_cache()  # JAX's cache object was bound to a directory here: unbind it

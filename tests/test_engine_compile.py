@@ -1,0 +1,185 @@
+"""The engine's programs: a fixed set compiled in the constructor, none added by any workload or
+sampling setting, and a persistent cache that a second process loads instead of compiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax import monitoring
+
+from jaxserve.engine import LLM, BeamSearchParams, SamplingParams
+from jaxserve.loaders import LoadedModel
+from jaxserve.model import init_params
+from jaxserve.testing import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_COMPILES = {"n": 0}
+
+
+def _count(event: str, duration: float, **kw) -> None:
+  del duration, kw
+  if event == "/jax/core/compile/backend_compile_duration":  # every XLA compile (or cache load) in the process
+    _COMPILES["n"] += 1
+
+
+monitoring.register_event_duration_secs_listener(_count)
+
+
+def _tiny() -> LoadedModel:
+  cfg = tiny_config(vocab_size=101, max_position_embeddings=128)
+  return LoadedModel(cfg, init_params(cfg, seed=0), None)
+
+
+@pytest.fixture(scope="module")
+def llm():
+  return LLM(_tiny(), block_size=8, max_num_seqs=16, max_num_batched_tokens=64, compilation_cache=False)
+
+
+def _compiles_during(fn):
+  before = _COMPILES["n"]
+  out = fn()
+  return out, _COMPILES["n"] - before
+
+
+def test_eager_construction_compiles_the_whole_fixed_set(llm):
+  runner = llm.engine.runner
+  keys = runner.program_keys()
+  assert llm.stats()["num_compiled_programs"] == len(keys) == len(set(keys))
+  steps = [k for k in keys if k[0] == "step"]
+  # one step program per padded token count (plus decode-only ones where the attention wants them)
+  assert len(steps) == len(runner.token_buckets) + (len({runner.step_key(n, True) for n in range(1, 17)})
+                                                    if runner.split_decodes else 0)
+  assert llm.warmup() == 0
+
+
+def test_a_mixed_workload_compiles_nothing_after_construction(llm):
+  rng = np.random.default_rng(0)
+  programs = llm.stats()["num_compiled_programs"]
+  for batch in (1, 3, 7, 16, 25):
+    lengths = rng.integers(1, 100, batch)
+    prompts = [{"prompt_token_ids": rng.integers(3, 101, n).tolist()} for n in lengths]
+    params = [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in rng.integers(1, 20, batch)]
+    _, n = _compiles_during(lambda: llm.generate(prompts, params, use_tqdm=False))
+    assert n == 0, f"batch {batch}: {n} XLA compiles after construction"
+  _, n = _compiles_during(lambda: llm.beam_search([{"prompt_token_ids": [5, 6, 7]}],
+                                                  BeamSearchParams(beam_width=3, max_tokens=4)))
+  assert n == 0
+  assert llm.stats()["num_compiled_programs"] == programs
+
+
+def _random_params(rng) -> SamplingParams:
+  kw = dict(max_tokens=int(rng.integers(1, 4)), ignore_eos=bool(rng.integers(2)), n=int(rng.integers(1, 4)))
+  if rng.random() < 0.8:
+    kw["temperature"] = float(rng.choice([0.0, rng.uniform(0.05, 2.0)]))
+  if rng.random() < 0.5:
+    kw["top_k"] = int(rng.choice([-1, 0, 1, rng.integers(1, 200), 2**40]))
+  if rng.random() < 0.5:
+    kw["top_p"] = float(rng.uniform(0.05, 1.0))
+  if rng.random() < 0.3:
+    kw["min_p"] = float(rng.uniform(0, 1))
+  if rng.random() < 0.3:
+    kw["repetition_penalty"] = float(rng.uniform(0.5, 2.0))
+  if rng.random() < 0.3:
+    kw["presence_penalty"] = float(rng.uniform(-2, 2))
+  if rng.random() < 0.3:
+    kw["frequency_penalty"] = float(rng.uniform(-2, 2))
+  if rng.random() < 0.5:
+    kw["seed"] = int(rng.integers(-(2**63), 2**63))
+  if rng.random() < 0.4:
+    kw["logprobs"] = int(rng.integers(0, 21))
+  if rng.random() < 0.2:
+    kw["min_tokens"] = int(rng.integers(0, kw["max_tokens"] + 1))
+  return SamplingParams(**kw)
+
+
+def test_200_random_sampling_configurations_add_no_program(llm):
+  rng = np.random.default_rng(14)
+  configs = [_random_params(rng) for _ in range(200)]
+  programs = llm.stats()["num_compiled_programs"]
+  before = _COMPILES["n"]
+  for i in range(0, len(configs), 10):  # ten requests in flight at a time, every mix of settings in a batch
+    batch = configs[i:i + 10]
+    for j, p in enumerate(batch):
+      llm.add_request(f"cfg-{i + j}", {"prompt_token_ids": rng.integers(3, 101, int(rng.integers(1, 30))).tolist()}, p)
+    finished = set()
+    while llm.has_unfinished_requests():
+      for out in llm.step():
+        assert out.error is None, out.error
+        if out.finished:
+          finished.add(out.request_id)
+          for c in out.outputs:
+            assert c.finish_reason in ("stop", "length")
+    assert len(finished) == len(batch)
+  assert _COMPILES["n"] - before == 0
+  assert llm.stats()["num_compiled_programs"] == programs
+
+
+def test_lazy_compile_and_bad_settings():
+  loaded = _tiny()
+  lazy = LLM(loaded, block_size=8, max_num_seqs=8, max_num_batched_tokens=32, compile="lazy", compilation_cache=False)
+  assert lazy.stats()["num_compiled_programs"] == 0
+  lazy.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+  assert 0 < lazy.stats()["num_compiled_programs"] < len(lazy.engine.runner.program_keys())
+  with pytest.raises(ValueError, match="compile must be 'eager' or 'lazy', got 'fast'"):
+    LLM(loaded, compile="fast")
+  with pytest.raises(ValueError, match="compilation_cache must be True, False or a directory path, got 3"):
+    LLM(loaded, compilation_cache=3)
+
+
+_PROCESS = textwrap.dedent("""
+    import json, sys
+    import jax
+    from jax import monitoring
+    counts = {"compiles": 0, "hits": 0}
+    def on_duration(event, duration, **kw):
+      if event == "/jax/core/compile/backend_compile_duration":
+        counts["compiles"] += 1
+    def on_event(event, **kw):
+      if event == "/jax/compilation_cache/cache_hits":
+        counts["hits"] += 1
+    monitoring.register_event_duration_secs_listener(on_duration)
+    monitoring.register_event_listener(on_event)
+    sys.path.insert(0, sys.argv[2])
+    from tests.test_engine_compile import _tiny
+    from jaxserve.engine import LLM, SamplingParams
+    llm = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=32, compilation_cache=sys.argv[1])
+    engine = dict(counts, programs=llm.stats()["num_compiled_programs"])
+    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    # the engine leaves JAX's settings alone: a user's own compile afterwards is not cached by it
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    files = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7)).block_until_ready()
+    after_user = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
+    print(json.dumps(dict(engine=engine, tokens=out[0].outputs[0].token_ids, user_dir=jax.config.jax_compilation_cache_dir,
+                          files=files, files_after_user_compile=after_user)))
+""")
+
+
+def _process(cache_dir: Path) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _PROCESS, str(cache_dir), str(ROOT)], capture_output=True, text=True,
+                        env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_programs_from_the_persistent_cache(tmp_path):
+  cache = tmp_path / "xla"
+  first = _process(cache)
+  assert first["engine"]["hits"] == 0 and first["files"] >= first["engine"]["programs"] > 0
+  second = _process(cache)
+  programs = second["engine"]["programs"]
+  assert second["engine"]["hits"] >= programs  # every engine program came from the disk cache
+  assert second["engine"]["compiles"] - second["engine"]["hits"] <= first["engine"]["compiles"] - programs
+  assert second["tokens"] == first["tokens"]
+  for run in (first, second):
+    assert run["user_dir"] is None  # JAX's process-wide setting untouched
+    assert run["files_after_user_compile"] == run["files"]  # the user's program did not land in the engine's cache
+  assert (os.stat(cache).st_mode & 0o777) == 0o700
