@@ -47,8 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  help="auto: a pruned model's sparse kernels run compressed (N:M, bitmask); off: all dense")
   e.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
   e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                 help="compile the decode step of every batch-size bucket (and, with --background-compile, catch-all "
-                      "mixed steps) before listening (default: on)")
+                 help="compile every step program not compiled yet before listening (with --compile lazy; "
+                      "--compile eager has compiled them all already) (default: on)")
+  e.add_argument("--compile", choices=["eager", "lazy"], default="eager",
+                 help="eager: compile the engine's fixed set of step programs before listening, so the first "
+                      "requests run at full speed; lazy: compile each on first use (default: eager)")
+  e.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
+                 help="load and keep compiled programs in $JAXSERVE_CACHE_DIR/xla (default ~/.cache/jaxserve/xla), so "
+                      "a restart with the same model and flags starts in seconds (default: on)")
   e.add_argument("--background-compile", action=argparse.BooleanOptionalAction, default=True,
                  help="run a step whose shape bucket is not compiled yet in a larger compiled one while its own "
                       "compiles on a helper thread, instead of stalling every stream (default: on)")
@@ -81,7 +87,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
               attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
-              background_compile=args.background_compile, sparse_weights=args.sparse_weights)
+              background_compile=args.background_compile, sparse_weights=args.sparse_weights, compile=args.compile,
+              compilation_cache=args.compilation_cache)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -183,3 +183,15 @@ def test_a_second_process_loads_the_programs_from_the_persistent_cache(tmp_path)
     assert run["user_dir"] is None  # JAX's process-wide setting untouched
     assert run["files_after_user_compile"] == run["files"]  # the user's program did not land in the engine's cache
   assert (os.stat(cache).st_mode & 0o777) == 0o700
+
+
+def test_serve_and_generate_pass_the_compile_flags_to_the_engine():
+  from jaxserve._cli_serve import llm_kwargs
+  from jaxserve.cli import build_parser
+  default = build_parser().parse_args(["serve"])
+  assert llm_kwargs(default)["compile"] == "eager" and llm_kwargs(default)["compilation_cache"] is True
+  lazy = build_parser().parse_args(["serve", "--compile", "lazy", "--no-compilation-cache"])
+  assert llm_kwargs(lazy)["compile"] == "lazy" and llm_kwargs(lazy)["compilation_cache"] is False
+  gen = build_parser().parse_args(["generate", "hi", "--compile", "eager", "--no-compilation-cache"])
+  assert (gen.compile, gen.compilation_cache) == ("eager", False)
+  assert build_parser().parse_args(["generate", "hi"]).compile == "lazy"  # one prompt compiles what it runs
