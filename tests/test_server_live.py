@@ -219,7 +219,7 @@ BAD = [  # (route, body or raw bytes, headers, status, param, words in the messa
     ("completions", {**OK_PROMPT, "max_tokens": "four"}, AUTH, 400, "max_tokens", "valid integer"),
     ("completions", {**OK_PROMPT, "prompt": {"text": "hi"}}, AUTH, 400, "prompt", "must be a string"),
     ("completions", {**OK_PROMPT, "max_tokens": -3}, AUTH, 400, "max_tokens", ">= 1"),
-    ("completions", {**OK_PROMPT, "temperature": -1}, AUTH, 400, "temperature", ">= 0"),
+    ("completions", {**OK_PROMPT, "temperature": -1}, AUTH, 400, "temperature", "[0, 100]"),
     ("completions", {**OK_PROMPT, "top_p": 1.5}, AUTH, 400, "top_p", "(0, 1]"),
     ("completions", {**OK_PROMPT, "n": 0}, AUTH, 400, "n", "[1, 64]"),
     ("completions", {**OK_PROMPT, "prompt": "once upon a time " * 200}, AUTH, 400, "prompt", "maximum context length"),
