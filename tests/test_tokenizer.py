@@ -76,6 +76,8 @@ def test_save_hf_writes_a_fast_tokenizer_that_loading_uses(exported):
     ids = sp_tok.encode(line)
     assert tok.decode(ids) == sp_tok.decode(ids)
   assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp_tok.bos_id, sp_tok.eos_id, sp_tok.vocab_size)
+  from jaxserve.loaders import load_model
+  assert isinstance(load_model(out).tokenizer, HFTokenizer)  # what `jaxserve serve DIR` serves with
 
 
 def test_special_token_text_in_user_text_is_not_parsed(exported):
