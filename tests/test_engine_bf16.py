@@ -1,4 +1,4 @@
-"""The bfloat16 C++ CPU kernels (packed matmul, paged attention and its K/V write) against numpy; the engine in bfloat16."""
+"""The bfloat16 C++ CPU kernels (packed matmul, paged attention and its K/V write) against numpy; the engine in bf16."""
 
 from __future__ import annotations
 
@@ -89,11 +89,15 @@ def test_bf16_path_is_reported_and_forced_by_the_environment(monkeypatch):
   cpu_has = "avx512_bf16" in _cpu_kernels._cpu_flags().split()
   assert _cpu_kernels.bf16_path() == ("avx512_bf16" if cpu_has else "widen")
   assert _cpu_kernels.info()["bf16_matmul"] == _cpu_kernels.bf16_path()
+  if cpu_has:  # vdpbf16ps for decode-sized calls only
+    x = jnp.ones((2, 32), jnp.bfloat16)
+    text = jax.jit(lambda x, p: _cpu_kernels.packed_matmul(x, p)).lower(x, jnp.ones((32, 16), jnp.bfloat16)).as_text()
+    assert f"bf16_dot_rows = {_cpu_kernels.BF16_DOT_MAX_ROWS}" in text
   monkeypatch.setenv("JAXSERVE_CPU_KERNEL_ISA", "no-bf16")
   assert _cpu_kernels.bf16_path() == "widen"
   x = jnp.ones((2, 32), jnp.bfloat16)
   text = jax.jit(lambda x, p: _cpu_kernels.packed_matmul(x, p)).lower(x, jnp.ones((32, 16), jnp.bfloat16)).as_text()
-  assert "bf16_dot = 0" in text
+  assert "bf16_dot_rows = 0" in text
   monkeypatch.setenv("JAXSERVE_CPU_KERNEL_ISA", "avx1024")
   with pytest.raises(ValueError, match="JAXSERVE_CPU_KERNEL_ISA must be one of"):
     _cpu_kernels.bf16_path()

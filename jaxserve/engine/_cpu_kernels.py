@@ -46,6 +46,9 @@ WRITE_TARGET_BF16 = "jaxserve_write_paged_attention_bf16_cpu"
 MATMUL_TARGET_BF16 = "jaxserve_matmul_bf16_cpu"
 ISAS = ("native", "no-bf16", "generic")  # values of $JAXSERVE_CPU_KERNEL_ISA
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-weight dtypes the kernels take
+# Rows of x up to which the bfloat16 matmul uses vdpbf16ps (csrc/matmul_cpu.cc: it did half the
+# FMAs' multiply-adds per cycle on the Sapphire Rapids VM, so it pays only in memory-bound decodes)
+BF16_DOT_MAX_ROWS = 4
 NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
 BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 _SOURCES = [Path(__file__).parent / "csrc" / name
@@ -217,8 +220,9 @@ def supported(dtype, sliding_window) -> bool:
 
 
 def bf16_path() -> str:
-  """The bfloat16 matmul's path here: ``"avx512_bf16"`` (``vdpbf16ps``) or ``"widen"`` (bfloat16 widened to
-  float32, then FMAs), from the CPU (checked by the library at run time) and ``$JAXSERVE_CPU_KERNEL_ISA``."""
+  """The bfloat16 matmul's path here: ``"avx512_bf16"`` (``vdpbf16ps`` up to :data:`BF16_DOT_MAX_ROWS` rows,
+  widening above) or ``"widen"`` (bfloat16 widened to float32, then FMAs), from the CPU (checked by the
+  library at run time) and ``$JAXSERVE_CPU_KERNEL_ISA``."""
   return _bf16_path(_state["lib"]) if available() else "widen"
 
 
@@ -302,8 +306,9 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
       (``rows`` = K rounded up to even), accumulated in float32.
     num_threads: parts the panels are split into, run on XLA's intra-op thread pool (0: one per
       pool thread).
-    bf16_dot: bfloat16 only: use AVX-512 BF16's ``vdpbf16ps`` (where the CPU has it) or widen to
-      float32 and FMA (False); None: :func:`bf16_path`.
+    bf16_dot: bfloat16 only: True: AVX-512 BF16's ``vdpbf16ps`` (where the CPU has it; checked
+      by the kernel); False: widen to float32 and FMA; None: per :func:`bf16_path`, ``vdpbf16ps``
+      up to :data:`BF16_DOT_MAX_ROWS` rows of x (decode-sized calls) and widening above.
   """
   rows, n = packed.shape
   k = x.shape[-1]
@@ -315,9 +320,12 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
   x2 = x.reshape(-1, k).astype(packed.dtype)
   out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
   if bf16:
-    dot = bf16_path() == "avx512_bf16" if bf16_dot is None else bool(bf16_dot)
+    if bf16_dot is None:
+      dot_rows = BF16_DOT_MAX_ROWS if bf16_path() == "avx512_bf16" else 0
+    else:
+      dot_rows = np.iinfo(np.int64).max if bf16_dot else 0
     call = jax.ffi.ffi_call(MATMUL_TARGET_BF16, out)
-    return call(x2, packed, num_threads=np.int64(num_threads), bf16_dot=np.int64(dot)).reshape(*lead, n)
+    return call(x2, packed, num_threads=np.int64(num_threads), bf16_dot_rows=np.int64(dot_rows)).reshape(*lead, n)
   call = jax.ffi.ffi_call(MATMUL_TARGET, out)
   return call(x2, packed, num_threads=np.int64(num_threads)).reshape(*lead, n)
 

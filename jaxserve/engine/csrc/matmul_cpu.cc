@@ -16,14 +16,20 @@
 // pairs of rows: panel[(kp * P + j) * 2 + t] = W[2 * kp + t, n0 + j] (a zero row past an odd K),
 // so one 32-bit lane holds the two weights that AVX-512 BF16's vdpbf16ps multiplies with a
 // broadcast pair of x and adds into one float32 lane. Where the CPU lacks the instruction
-// (checked at run time) or the caller asks (bf16_dot = 0), the pairs are widened to float32
-// (a shift) and FMA'd: the same layout serves both paths.
+// (checked at run time) or x has more rows than the caller's bf16_dot_rows, the pairs are
+// widened to float32 in registers (a shift, a mask) and FMA'd with x widened once per call: the
+// same layout serves both paths. Measured on the 2-core Sapphire Rapids VM (alternating runs,
+// loaded machine), vdpbf16ps did about half the multiply-adds per cycle of the FMAs: it paid only
+// in decode-sized, memory-bound calls (4 rows of a 2048 x 5632 matrix: ~0.9 ms vs ~1.2 ms
+// widening), and from 8 rows widening was as fast or faster (16 rows: ~3.3 ms vs ~2.4 ms).
 //
 // Built with paged_attention_cpu.cc by jaxserve.engine._cpu_kernels.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -78,11 +84,13 @@ void Tile(const float* x, const float* w, float* out, int64_t r0, int64_t n0, in
 
 // float32 x and weights: `Tile` above.
 struct F32 {
-  using T = float;
+  using X = float;  // x's elements
+  using T = float;  // the weights'
+
   static constexpr int kLanes = ::kLanes, kAccumulators = ::kAccumulators;
   static int64_t PackedRows(int64_t k_dim) { return k_dim; }
   template <int R, int V>
-  static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
+  static void Run(const X* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
     Tile<R, V>(x, w, out, r0, n0, k_dim, n_dim);
   }
 };
@@ -95,29 +103,47 @@ inline float Widen(uint16_t b) {
   return f;
 }
 
-// Pair kp of row r of x as the 32 bits a vdpbf16ps lane reads (the high half 0 past an odd K).
-inline uint32_t XPair(const uint16_t* xr, int64_t kp, int64_t k_dim) {
-  const uint32_t lo = xr[2 * kp];
-  const uint32_t hi = 2 * kp + 1 < k_dim ? xr[2 * kp + 1] : 0;
-  return lo | hi << 16;
+// Pair kp of a row of x (elements 2kp, 2kp + 1) as the 32 bits a vdpbf16ps lane reads: one load,
+// except for the last pair of an odd K (its high half 0, not the next row's first element).
+inline uint32_t XPair(const uint16_t* xr, int64_t kp) {
+  uint32_t pair;
+  std::memcpy(&pair, xr + 2 * kp, sizeof(pair));
+  return pair;
 }
+inline uint32_t XLast(const uint16_t* xr, int64_t k_dim) { return xr[k_dim - 1]; }
 
 typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
-// bfloat16 weights widened to float32 in registers (any CPU): a pair of rows per 32-bit lane,
-// split into the even row (low halves shifted up) and the odd row (high halves masked).
+// Runs step(kp, pair of row r) over the pairs of rows r0 .. r0 + R - 1 of x: full pairs first,
+// then the odd K's last element (high half 0).
+template <int R, typename F>
+inline void ForPairs(const uint16_t* xr, int64_t k_dim, const F& step) {
+  uint32_t a[R];
+  for (int64_t kp = 0; kp < k_dim / 2; ++kp) {
+    for (int r = 0; r < R; ++r) a[r] = XPair(xr + r * k_dim, kp);
+    step(kp, a);
+  }
+  if (k_dim % 2) {
+    for (int r = 0; r < R; ++r) a[r] = XLast(xr + r * k_dim, k_dim);
+    step(k_dim / 2, a);
+  }
+}
+
+// bfloat16 weights widened to float32 in registers (any CPU), x widened once per call: a pair of
+// rows per 32-bit lane, split into the even row (low halves shifted up) and the odd row (high
+// halves masked), each FMA'd with its broadcast x.
 struct Bf16Widen {
+  using X = float;
   using T = uint16_t;
-  static constexpr int kLanes = ::kLanes, kAccumulators = ::kAccumulators - 4;  // 2V weight registers
+  static constexpr int kLanes = ::kLanes, kAccumulators = ::kAccumulators - 3;  // 2V weight registers
   static int64_t PackedRows(int64_t k_dim) { return (k_dim + 1) / 2 * 2; }
   template <int R, int V>
-  static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
+  static void Run(const X* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim, int64_t n_dim) {
     Vec acc[R][V];
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
-    const T* xr = x + r0 * k_dim;
-    const int64_t pairs = (k_dim + 1) / 2;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
+    const X* xr = x + r0 * k_dim;
+    auto step = [&](int64_t kp, auto pair) {  // pair: std::false_type for the last row of an odd K
       const T* row = w + kp * V * kLanes * 2;
       for (int j = 0; j < V * kLanes * 2; j += 32) __builtin_prefetch(row + kAhead * V * kLanes * 2 + j, 0, 3);
       Vec even[V], odd[V];
@@ -128,11 +154,16 @@ struct Bf16Widen {
         odd[v] = (Vec)(u & 0xFFFF0000u);
       }
       for (int r = 0; r < R; ++r) {
-        const float a0 = Widen(xr[r * k_dim + 2 * kp]);
-        const float a1 = 2 * kp + 1 < k_dim ? Widen(xr[r * k_dim + 2 * kp + 1]) : 0.0f;
-        for (int v = 0; v < V; ++v) acc[r][v] += a0 * even[v] + a1 * odd[v];
+        const float a0 = xr[r * k_dim + 2 * kp];
+        for (int v = 0; v < V; ++v) acc[r][v] += a0 * even[v];
+        if constexpr (decltype(pair)::value) {
+          const float a1 = xr[r * k_dim + 2 * kp + 1];
+          for (int v = 0; v < V; ++v) acc[r][v] += a1 * odd[v];
+        }
       }
-    }
+    };
+    for (int64_t kp = 0; kp < k_dim / 2; ++kp) step(kp, std::true_type{});
+    if (k_dim % 2) step(k_dim / 2, std::false_type{});
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) Store(out + (r0 + r) * n_dim + n0 + v * kLanes, acc[r][v]);
   }
@@ -141,30 +172,29 @@ struct Bf16Widen {
 #if defined(__AVX512F__)
 #define JAXSERVE_BF16_DOT 1
 // AVX-512 BF16: one vdpbf16ps per 16 columns and pair of rows. Compiled for the instruction
-// whatever -march says; Bf16DotSupported() decides at run time whether it may run.
+// whatever -march says; JaxserveCpuBf16Dot() decides at run time whether it may run.
 #define JAXSERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 struct Bf16Dot {
+  using X = uint16_t;
   using T = uint16_t;
   static constexpr int kLanes = 16, kAccumulators = 24;
   static int64_t PackedRows(int64_t k_dim) { return (k_dim + 1) / 2 * 2; }
   template <int R, int V>
-  JAXSERVE_BF16_TARGET static void Run(const T* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim,
+  JAXSERVE_BF16_TARGET static void Run(const X* x, const T* w, float* out, int64_t r0, int64_t n0, int64_t k_dim,
                                        int64_t n_dim) {
     __m512 acc[R][V];
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-    const T* xr = x + r0 * k_dim;
-    const int64_t pairs = (k_dim + 1) / 2;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
+    ForPairs<R>(x + r0 * k_dim, k_dim, [&](int64_t kp, const uint32_t* a) JAXSERVE_BF16_TARGET {
       const T* row = w + kp * V * 32;
       for (int j = 0; j < V * 32; j += 32) __builtin_prefetch(row + kAhead * V * 32 + j, 0, 3);
       __m512i b[V];
       for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_si512(row + v * 32);
       for (int r = 0; r < R; ++r) {
-        const __m512i a = _mm512_set1_epi32(static_cast<int>(XPair(xr + r * k_dim, kp, k_dim)));
-        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
+        const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, (__m512bh)b[v]);
       }
-    }
+    });
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (r0 + r) * n_dim + n0 + v * 16, acc[r][v]);
   }
@@ -185,7 +215,7 @@ extern "C" int JaxserveCpuBf16Dot() {
 namespace {
 
 template <class K, int V, int R = std::max(1, K::kAccumulators / V)>
-void Panel(const typename K::T* x, const typename K::T* w, float* out, int64_t m_dim, int64_t n0, int64_t k_dim,
+void Panel(const typename K::X* x, const typename K::T* w, float* out, int64_t m_dim, int64_t n0, int64_t k_dim,
            int64_t n_dim) {
   int64_t r = 0;
   for (; r + R <= m_dim; r += R) K::template Run<R, V>(x, w, out, r, n0, k_dim, n_dim);
@@ -199,7 +229,7 @@ inline int64_t NumPanels(int64_t n_dim) { return n_dim / kWide + (n_dim % kWide)
 // Work item i: the i-th 48-column panel, then the 16-column panels of the last columns; from the
 // front of the list for the calling thread, from the back for a helper.
 template <class K>
-void RunPanels(const typename K::T* x, const typename K::T* w, float* out, int64_t m_dim, int64_t k_dim,
+void RunPanels(const typename K::X* x, const typename K::T* w, float* out, int64_t m_dim, int64_t k_dim,
                int64_t n_dim, jaxserve::Items& items, bool front) {
   const int64_t wide = n_dim / kWide, rows = K::PackedRows(k_dim);
   for (int64_t i = items.Next(front); i >= 0; i = items.Next(front)) {
@@ -213,7 +243,7 @@ void RunPanels(const typename K::T* x, const typename K::T* w, float* out, int64
 }
 
 template <class K>
-ffi::Error Matmul(ffi::ThreadPool& pool, const typename K::T* x, const typename K::T* w, float* out,
+ffi::Error Matmul(ffi::ThreadPool& pool, const typename K::X* x, const typename K::T* w, float* out,
                   int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t num_threads) {
   jaxserve::Items items(NumPanels(n_dim));
   auto run = [=, &items](bool caller) { RunPanels<K>(x, w, out, m_dim, k_dim, n_dim, items, caller); };
@@ -242,17 +272,19 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }
 
 ffi::Error MatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                          ffi::ResultBuffer<ffi::F32> out, int64_t num_threads, int64_t bf16_dot) {
+                          ffi::ResultBuffer<ffi::F32> out, int64_t num_threads, int64_t bf16_dot_rows) {
   if (ffi::Error e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), true); e.failure()) return e;
   const int64_t m_dim = x.dimensions()[0], k_dim = x.dimensions()[1], n_dim = w.dimensions()[1];
 #if defined(JAXSERVE_BF16_DOT)
-  if (bf16_dot && JaxserveCpuBf16Dot()) {
+  if (m_dim <= bf16_dot_rows && JaxserveCpuBf16Dot()) {
     return Matmul<Bf16Dot>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim,
                            num_threads);
   }
 #endif
-  return Matmul<Bf16Widen>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim,
-                           num_threads);
+  std::vector<float> xf(m_dim * k_dim);  // x widened once (an L2-sized copy), broadcast from memory by the FMAs
+  const uint16_t* xp = x.typed_data();
+  for (int64_t i = 0; i < m_dim * k_dim; ++i) xf[i] = Widen(xp[i]);
+  return Matmul<Bf16Widen>(pool, xf.data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim, num_threads);
 }
 
 }  // namespace
@@ -272,4 +304,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulBf16Cpu, MatmulBf16Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // packed w, [K rounded up to even, N] elements
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [M, N]
                                   .Attr<int64_t>("num_threads")
-                                  .Attr<int64_t>("bf16_dot"));  // 1: vdpbf16ps where the CPU has it; 0: widen
+                                  .Attr<int64_t>("bf16_dot_rows"));  // vdpbf16ps (where the CPU has it) up to
+                                                                     // this many rows of x; widen above
