@@ -11,9 +11,9 @@ which it does itself)), a plain numpy read of 512 MiB for comparison, and
 the prefill matmuls' GFLOP/s (2 x weight-matrix parameters x tokens / the step without attention).
 Every variant runs the engine's packed C++ matmul; a last table times decode steps of 2, 8 and 64
 sequences with it and with XLA's matmul on the unpacked weights. Median of ``--reps`` runs after one warm-up. Output: a table and
-``benchmarks/results/step_breakdown.json``.
+``benchmarks/results/step_breakdown.json`` (``step_breakdown_bfloat16.json`` with ``--dtype bfloat16``).
 
-  python benchmarks/step_breakdown.py
+  python benchmarks/step_breakdown.py [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "jaxserve-bench-llama-8l-512"))
   ap.add_argument("--reps", type=int, default=20)
-  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_breakdown.json"))
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameters and KV pools")
+  ap.add_argument("--out", default=None, help="default: benchmarks/results/step_breakdown[_bfloat16].json")
   args = ap.parse_args()
+  suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+  args.out = args.out or str(ROOT / "benchmarks" / "results" / f"step_breakdown{suffix}.json")
 
   import jax
   import jax.numpy as jnp
@@ -59,7 +62,8 @@ def main() -> None:
       # k and v still used (else XLA drops their projections and the step looks cheaper than it is)
       return q + 0.0 * (k.sum() + v.sum()).astype(q.dtype), layer_kv
 
-  llm = LLM(make_model(args.model_dir), max_model_len=MAX_MODEL_LEN, compile="lazy")  # its own programs, below
+  llm = LLM(make_model(args.model_dir), max_model_len=MAX_MODEL_LEN, dtype=args.dtype,
+            compile="lazy")  # its own programs, below
   runner, cfg = llm.engine.runner, llm.engine.runner.cfg
   bs, rng = runner.block_size, np.random.default_rng(0)
   perm = rng.permutation(np.arange(1, runner.num_blocks))
@@ -127,7 +131,8 @@ def main() -> None:
       matmul[b] = {"packed C++ matmul": time_step(variants["C++ kernel"], inputs),
                    "XLA matmul": time_step(variants["C++ kernel"], inputs, unpacked)}
 
-  kv_bytes = int(lens.sum()) * sum(2 * cfg.kv_heads(i) * cfg.head_dim * 4 for i in range(cfg.num_layers))
+  itemsize = jnp.dtype(args.dtype).itemsize
+  kv_bytes = int(lens.sum()) * sum(2 * cfg.kv_heads(i) * cfg.head_dim * itemsize for i in range(cfg.num_layers))
   # each path against the same step without its attention: the kernel does its own K/V write
   rate = {"C++ kernel": kv_bytes / (decode["C++ kernel"] - decode["no attention, no KV write"]) / 1e9,
           "XLA loops": kv_bytes / (decode["XLA loops"] - decode["no attention"]) / 1e9}
@@ -157,7 +162,7 @@ def main() -> None:
              decode_mean_context=float(lens.mean()), kv_bytes=kv_bytes, attention_read_GBps=rate,
              plain_read_GBps=plain_read, prefill_matmul_GFLOPs=prefill_gflops, reps=args.reps,
              decode_matmul_ms={b: {k: v * 1e3 for k, v in row.items()} for b, row in matmul.items()},
-             loadavg=os.getloadavg(), cpus=os.cpu_count())
+             loadavg=os.getloadavg(), cpus=os.cpu_count(), dtype=args.dtype)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(res, indent=1))
   print(f"wrote {args.out}")
