@@ -6,7 +6,9 @@ with raw sockets where a well-behaved client library would not do what a hostile
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import socket
 import threading
 import time
@@ -14,6 +16,9 @@ import time
 import httpx
 import pytest
 
+from jaxserve.server import APIError
+from jaxserve.server import _protocol as proto
+from jaxserve.server._limits import TransportLimits, check_sizes, check_unicode, parse_json, read_body
 from jaxserve.server.testing import HOST, ServerProcess
 
 MODEL = "stories260K"
@@ -115,6 +120,51 @@ class HealthProbe:
     return max(self.times)
 
 
+# ---------------------------------------------------------------- the pieces, without a server
+def test_read_body_stops_reading_at_the_limit():
+  pulled = []
+
+  async def endless():
+    while True:
+      pulled.append(1000)
+      yield b"x" * 1000
+
+  with pytest.raises(APIError) as e:
+    asyncio.run(read_body(endless(), 10_000))
+  assert e.value.status == 413 and sum(pulled) == 11_000  # not one chunk more than needed to know
+
+
+@pytest.mark.parametrize("kw", [{"max_body_bytes": 0}, {"body_timeout": 0.0}, {"header_timeout": math.nan},
+                                {"max_in_flight_seqs": 0}, {"max_stream_buffer": -1}])
+def test_limits_refuse_values_that_bound_nothing(kw):
+  with pytest.raises(ValueError, match=next(iter(kw))):
+    TransportLimits(**kw)
+
+
+def test_parse_json_and_size_checks_name_what_is_wrong():
+  with pytest.raises(APIError, match="nested too deeply"):
+    parse_json(b"[" * 100_000 + b"]" * 100_000)
+  with pytest.raises(APIError, match="must be a JSON object, got list"):
+    parse_json(b"[1]")
+  with pytest.raises(APIError, match="4300 digits"):
+    parse_json(b'{"n": ' + b"1" * 5001 + b"}")
+  with pytest.raises(APIError, match="'prompt.1' has 600 items"):
+    check_sizes({"prompt": [[1], [2] * 600]}, 512)
+  with pytest.raises(APIError, match="'messages.0' has 513 items"):
+    check_sizes({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 513}]}, 512)
+  check_sizes({"prompt": [[1] * 512] * 64, "stop": ["a"] * 400}, 512)
+
+
+def test_lone_surrogates_are_found_wherever_they_are():
+  raw = b'{"prompt": "ok", "stop": ["a", "b\\\\ud800"], "user": "\\ud83d\\ude00"}'
+  check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))  # escaped backslash, a pair: both text
+  raw = b'{"prompt": "ok", "user": "\\ud83d\\ude00", "x": "\\udfff"}'
+  check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))  # an ignored field is never used
+  raw = b'{"prompt": "ok", "stop": ["a", "b\\ud800"]}'
+  with pytest.raises(APIError, match="'stop.1' holds a lone UTF-16 surrogate"):
+    check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))
+
+
 # ---------------------------------------------------------------- 14.4: the body limit while reading
 def test_chunked_body_over_the_limit_gets_413_before_it_is_all_sent(server):
   total = 50 * 1024 * 1024
@@ -176,7 +226,7 @@ def test_huge_prompts_get_400_while_health_answers(server, case):
     time.sleep(0.2)
   assert r.status_code == 400 and words in r.json()["error"]["message"], r.text[:300]
   # /health kept answering: no step of the request held the event loop for long (it took 7.5-30 s before)
-  assert probe.worst < 1.5, (probe.worst, elapsed)
+  assert probe.worst < 2.0, (probe.worst, elapsed)
   still_serving(server)
 
 
@@ -342,5 +392,6 @@ def test_sigterm_with_hostile_connections_exits_zero_within_the_timeout():
       s.close()
     log = srv.log_text()
     assert code == 0, log[-3000:]
-    assert took < 2 + 3, (took, log[-3000:])  # the shutdown timeout plus the close grace, not 2x + 5 s
+    # the 2 s shutdown timeout, the 1 s close grace and the process's exit (~1 s), not 2 x 2 + 5 s and more
+    assert took < 2 + 1 + 3, (took, log[-3000:])
     assert "Traceback" not in log and "engine stopped" in log, log[-3000:]
