@@ -257,7 +257,8 @@ def cases(smoke: bool) -> dict[str, tuple[Callable[[ServerProcess], tuple[Any, s
       "lone_surrogate_model": (lambda s: post_raw(s, b'{"model": "\\udc00", "prompt": "a", "max_tokens": 4}'), {400}),
       # item 9: slow clients, queue flood, one request taking the pool
       "slowloris": (lambda s: slowloris(s, 8 if smoke else 50, 20), {"8/8 closed", "50/50 closed"}),
-      "unread_streams": (lambda s: unread_streams(s, 1 if smoke else 16, 490, 90), {"1/1 cut", "16/16 cut"}),
+      "unread_streams": (lambda s: unread_streams(s, 1 if smoke else 16, 490, 90 if smoke else 240),
+                         {"1/1 cut", "16/16 cut"}),
       "flood": (lambda s: flood(s, 60 if smoke else 200), {"429"}),
       "n_x_max_tokens": (lambda s: post_json(s, {"prompt": "Once", "n": 64, "max_tokens": 500}), {400}),
   }
