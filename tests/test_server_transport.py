@@ -12,14 +12,19 @@ import math
 import socket
 import threading
 import time
+import types
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
-from jaxserve.server import APIError
+from jaxserve import SamplingParams
+from jaxserve.loaders import DEFAULT_TOKENIZER
+from jaxserve.server import APIError, ServerConfig, create_app
 from jaxserve.server import _protocol as proto
 from jaxserve.server._limits import TransportLimits, check_sizes, check_unicode, parse_json, read_body
 from jaxserve.server.testing import HOST, ServerProcess
+from jaxserve.tokenizer import load_tokenizer
 
 MODEL = "stories260K"
 LIMIT_ARGS = ["--max-num-seqs", "16", "--max-queued-requests", "4", "--max-tokens-per-request", "8000",
@@ -163,6 +168,65 @@ def test_lone_surrogates_are_found_wherever_they_are():
   raw = b'{"prompt": "ok", "stop": ["a", "b\\ud800"]}'
   with pytest.raises(APIError, match="'stop.1' holds a lone UTF-16 surrogate"):
     check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))
+
+
+class OneTokenEngine:
+  """Engine double: every request ends with one token (id 7) at its first step."""
+
+  def __init__(self):
+    self.reqs: dict[str, object] = {}
+
+  def add_request(self, request_id, prompt, params):
+    self.reqs[request_id] = params
+
+  def abort_request(self, request_id):
+    self.reqs.pop(request_id, None)
+
+  def has_unfinished_requests(self):
+    return bool(self.reqs)
+
+  def step(self):
+    outs = [types.SimpleNamespace(request_id=rid, finished=True, outputs=[
+        types.SimpleNamespace(index=i, token_ids=[7], text="x", logprobs=None, finish_reason="length")
+        for i in range(p.n)]) for rid, p in self.reqs.items()]
+    self.reqs.clear()
+    return outs
+
+  def stats(self):
+    return {}
+
+
+class SlowTokenizer:
+  """The stories260K tokenizer, with an ``encode`` that holds its thread for a second (a long prompt)."""
+
+  def __init__(self):
+    self._tok = load_tokenizer(DEFAULT_TOKENIZER)
+    self.vocab_size, self.bos_id, self.eos_id = self._tok.vocab_size, self._tok.bos_id, self._tok.eos_id
+    self.chat_template = None
+
+  def encode(self, text, add_bos=False):
+    time.sleep(1.0)
+    return self._tok.encode(text, add_bos=add_bos)
+
+  def decode(self, ids):
+    return self._tok.decode(ids)
+
+
+def test_tokenizing_does_not_hold_the_event_loop():
+  tok = SlowTokenizer()
+  app = create_app(OneTokenEngine(), tok, ServerConfig(model_name="m", max_model_len=64, vocab_size=tok.vocab_size),
+                   SamplingParams)
+  with TestClient(app) as c:
+    done = []
+    t = threading.Thread(target=lambda: done.append(c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 1})))
+    t.start()
+    time.sleep(0.3)  # the completion is being tokenized now
+    t0 = time.monotonic()
+    assert c.get("/health").status_code == 200
+    waited = time.monotonic() - t0
+    t.join(30)
+  assert done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == "x", done[0].text
+  assert waited < 0.5, waited  # on the event loop, /health would have waited for the 1 s encode
 
 
 # ---------------------------------------------------------------- 14.4: the body limit while reading
