@@ -131,3 +131,16 @@ def test_attention_loops_use_512_bit_vectors_where_the_cpu_has_them():
   tile = [block for block in text.split("\n\n") if "TileILi64" in block.split("\n")[0]]
   assert tile, "the 64-wide attention tile is not in the library"
   assert any("zmm" in line and "vfmadd" in line for block in tile for line in block.splitlines())
+
+
+@pytest.mark.skipif(not _HAS_COMPILER or not hasattr(os, "getuid"), reason="needs a compiler and POSIX permissions")
+def test_a_group_writable_umask_still_builds_a_loadable_library(tmp_path):
+  code = ("import os; os.umask(0o002)\n"
+          "from jaxserve.engine import _cpu_kernels\n"
+          "print(_cpu_kernels.available(), _cpu_kernels._state.get('error'))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "JAXSERVE_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split()[0] == "True", proc.stdout
+  (lib,) = (tmp_path / "cpu_kernels").glob("*.so")
+  assert lib.stat().st_mode & 0o777 == 0o755 and (tmp_path / "cpu_kernels").stat().st_mode & 0o777 == 0o700

@@ -41,6 +41,8 @@ import numpy as np
 TARGET = "jaxserve_paged_attention_cpu"
 WRITE_TARGET = "jaxserve_write_paged_attention_cpu"
 MATMUL_TARGET = "jaxserve_matmul_cpu"
+NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
+BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 TARGET_BF16 = "jaxserve_paged_attention_bf16_cpu"
 WRITE_TARGET_BF16 = "jaxserve_write_paged_attention_bf16_cpu"
 MATMUL_TARGET_BF16 = "jaxserve_matmul_bf16_cpu"
@@ -49,8 +51,6 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-we
 # Rows of x up to which the bfloat16 matmul uses vdpbf16ps (csrc/matmul_cpu.cc: it did half the
 # FMAs' multiply-adds per cycle on the Sapphire Rapids VM, so it pays only in memory-bound decodes)
 BF16_DOT_MAX_ROWS = 4
-NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
-BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc")]
 _HEADERS = [Path(__file__).parent / "csrc" / "parallel.h"]
@@ -157,7 +157,9 @@ def _private_dir() -> Path:
   except OSError:
     writable = False
   if not writable:  # e.g. a read-only home: build in a new private (0700, unpredictable) temp directory
-    out = Path(_state.setdefault("tmp_dir", tempfile.mkdtemp(prefix="jaxserve-cpu-kernels-")))
+    if "tmp_dir" not in _state:
+      _state["tmp_dir"] = tempfile.mkdtemp(prefix="jaxserve-cpu-kernels-")
+    out = Path(_state["tmp_dir"])
   check_private(out)
   return out
 
@@ -179,6 +181,7 @@ def _build() -> Path:
                             text=True, timeout=600)
       if proc.returncode != 0:
         raise RuntimeError(f"compiling {', '.join(p.name for p in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
+      os.chmod(lib, 0o755)  # not group-writable whatever the umask (check_private would refuse it)
       os.replace(lib, out)  # atomic: concurrent builders each produce the same file
   check_private(out)
   return out
