@@ -236,8 +236,9 @@ def cases(smoke: bool) -> dict[str, tuple[Callable[[ServerProcess], tuple[Any, s
                      {200, 400}),
       "temperature_1e400": (lambda s: post_raw(s, b'{"prompt": "Once", "max_tokens": 8, "temperature": 1e400}'), {400}),
       # item 2: a stop string longer than the text so far
-      "stop_longer_than_text": (lambda s: post_json(s, {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
-                                                      "stop": "there was a little girl named Lily."}), {200}),
+      "stop_longer_than_text": (lambda s: post_json(s, {"prompt": "Once upon a time", "max_tokens": 40,
+                                                      "temperature": 0, "stop": "there was a little girl named Lily."}),
+                                {200}),
       # item 4: bodies over the limit
       "chunked_body_50MB": (lambda s: chunked_body(s, (12 if smoke else 50) * mb), {413}),
       # item 5: work that must not run on the event loop

@@ -218,7 +218,8 @@ def test_tokenizing_does_not_hold_the_event_loop():
                    SamplingParams)
   with TestClient(app) as c:
     done = []
-    t = threading.Thread(target=lambda: done.append(c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 1})))
+    body = {"prompt": "Once", "max_tokens": 1}
+    t = threading.Thread(target=lambda: done.append(c.post("/v1/completions", json=body)))
     t.start()
     time.sleep(0.3)  # the completion is being tokenized now
     t0 = time.monotonic()
@@ -432,8 +433,8 @@ def test_per_request_token_cap(server):
 
 # ---------------------------------------------------------------- 14.10: SIGTERM with hostile connections
 def test_sigterm_with_hostile_connections_exits_zero_within_the_timeout():
-  with ServerProcess(["--max-num-seqs", "64", "--shutdown-timeout", "2", "--header-timeout", "60", "--body-timeout", "60",
-                      "--stream-stall-timeout", "60"]) as srv:
+  with ServerProcess(["--max-num-seqs", "64", "--shutdown-timeout", "2", "--header-timeout", "60",
+                      "--body-timeout", "60", "--stream-stall-timeout", "60"]) as srv:
     hostile = [connect(srv) for _ in range(4)]  # idle
     for s in hostile[:2]:
       s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # partial headers
