@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import os
 import threading
 from typing import Any, Sequence
 
@@ -184,16 +185,24 @@ class ModelRunner:
     return len(self._executables)
 
   def compile_all(self, progress: bool = False) -> int:
-    """Compiles every program of :meth:`program_keys` not compiled yet; returns how many it compiled."""
+    """Compiles every program of :meth:`program_keys` not compiled yet; returns how many it compiled.
+
+    Tracing runs on this thread (it holds the GIL) while XLA compiles the programs already traced
+    on a pool of one thread per core, so a construction takes about the CPU time of its compiles
+    divided by the cores.
+    """
     todo = [k for k in self.program_keys() if k not in self._executables]
     bar = None
     if progress and todo:
       from tqdm.auto import tqdm
       bar = tqdm(total=len(todo), desc="Compiling step programs", dynamic_ncols=True)
-    for key in todo:
-      self._compile(key)
-      if bar is not None:
-        bar.update(1)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1)),
+                                               thread_name_prefix="jaxserve-compile") as pool:
+      futures = [pool.submit(self._compile, key, self._lower(key)) for key in todo]
+      for f in concurrent.futures.as_completed(futures):
+        f.result()
+        if bar is not None:
+          bar.update(1)
     if bar is not None:
       bar.close()
     return len(todo)
@@ -216,10 +225,15 @@ class ModelRunner:
     n = key[1]
     return spec(self.kv), np.zeros(n, np.int32), np.zeros(n, np.int32)
 
-  def _compile(self, key):
+  def _lower(self, key):
     fn = {"step": self._forward, "sample": self._sample, "copy": self._copy}[key[0]]
-    with _compile_cache.scope(self.compilation_cache):
-      exe = fn.lower(*self._example_args(key)).compile()
+    return fn.lower(*self._example_args(key))
+
+  def _compile(self, key, lowered=None):
+    """Compiles program ``key`` (from its lowering, if given) and keeps it."""
+    lowered = lowered or self._lower(key)
+    with _compile_cache.scope(self.compilation_cache):  # the cache is read and written in compile()
+      exe = lowered.compile()
     with self._lock:
       self._executables[key] = exe
     return exe
