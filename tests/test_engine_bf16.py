@@ -150,8 +150,12 @@ def test_bf16_attention_matches_float32_numpy(heads, kv_heads, bs, d):
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   np.testing.assert_array_equal(np.asarray(k2[1:], np.float32), np.asarray(kw[1:], np.float32))  # 0: null block
   np.testing.assert_array_equal(np.asarray(v2[1:], np.float32), np.asarray(vw[1:], np.float32))
-  # through PagedAttention: the kernel applies to bfloat16 pools and equals the XLA loops
+  # through PagedAttention: the kernel applies to bfloat16 pools (the engine's layer call is the fused kernel)
+  # and equals the XLA loops
   assert PagedAttention().use_cpu_kernel(jnp.bfloat16)
+  layer = jax.jit(PagedAttention().__call__, static_argnums=0)
+  qb, kn, vn = q[None].astype(jnp.bfloat16), k_new[None].astype(jnp.bfloat16), v_new[None].astype(jnp.bfloat16)
+  assert _cpu_kernels.WRITE_TARGET_BF16 in layer.lower(0, qb, kn, vn, (kb, vb), meta).as_text()
   with_kernel = jax.jit(PagedAttention().attend)(q, kb, vb, meta)
   without = jax.jit(PagedAttention(cpu_kernel=False).attend)(q, kb, vb, meta)
   np.testing.assert_allclose(with_kernel, without, atol=2e-5, rtol=2e-5)
