@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -109,8 +110,21 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> scores, acc, qt;
+  std::vector<float> scores, acc, qt, keys;
 };
+
+// The n elements at p as float32: p itself for float32, else widened into buf.
+template <typename T>
+inline const float* AsFloat(const T* p, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else {
+    buf.resize(n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = Widen(p[i]);
+    return buf.data();
+  }
+}
 
 template <int kD, typename T>
 inline float Dot(const float* a, const T* b, int64_t dim) {
@@ -231,7 +245,8 @@ void Tile(const Step<T>& st, const Item& it, Scratch& s) {
     }
     // scores[p, lane] for every key of every block (masked past each lane's length)
     for (int64_t b = 0; b < num_blocks; ++b) {
-      const T* keys = st.BlockOf(st.k_pages, seq, b) + k * bs * dim;
+      // each key element is broadcast to 16 lanes: widened once per block, not once per use
+      const float* keys = AsFloat(st.BlockOf(st.k_pages, seq, b) + k * bs * dim, bs * dim, s.keys);
       if (b + 1 < num_blocks) Prefetch(st.BlockOf(st.k_pages, seq, b + 1) + k * bs * dim, bs * dim);
       const int64_t step = bs % kKeysPerStep == 0 ? kKeysPerStep : 1;
       for (int64_t j0 = 0; j0 < bs; j0 += step) {
@@ -239,7 +254,7 @@ void Tile(const Step<T>& st, const Item& it, Scratch& s) {
         for (int64_t i = 0; i < dim; ++i) {
           const float* qt = s.qt.data() + i * kLanes;
           for (int64_t u = 0; u < step; ++u) {
-            const float kv = Widen(keys[(j0 + u) * dim + i]);
+            const float kv = keys[(j0 + u) * dim + i];
 #pragma omp simd
             for (int l = 0; l < kLanes; ++l) a[u][l] += qt[l] * kv;
           }
