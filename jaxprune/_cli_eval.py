@@ -22,14 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from jaxprune._data import read_text
   from jaxprune.eval import perplexity
   from jaxserve.loaders import EVAL_TEXT, load_model
   path = args.data or EVAL_TEXT
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise ValueError(f"{path}: cannot read ({e.strerror})") from e
+  text = read_text(path, "evaluation text")
   m = load_model(args.model, args.dtype, args.tokenizer, dense=True)
   if m.tokenizer is None:
     raise ValueError(f"{args.model}: no tokenizer found; pass --tokenizer")

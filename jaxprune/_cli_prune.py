@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (columns)")
   p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT/OBS dampening (fraction of mean diag H)")
   p.add_argument("--obs-rounds", type=int, default=4, help="prune/refit rounds of iterative OBS")
+  p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                 help="wanda/sparsegpt/obs: prune a block's linears in execution order, later ones seeing inputs "
+                      "through the pruned earlier ones (default); --no-true-sequential: one pass per block, as "
+                      "the reference SparseGPT and Wanda")
   p.add_argument("--rounds", type=int, default=1, help="score methods: prune in N rounds (iterative)")
   p.add_argument("--round-steps", type=int, default=0, help="masked fine-tuning steps between rounds")
   add_finetune_args(p, steps=0)
@@ -70,7 +74,7 @@ def prune_config(args: argparse.Namespace):
                      include=args.include or DEFAULT_INCLUDE, exclude=args.exclude, seed=args.seed,
                      hessian=args.hessian, num_probes=args.num_probes, blocksize=args.blocksize,
                      percdamp=args.percdamp, obs_rounds=args.obs_rounds, rounds=args.rounds,
-                     round_steps=args.round_steps)
+                     round_steps=args.round_steps, true_sequential=args.true_sequential)
 
 
 def finetune_config(args: argparse.Namespace):

@@ -91,14 +91,3 @@ def check_masks(params: Any, masks: Any) -> None:
       raise ValueError(f"mask leaf {path!r} must have dtype bool, got {m.dtype}")
     if tuple(m.shape) != tuple(shapes[path].shape):
       raise ValueError(f"mask leaf {path!r} has shape {tuple(m.shape)}, the parameter has {tuple(shapes[path].shape)}")
-
-
-def check_calibration(tokens: Any, method: str) -> None:
-  """Raises unless ``tokens`` is a non-empty ``[N, T]`` integer array (for data-dependent methods)."""
-  if tokens is None:
-    raise ValueError(
-        f"method {method!r} needs calibration data: pass calibration token windows [N, T] "
-        "(CLI: --calib FILE; default is the embedded TinyStories train text)")
-  arr = np.asarray(tokens)
-  if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"calibration data must be a non-empty integer array [N, T], got shape {arr.shape} {arr.dtype}")

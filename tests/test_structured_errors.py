@@ -54,7 +54,7 @@ def test_infeasible_requests_fail_before_work(no_work, kwargs, message):
 
 
 @pytest.mark.parametrize("windows,message", [
-    (None, "Taylor importance needs calibration windows"),
+    (None, "Taylor importance needs calibration data"),
     (np.zeros((0, 9), np.int32), "non-empty integer array"),
     (np.zeros((4, 9), np.float32), "non-empty integer array"),
     (np.full((4, 9), 999, np.int32), r"token ids must be in \[0, 128\)"),

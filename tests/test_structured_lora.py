@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from jaxprune.structured import LoraConfig, finetune_lora, init_lora, lm_loss, merge_lora
-from jaxprune.structured._lora import _optimizer, _train_step
+from jaxprune._data import Windows
+from jaxprune._train import split, train_step
+from jaxprune.structured._lora import _is_adapter, _optimizer, lora_loss_fn
 from jaxserve.testing import tiny_model
 
 
@@ -42,9 +44,11 @@ def test_accumulated_micro_batches_equal_one_full_batch_step():
   tx = _optimizer(lc)
   results = []
   for shape in ((1, 8, 13), (4, 2, 13)):  # one batch of 8 vs four accumulated micro-batches of 2
-    lo = jax.tree.map(jnp.copy, lora)
-    lo, _, loss = _train_step(lo, tx.init(lo), params, jnp.asarray(windows.reshape(shape)), cfg, lc.scale, tx)
-    results.append((lo, float(loss)))
+    trained, frozen = split({"model": params, "lora": jax.tree.map(jnp.copy, lora)}, _is_adapter)
+    w = jnp.asarray(windows.reshape(shape))
+    trained, _, loss = train_step(trained, tx.init(trained), frozen, Windows(w[..., :-1], w[..., 1:]),
+                                  loss_fn=lora_loss_fn(cfg, lc.scale), update=tx.update)
+    results.append((trained["lora"], float(loss)))
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), results[0][0], results[1][0])
 

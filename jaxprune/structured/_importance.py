@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._data import Windows, as_windows, batches_of, lm_loss
 from jaxprune._hessian import hutchinson_diagonal
 from jaxprune._tree import leaves_with_paths
 from jaxprune.structured._groups import Dim, leaf_dims, member_rank, split_layer
 from jaxserve.config import ModelConfig
-from jaxserve.model import forward
 
 Params = dict[str, Any]
 IMPORTANCES = ("l1", "l2", "random", "taylor")
@@ -84,24 +84,17 @@ class GradientStats(NamedTuple):
   curvature: Params | None  # Fisher or Hessian diagonal (second-order variants only)
 
 
-def lm_loss(params: Params, cfg: ModelConfig, windows: jax.Array) -> jax.Array:
-  """Mean next-token NLL of ``windows`` ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
-  logits = forward(params, cfg, windows[:, :-1]).logits
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _grad(params: Params, cfg: ModelConfig, windows: jax.Array) -> Params:
+def _grad(params: Params, cfg: ModelConfig, windows: Windows) -> Params:
   return jax.grad(lm_loss)(params, cfg, windows)
 
 
-def _accumulate(fn, params: Params, chunks: list[jax.Array]) -> Params:
+def _accumulate(fn, params: Params, chunks: list[Windows]) -> Params:
   """Weighted mean of ``fn(chunk)`` over chunks (weights = rows); one result in memory at a time."""
-  total = sum(len(c) for c in chunks)
+  total = sum(len(c.inputs) for c in chunks)
   acc = jax.tree.map(jnp.zeros_like, params)
   for c in chunks:
-    acc = jax.tree.map(lambda a, x, n=len(c): a + x * (n / total), acc, fn(c))
+    acc = jax.tree.map(lambda a, x, n=len(c.inputs): a + x * (n / total), acc, fn(c))
   return acc
 
 
@@ -109,16 +102,17 @@ def calibration_gradients(params: Params, cfg: ModelConfig, windows: Any, import
                           key: jax.Array | None = None) -> GradientStats:
   """Gradient (and, for second-order variants, the curvature diagonal) on calibration windows.
 
+  ``windows``: ``Windows`` ``[N, T]`` or token windows ``[N, T + 1]`` (see :func:`jaxprune.lm_loss`).
   Memory stays at a few copies of the parameters: gradients are accumulated chunk by chunk
   (per example for the Fisher diagonal), never stored per sample.
   """
-  windows = jnp.asarray(windows, jnp.int32)
-  mb = importance.micro_batch
-  chunks = [windows[i:i + mb] for i in range(0, len(windows), mb)]
+  windows = as_windows(windows)
+  windows = Windows(jnp.asarray(windows.inputs, jnp.int32), jnp.asarray(windows.targets, jnp.int32))
+  chunks = batches_of(windows, importance.micro_batch)
   grad = _accumulate(lambda c: _grad(params, cfg, c), params, chunks)
   curvature = None
   if importance.needs_second_order and importance.hessian == "fisher":
-    singles = [windows[i:i + 1] for i in range(len(windows))]
+    singles = batches_of(windows, 1)
     curvature = _accumulate(lambda c: jax.tree.map(jnp.square, _grad(params, cfg, c)), params, singles)
   elif importance.needs_second_order:  # jaxprune's Hutchinson estimator over every parameter
     key = jax.random.PRNGKey(0) if key is None else key

@@ -1,21 +1,21 @@
-"""LoRA recovery fine-tuning with optax: low-rank adapters on the projections, merged at the end."""
+"""LoRA recovery: low-rank adapters on the projections, trained by :func:`jaxprune.train`, merged at the end."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
+from jaxprune._data import Windows, lm_loss, sample_windows
+from jaxprune._train import TrainResult as FinetuneResult
+from jaxprune._train import default_optimizer, train
 from jaxprune._tree import leaves_with_paths, map_with_path
-from jaxprune.structured._data import calibration_windows
-from jaxprune.structured._importance import lm_loss
 from jaxserve.config import ModelConfig
 
 Params = dict[str, Any]
@@ -31,7 +31,8 @@ class LoraConfig:
     alpha: adapter scale numerator.
     targets: projection names that get adapters (subset of :data:`LORA_TARGETS`).
     steps: optimizer steps.
-    learning_rate: peak AdamW learning rate (linear warmup over 5% of the steps, then cosine to 0).
+    learning_rate: peak AdamW learning rate (linear warmup over 5% of the steps, then cosine to 0),
+      or an optax schedule ``step -> rate`` used as it is.
     batch_size: windows per step.
     micro_batch: windows per gradient evaluation; gradients are accumulated over
       ``batch_size / micro_batch`` evaluations, so memory does not grow with the batch.
@@ -44,7 +45,7 @@ class LoraConfig:
   alpha: float = 16.0
   targets: tuple[str, ...] = LORA_TARGETS
   steps: int = 200
-  learning_rate: float = 2e-3
+  learning_rate: float | optax.Schedule = 2e-3
   batch_size: int = 16
   micro_batch: int = 8
   seq_len: int = 128
@@ -61,8 +62,8 @@ class LoraConfig:
         raise ValueError(f"LoRA {name} must be >= 1, got {getattr(self, name)}")
     if self.batch_size % self.micro_batch:
       raise ValueError(f"LoRA batch_size ({self.batch_size}) must be a multiple of micro_batch ({self.micro_batch})")
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+    if not (callable(self.learning_rate) or (self.learning_rate > 0 and math.isfinite(self.learning_rate))):
+      raise ValueError(f"learning_rate must be a positive number or an optax schedule, got {self.learning_rate}")
 
   @property
   def scale(self) -> float:
@@ -98,48 +99,42 @@ def merge_lora(params: Params, lora: Params, scale: float) -> Params:
   return map_with_path(merge, params)
 
 
-class FinetuneResult(NamedTuple):
-  params: Params  # adapters merged in
-  losses: list[float]  # training loss of each step
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "scale", "tx"), donate_argnums=(0, 1))
-def _train_step(lora, opt_state, params, batch, cfg, scale, tx):
-  """One optimizer step; ``batch`` is ``[micro_steps, micro_batch, T + 1]``, gradients are accumulated."""
-  loss_fn = lambda lo, mb: lm_loss(merge_lora(params, lo, scale), cfg, mb)
-
-  def accumulate(carry, mb):
-    loss, grads = jax.value_and_grad(loss_fn)(lora, mb)
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, lora))
-  (loss, grads), _ = jax.lax.scan(accumulate, zero, batch)
-  n = batch.shape[0]
-  grads = jax.tree.map(lambda g: g / n, grads)
-  updates, opt_state = tx.update(grads, opt_state, lora)
-  return optax.apply_updates(lora, updates), opt_state, loss / n
-
-
 def _optimizer(cfg: LoraConfig) -> optax.GradientTransformation:
+  """Clipping and AdamW with linear warmup over 5% of the steps, then cosine to 0."""
+  if callable(cfg.learning_rate):
+    return default_optimizer(cfg.learning_rate, cfg.steps, weight_decay=cfg.weight_decay)
   warmup = max(1, cfg.steps // 20)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1))
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  return default_optimizer(schedule, cfg.steps, weight_decay=cfg.weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def lora_loss_fn(model_cfg: ModelConfig, scale: float):
+  """``({"model", "lora"}, batch) -> loss`` of the merged model; one object per (config, scale),
+  so the trainer's compiled step is reused."""
+  return lambda p, batch: lm_loss(merge_lora(p["model"], p["lora"], scale), model_cfg, batch)
+
+
+def _is_adapter(path: str) -> bool:
+  return path.startswith("lora/")
 
 
 def finetune_lora(params: Params, model_cfg: ModelConfig, token_ids: Any, cfg: LoraConfig, *,
-                  progress: bool = False) -> FinetuneResult:
+                  tx: optax.GradientTransformation | None = None, progress: bool = False) -> FinetuneResult:
   """Recovers a pruned model: trains LoRA adapters on random windows of ``token_ids``, then merges them.
 
-  Each step draws ``cfg.batch_size`` windows of ``cfg.seq_len`` tokens (BOS first) from the token
-  stream (use the calibration text, never the evaluation text) and averages the gradients of
-  ``batch_size / micro_batch`` micro-batches inside one jitted scan: memory holds one micro-batch's
-  activations and one gradient of the adapters at a time.
+  One use of :func:`jaxprune.train`: the parameters are ``{"model": params, "lora": adapters}``
+  and only the adapters are trainable. Each step draws ``cfg.batch_size`` windows of
+  ``cfg.seq_len`` tokens (BOS first) from the token stream (use the calibration text, never the
+  evaluation text) and averages the gradients of ``batch_size / micro_batch`` micro-batches inside
+  one jitted scan: memory holds one micro-batch's activations and one gradient of the adapters at a time.
 
   Args:
     params: the (pruned) model's parameters; they stay frozen, only adapters train.
     model_cfg: its configuration.
     token_ids: 1-D token ids of the training text.
     cfg: LoRA and optimizer settings.
+    tx: an optax transformation replacing the default (clipping + AdamW, warmup and cosine).
     progress: show a progress bar.
 
   Returns:
@@ -155,15 +150,14 @@ def finetune_lora(params: Params, model_cfg: ModelConfig, token_ids: Any, cfg: L
                      f"got shape {ids.shape}")
   if not _targets(params, cfg.targets):
     raise ValueError(f"no kernel of the model matches LoRA targets {list(cfg.targets)}")
-  key = jax.random.PRNGKey(cfg.seed)
-  lora = init_lora(params, cfg, key)
-  tx = _optimizer(cfg)
-  opt_state = tx.init(lora)
-  losses = []
-  shape = (cfg.batch_size // cfg.micro_batch, cfg.micro_batch, cfg.seq_len + 1)
-  for step in tqdm(range(cfg.steps), desc="lora", disable=not progress):
-    batch = calibration_windows(ids, cfg.batch_size, cfg.seq_len, model_cfg.bos_token_id,
-                                seed=cfg.seed * 1_000_003 + step).reshape(shape)
-    lora, opt_state, loss = _train_step(lora, opt_state, params, jnp.asarray(batch), model_cfg, cfg.scale, tx)
-    losses.append(float(loss))
-  return FinetuneResult(merge_lora(params, lora, cfg.scale), losses)
+  lora = init_lora(params, cfg, jax.random.PRNGKey(cfg.seed))
+  micro = (cfg.batch_size // cfg.micro_batch, cfg.micro_batch, cfg.seq_len)
+
+  def batch_fn(step: int) -> Windows:
+    w = sample_windows(ids, nsamples=cfg.batch_size, seq_len=cfg.seq_len, bos_id=model_cfg.bos_token_id,
+                       seed=cfg.seed * 1_000_003 + step, distinct=False)
+    return Windows(w.inputs.reshape(micro), w.targets.reshape(micro))
+
+  out = train({"model": params, "lora": lora}, lora_loss_fn(model_cfg, cfg.scale), batch_fn, cfg.steps,
+              tx=tx or _optimizer(cfg), trainable=_is_adapter, progress=progress, desc="lora")
+  return FinetuneResult(merge_lora(params, out.params["lora"], cfg.scale), out.losses)

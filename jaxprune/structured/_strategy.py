@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxprune._data import check_windows
 from jaxprune._validate import check_finite, check_sparsity
 from jaxprune.structured._groups import PrunePlan, compose
 from jaxprune.structured._importance import GradientStats, Importance, calibration_gradients, unit_scores
@@ -286,23 +287,6 @@ def _step_plan(params: Params, cfg: ModelConfig, cfg0: ModelConfig, sc: Structur
   return plan
 
 
-def check_calibration_windows(cfg: ModelConfig, windows: Any) -> np.ndarray:
-  """Calibration windows must be a non-empty int array ``[N, T + 1]`` of token ids of the model."""
-  if windows is None:
-    raise ValueError("Taylor importance needs calibration windows [N, T + 1] (token ids, BOS first); "
-                     "see jaxprune.structured.calibration_windows")
-  arr = np.asarray(windows)
-  if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 2 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"calibration windows must be a non-empty integer array [N, T + 1] with T >= 1, "
-                     f"got shape {arr.shape} dtype {arr.dtype}")
-  if arr.min() < 0 or arr.max() >= cfg.vocab_size:
-    raise ValueError(f"calibration token ids must be in [0, {cfg.vocab_size}), got [{arr.min()}, {arr.max()}]")
-  if arr.shape[1] - 1 > cfg.max_position_embeddings:
-    raise ValueError(f"calibration windows of {arr.shape[1] - 1} tokens exceed the model's context of "
-                     f"{cfg.max_position_embeddings}")
-  return arr.astype(np.int32)
-
-
 def _block_params(cfg: ModelConfig) -> int:
   return cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) \
       - cfg.hidden_size
@@ -319,7 +303,8 @@ def prune_structured(params: Params, cfg: ModelConfig, config: StructuredConfig,
     params: parameters of ``cfg``.
     cfg: the model configuration.
     config: what to prune and how.
-    calibration: ``[N, T + 1]`` int token windows (BOS first), needed by ``taylor``.
+    calibration: ``Windows`` ``[N, T]`` or ``[N, T + 1]`` int token windows (BOS first), needed by
+      ``taylor`` (checked by :func:`jaxprune.check_windows`).
     key: PRNG key for Hutchinson probes.
     progress: show a progress bar over iterative steps.
 
@@ -328,7 +313,8 @@ def prune_structured(params: Params, cfg: ModelConfig, config: StructuredConfig,
     the original model) and a JSON-friendly report (parameter counts, kept sizes, each step).
   """
   validate(cfg, config)
-  windows = check_calibration_windows(cfg, calibration) if config.importance.needs_gradients else None
+  windows = (check_windows(calibration, cfg, needed_by="Taylor importance") if config.importance.needs_gradients
+             else None)
   check_finite(params)
   plan, cur_params, cur_cfg, steps = PrunePlan.full(cfg), params, cfg, []
   for step in tqdm(range(1, config.iterative_steps + 1), desc="prune-structured", disable=not progress):
