@@ -100,8 +100,8 @@ def _with_ranges(sc, args: argparse.Namespace, num_layers: int):
 def run(args: argparse.Namespace) -> int:
   import jax
   from jaxprune.eval import perplexity
-  from jaxprune.structured import (calibration_windows, count_parameters, finetune_lora, planned_layer_sizes,
-                                   prune_structured, text_token_ids, validate)
+  from jaxprune._data import read_text, sample_windows, text_token_ids
+  from jaxprune.structured import count_parameters, finetune_lora, planned_layer_sizes, prune_structured, validate
   from jaxserve.loaders import EVAL_TEXT, hf_config, load_model, save_hf, save_native
   t0 = time.perf_counter()
   sc, lora = _configs(args)
@@ -121,11 +121,11 @@ def run(args: argparse.Namespace) -> int:
   if sc.importance.needs_gradients:
     if m.cfg.bos_token_id is None:
       raise ValueError("the model has no bos_token_id; calibration windows start with BOS")
-    windows = calibration_windows(calib_ids, args.num_examples, args.calib_seq_len, m.cfg.bos_token_id, args.seed)
+    windows = sample_windows(calib_ids, nsamples=args.num_examples, seq_len=args.calib_seq_len,
+                             bos_id=m.cfg.bos_token_id, seed=args.seed, distinct=False)
   eval_ids = None
   if args.test_after_train:
-    with open(EVAL_TEXT, encoding="utf-8") as f:
-      eval_ids = m.tokenizer.encode(f.read())
+    eval_ids = m.tokenizer.encode(read_text(EVAL_TEXT, "evaluation text"))
   result: dict = {"model": args.model or "stories260K (embedded)", "out": args.out}
   ppl = lambda params, cfg: perplexity(params, cfg, eval_ids, args.eval_seq_len, args.eval_windows)
   if eval_ids is not None:
@@ -140,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     tuned = finetune_lora(params, cfg, calib_ids, lora, progress=not args.json)
     params = tuned.params
-    result.update(finetune_seconds=time.perf_counter() - t, finetune_loss_first=tuned.losses[0],
-                  finetune_loss_last=tuned.losses[-1])
+    result.update(finetune_seconds=time.perf_counter() - t, finetune_loss_first=float(tuned.losses[0]),
+                  finetune_loss_last=float(tuned.losses[-1]))
     if eval_ids is not None:
       result["perplexity_recovered"] = ppl(params, cfg)
   report = dict(pruned.report, finetune_steps=args.finetune_steps)
-  save_native(cfg, params, args.out, m.tokenizer, extra={"pruning": report, "source": result["model"]})
+  save_native(cfg, params, args.out, m.tokenizer, metadata={"pruning": report, "source": result["model"]})
   result.update(parameters_before=report["parameters_before"], parameters_after=count_parameters(params),
                 block_removed_fraction=report["block_removed_fraction"], config=cfg.to_dict())
   status = 0

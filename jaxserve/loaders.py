@@ -372,66 +372,169 @@ def _write_fast_tokenizer(out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- native
 
-def save_native(cfg: ModelConfig, params: Params, out_dir: str, tokenizer: Tokenizer | None = None,
-                extra: dict[str, Any] | None = None) -> str:
-  """Saves any model (also non-uniform, structurally pruned ones): ``model_config.json`` + orbax params.
+NATIVE_FORMAT = "jaxserve-native-v2"
+_NATIVE_READABLE = ("jaxserve-native-v1", NATIVE_FORMAT)
+_NATIVE_KEYS = ("format", "config", "params", "weights", "masks", "metadata")
 
-  Typed kernels (:mod:`jaxserve.weights`: N:M, bitmask, packed) are saved in their compressed
-  form: their arrays under the kernel's path, their type and sizes under ``"weights"`` in
-  ``model_config.json``.
-  """
+
+class NativeCheckpoint(NamedTuple):
+  """What a native directory holds (see :func:`save_native`)."""
+
+  cfg: ModelConfig | None  # None when saved without a model config
+  params: Params  # in their saved dtypes; compressed kernels as typed leaves of jaxserve.weights
+  masks: dict[str, np.ndarray]  # {path: bool array} of the masks saved beside the params (often none)
+  metadata: dict[str, Any]  # what the writer recorded (e.g. how the model was pruned)
+  tokenizer: Tokenizer | None
+
+
+def tree_from_paths(flat: dict[str, Any]) -> dict:
+  """The nested dict of ``{path: leaf}`` (``{"a/b": x}`` -> ``{"a": {"b": x}}``; paths as :func:`weights.path_name`)."""
+  out: dict = {}
+  for path, x in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[leaf] = x
+  return out
+
+
+def _orbax_save(path: str, tree: Any) -> None:
   import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, tree, force=True)
+    ckpt.wait_until_finished()
+
+
+def _orbax_restore(path: str, like: Any) -> Any:
+  """Restores into host numpy arrays shaped like ``like`` (numpy leaves: no device sharding to guess)."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path, like)
+
+
+def save_native(cfg: ModelConfig | None, params: Params, out_dir: str, tokenizer: Tokenizer | None = None, *,
+                masks: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> str:
+  """Saves a model in the one native format: any model (non-uniform, compressed, pruned), masks and metadata optional.
+
+  Layout::
+
+    DIR/model_config.json  {"format": "jaxserve-native-v2", "config": the ModelConfig (or null),
+                            "params": {path: [shape, dtype]} of every parameter (a typed kernel: its
+                            dense shape and value dtype), "weights": {path: spec} of the typed kernels,
+                            "masks": [paths of the saved masks], "metadata": {...}}
+    DIR/params/            orbax checkpoint of the parameters; a typed kernel (:mod:`jaxserve.weights`:
+                           N:M, bitmask, packed) as its arrays under the kernel's path
+    DIR/masks/             orbax checkpoint of the masks (only when ``masks`` has any)
+    DIR/tokenizer.*        the tokenizer's files (only with ``tokenizer``)
+
+  Args:
+    cfg: the model's configuration; None saves parameters that :func:`read_native` restores but
+      :func:`load_model` cannot run.
+    params: the parameter pytree (arrays or typed leaves).
+    out_dir: the directory (created; an existing checkpoint there is overwritten).
+    tokenizer: optional tokenizer, saved beside the model.
+    masks: optional ``{path: bool array}`` saved beside the parameters (e.g. jaxprune's masks).
+    metadata: optional JSON-serialisable dict (e.g. how the model was pruned).
+
+  Returns:
+    The absolute directory path.
+  """
+  masks = {p: np.asarray(m, bool) for p, m in (masks or {}).items()}
+  try:
+    json.dumps(metadata or {})
+  except TypeError as e:
+    raise ValueError(f"metadata must be JSON-serialisable ({e})") from None
+  flat = {weights.path_name(k): x for k, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=weights.is_typed)[0]}
+  for p, m in masks.items():
+    if p not in flat or tuple(m.shape) != tuple(flat[p].shape):
+      raise ValueError(f"mask {p!r} {tuple(m.shape)} matches no parameter of that shape")
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   specs = {}
-
-  def record(path, x):
-    if not weights.is_typed(x):
-      return x
-    arrays, specs[weights.path_name(path)] = weights.to_record(x)
-    return arrays
-  tree = jax.tree_util.tree_map_with_path(record, params, is_leaf=weights.is_typed)
-  with ocp.PyTreeCheckpointer() as ckpt:
-    ckpt.save(os.path.join(out_dir, "params"), tree, force=True)
+  stored = {}
+  for p, x in flat.items():
+    if weights.is_typed(x):
+      stored[p], specs[p] = weights.to_record(x)
+    else:
+      stored[p] = x
+  _orbax_save(os.path.join(out_dir, "params"), tree_from_paths(stored))
+  if masks:
+    _orbax_save(os.path.join(out_dir, "masks"), tree_from_paths(masks))
+  info = {"format": NATIVE_FORMAT, "config": None if cfg is None else cfg.to_dict(),
+          "params": {p: [list(x.shape), str(np.dtype(x.dtype))] for p, x in flat.items()},
+          "weights": specs, "masks": sorted(masks), "metadata": metadata or {}}
   with open(os.path.join(out_dir, NATIVE_CONFIG), "w") as f:
-    json.dump({"format": "jaxserve-native-v1", "config": cfg.to_dict(), "weights": specs, **(extra or {})}, f,
-              indent=2)
+    json.dump(info, f, indent=2)
   if tokenizer is not None:
     tokenizer.save(out_dir)
   return out_dir
 
 
-def load_native(path: str, dtype: str | None = None) -> LoadedModel:
-  """Loads a directory written by :func:`save_native`."""
-  import orbax.checkpoint as ocp
-  from jaxserve.model import param_shapes
-  path = os.path.abspath(path)
-  with open(os.path.join(path, NATIVE_CONFIG)) as f:
-    meta = json.load(f)
-  cfg = ModelConfig.from_dict(meta["config"])
-  if dtype is not None and dtype != cfg.dtype:
-    cfg = cfg.replace(dtype=dtype)
-  specs = meta.get("weights") or {}
+def read_native_info(path: str) -> dict[str, Any]:
+  """The parsed ``model_config.json`` of a native directory (format checked), without reading any array."""
+  file = os.path.join(path, NATIVE_CONFIG)
+  if not os.path.isfile(file):
+    raise ValueError(f"{path}: not a native model directory (no {NATIVE_CONFIG})")
+  try:
+    with open(file) as f:
+      info = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: invalid JSON ({e})") from None
+  if info.get("format") not in _NATIVE_READABLE:
+    raise ValueError(f"{file}: unknown format {info.get('format')!r}, expected one of {_NATIVE_READABLE}")
+  return info
 
-  def like(keypath, s):  # typed kernels restore as their arrays, rebuilt below
-    spec = specs.get(weights.path_name(keypath))
-    if spec is None:
-      return np.zeros(s.shape, np.float32)
-    return {k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in spec["arrays"].items()}
-  target = jax.tree_util.tree_map_with_path(like, param_shapes(cfg.replace(dtype="float32")))
-  with ocp.PyTreeCheckpointer() as ckpt:  # restore_args from numpy leaves: no sharding to guess
-    params = ckpt.restore(os.path.join(path, "params"), item=target,
-                          restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+def read_native(path: str) -> NativeCheckpoint:
+  """Reads everything a directory written by :func:`save_native` holds (also the older ``jaxserve-native-v1``)."""
+  path = os.path.abspath(path)
+  info = read_native_info(path)
+  cfg = None if info.get("config") is None else ModelConfig.from_dict(info["config"])
+  specs = info.get("weights") or {}
+  if "params" in info:
+    shapes = {p: (tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in info["params"].items()}
+  else:  # v1 recorded no shapes: the config implies them (restored as float32, as v1 did)
+    from jaxserve.model import param_shapes
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg.replace(dtype="float32")))[0]
+    shapes = {weights.path_name(k): (tuple(s.shape), np.dtype(s.dtype)) for k, s in flat}
+
+  def like(p, shape, dtype):  # a typed kernel restores as its arrays, rebuilt below
+    if p in specs:
+      return {k: np.zeros(s, np.dtype(d)) for k, (s, d) in specs[p]["arrays"].items()}
+    return np.zeros(shape, dtype)
+  params = _orbax_restore(os.path.join(path, "params"),
+                          tree_from_paths({p: like(p, *sd) for p, sd in shapes.items()}))
   for key, spec in specs.items():
     *parents, leaf = key.split("/")
     node = params
     for k in parents:
       node = node[k]
     node[leaf] = weights.from_record(node[leaf], spec)
-  _check_shapes(params, cfg, path)
+  masks: dict[str, np.ndarray] = {}
+  if info.get("masks"):
+    nested = _orbax_restore(os.path.join(path, "masks"),
+                            tree_from_paths({p: np.zeros(shapes[p][0], bool) for p in info["masks"]}))
+    masks = {weights.path_name(k): np.asarray(m, bool) for k, m in jax.tree_util.tree_flatten_with_path(nested)[0]}
+  if info["format"] == NATIVE_FORMAT:
+    metadata = info.get("metadata") or {}
+  else:  # v1 kept what the writer added at the top level
+    metadata = {k: v for k, v in info.items() if k not in _NATIVE_KEYS}
   tok = None
   for name in ("tokenizer.json", "tokenizer.model", "tokenizer.bin"):
     if os.path.exists(os.path.join(path, name)):
-      tok = load_tokenizer(path, cfg.vocab_size)
+      tok = load_tokenizer(path, None if cfg is None else cfg.vocab_size)
       break
-  return LoadedModel(cfg, _cast(params, cfg.dtype), tok, path)
+  return NativeCheckpoint(cfg, params, masks, metadata, tok)
+
+
+def load_native(path: str, dtype: str | None = None) -> LoadedModel:
+  """Loads a directory written by :func:`save_native` as a model to run (it needs its config)."""
+  path = os.path.abspath(path)
+  ck = read_native(path)
+  if ck.cfg is None:
+    raise ValueError(f"{path}: saved without a model config, so it cannot run as a model; read its parameters "
+                     "with jaxserve.loaders.read_native or jaxprune.checkpoint.restore")
+  cfg = ck.cfg if dtype is None or dtype == ck.cfg.dtype else ck.cfg.replace(dtype=dtype)
+  _check_shapes(ck.params, cfg, path)
+  return LoadedModel(cfg, _cast(ck.params, cfg.dtype), ck.tokenizer, path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +10,6 @@ import pytest
 import jaxprune
 from jaxprune import checkpoint
 from jaxserve import weights
-from jaxserve.engine import LLM, SamplingParams, _cpu_kernels
-from jaxserve.loaders import load_model
 from jaxserve.model import forward
 from jaxserve.testing import tiny_model
 from jaxserve.weights import BitmaskSparse, NMSparse, PackedDense
@@ -166,29 +162,3 @@ def test_checkpoint_saved_compressed_reloads_identically(tmp_path):
 
 def _bytes(path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def test_old_dense_plus_mask_checkpoint_still_loads(tmp_path):
-  """A v1 directory (every leaf dense, every mask stored) restores and serves."""
-  cfg, params = tiny_model(seed=6)
-  masks = jaxprune.nm_masks(jaxprune.magnitude_scores(params), "2:4")
-  pruned = jaxprune.apply_masks(params, masks)
-  d = checkpoint.save(str(tmp_path / "v1"), pruned, masks, cfg=cfg, compress=False)
-  info_path = tmp_path / "v1" / checkpoint.METADATA_FILE
-  info = json.loads(info_path.read_text())
-  info["format"] = "jaxprune-pruned-v1"
-  info.pop("compressed")
-  info_path.write_text(json.dumps(info))
-  native_path = tmp_path / "v1" / "model_config.json"  # v1 wrote no "weights" section
-  native = json.loads(native_path.read_text())
-  assert native.pop("weights") == {}
-  native_path.write_text(json.dumps(native))
-  back = checkpoint.restore(d)
-  jax.tree.map(np.testing.assert_array_equal, back.params, pruned)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.masks, masks)
-  assert not any(weights.is_typed(x) for x in jax.tree.leaves(load_model(d).params, is_leaf=weights.is_typed))
-  llm = LLM(d, max_model_len=32, num_kv_blocks=8, max_num_seqs=2)  # serves: compressed from its zeros
-  if _cpu_kernels.available():
-    assert llm.stats()["weight_formats"]["2:4"] == 2 * 7
-  out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-  assert len(out[0].outputs[0].token_ids) == 3
