@@ -196,8 +196,10 @@ class ModelRunner:
     if progress and todo:
       from tqdm.auto import tqdm
       bar = tqdm(total=len(todo), desc="Compiling step programs", dynamic_ncols=True)
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1)),
-                                               thread_name_prefix="jaxserve-compile") as pool:
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    # one scope held across the loop keeps JAX's cache bound until the last compile is done
+    with _compile_cache.scope(self.compilation_cache), \
+         concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxserve-compile") as pool:
       futures = [pool.submit(self._compile, key, self._lower(key)) for key in todo]
       for f in concurrent.futures.as_completed(futures):
         f.result()
