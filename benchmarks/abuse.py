@@ -40,9 +40,9 @@ MODEL = "stories260K"
 def server_args(smoke: bool) -> list[str]:
   if smoke:  # fewer batch buckets to compile at start-up, and quicker to give up on a stalled client
     return ["--max-num-seqs", "16", "--max-queued-requests", "256", "--header-timeout", "2", "--body-timeout", "4",
-            "--stream-stall-timeout", "1", "--max-stream-buffer", "64", "--shutdown-timeout", "5"]
+            "--stream-stall-timeout", "1", "--max-stream-buffer", "2000", "--shutdown-timeout", "5"]
   return ["--max-num-seqs", "64", "--max-queued-requests", "256", "--header-timeout", "2", "--body-timeout", "5",
-          "--stream-stall-timeout", "5", "--max-stream-buffer", "256", "--shutdown-timeout", "5"]
+          "--stream-stall-timeout", "5", "--shutdown-timeout", "5"]
 
 
 # ---------------------------------------------------------------- the 16 greedy streams

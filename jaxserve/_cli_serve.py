@@ -142,9 +142,9 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                  help="seconds to receive a request's body (default 30)")
   g.add_argument("--stream-stall-timeout", type=float, default=30.0,
                  help="seconds a streaming client may read nothing before its requests are aborted (default 30)")
-  g.add_argument("--max-stream-buffer", type=int, default=4096,
-                 help="engine updates buffered for a client that does not read before its requests are aborted "
-                      "(default 4096)")
+  g.add_argument("--max-stream-buffer", type=int, default=65536,
+                 help="tokens and logprobs (one entry each) buffered for a client that does not read before its "
+                      "requests are aborted (default 65536)")
 
 
 def _limits_from_args(args: argparse.Namespace, *, max_num_seqs: int, max_model_len: int,

@@ -22,14 +22,16 @@ from jaxserve import SamplingParams
 from jaxserve.loaders import DEFAULT_TOKENIZER
 from jaxserve.server import APIError, ServerConfig, create_app
 from jaxserve.server import _protocol as proto
+from jaxserve.server._async_engine import AsyncEngine, ChoiceDelta, ClientDisconnected, RequestGroup, Update
 from jaxserve.server._limits import TransportLimits, check_sizes, check_unicode, parse_json, read_body
+from jaxserve.server._metrics import ServerMetrics
 from jaxserve.server.testing import HOST, ServerProcess
 from jaxserve.tokenizer import load_tokenizer
 
 MODEL = "stories260K"
 LIMIT_ARGS = ["--max-num-seqs", "16", "--max-queued-requests", "4", "--max-tokens-per-request", "8000",
               "--header-timeout", "1", "--body-timeout", "2", "--stream-stall-timeout", "1",
-              "--max-stream-buffer", "64"]
+              "--max-stream-buffer", "2000"]
 OK = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
 
 
@@ -212,6 +214,30 @@ class SlowTokenizer:
     return self._tok.decode(ids)
 
 
+def test_stream_buffer_counts_tokens_and_logprobs_and_aborts_past_its_bound():
+  engine = AsyncEngine(OneTokenEngine(), ServerMetrics("m"), TransportLimits(max_stream_buffer=20))
+  group = RequestGroup(engine, "cmpl-x", [[1, 2]], [SamplingParams(n=2, max_tokens=8)], arrival=0.0)
+
+  async def run():
+    group._unfinished.add(0)  # as start() leaves it once the engine acknowledged the request
+    engine.in_flight_seqs, group._admitted = 2, 2
+    lp = {5: 0.0, 6: -1.0, 7: -2.0}  # the sampled token and two more: 3 entries
+    for _ in range(3):  # 2 completions x 1 token x (1 + 3) = 8 entries an update: 8, 16, then 24 > 20
+      group._put(Update(0, tuple(ChoiceDelta(i, (5,), "a", (lp,), None) for i in range(2))))
+    assert group.stalled and engine.in_flight_seqs == 0  # aborted and released
+    got = []
+    with pytest.raises(ClientDisconnected):
+      async for u in group.updates():
+        got.append(u)
+    return got
+
+  assert asyncio.run(run()) == []
+  cmds = []
+  while not engine._cmds.empty():
+    cmds.append(engine._cmds.get_nowait())
+  assert cmds == [("abort", "cmpl-x-0")]
+
+
 def test_tokenizing_does_not_hold_the_event_loop():
   tok = SlowTokenizer()
   app = create_app(OneTokenEngine(), tok, ServerConfig(model_name="m", max_model_len=64, vocab_size=tok.vocab_size),
@@ -392,11 +418,14 @@ def test_stream_that_is_never_read_is_aborted_and_frees_its_blocks(server):
   deadline = time.monotonic() + 30
   while metric(server, "num_requests_running") == 0 and time.monotonic() < deadline:
     time.sleep(0.05)
-  # the client reads nothing; the server must give up on it (buffer of 64 updates or 1 s stalled)
+  # the client reads nothing; the server must give up on it (2000 entries buffered: 6 steps; or 1 s stalled)
   assert wait_idle(server, 30), "the unread stream still holds KV blocks"
   assert metric(server, "request_success_total", 'finished_reason="abort"') == aborted0 + 2
-  assert closed_within(sock, 30) is not None, "the server kept the stalled connection open"
+  answer = closed_within(sock, 30)  # reading now, the client gets the rest, then the server closes
   sock.close()
+  assert answer is not None, "the server kept the stalled connection open"
+  assert b"the client read too slowly" in answer or b"data: [DONE]" not in answer
+  assert "tokens and logprobs queued up; aborting its requests" in server.log_text()  # the buffer bound acted
   still_serving(server)
 
 

@@ -340,7 +340,9 @@ async def _stream(request: Request, group: RequestGroup, chunks: AsyncIterator[s
         yield chunk
       yield SSE_DONE
     except ClientDisconnected:
-      return
+      if group.stalled:  # the client fell too far behind; should it read on, it learns why the stream ends
+        yield sse(APIError(408, "the client read too slowly: the stream fell more than the server's "
+                           "buffer behind, so its requests were aborted", code="client_too_slow").body())
     except APIError as e:  # the engine failed mid-stream: say so in the stream, then end it
       yield sse(e.body())
       yield SSE_DONE

@@ -320,9 +320,9 @@ class RequestGroup:
   Usage: ``await group.start()`` (raises the first ``APIError`` of any prompt, aborting the others,
   or the 400/429 of :meth:`AsyncEngine.admit`), then ``async for update in group.updates()``;
   ``group.abort()`` in a ``finally`` aborts whatever has not finished (a no-op otherwise). Updates
-  wait in a buffer of ``limits.max_stream_buffer``; a consumer that falls that far behind (a
-  streaming client that does not read) has its requests aborted, and ``updates()`` raises
-  :class:`ClientDisconnected`.
+  wait in a buffer of ``limits.max_stream_buffer`` entries (a token, and each of its logprobs,
+  is one); a consumer that falls that far behind (a streaming client that does not read) has its
+  requests aborted, and ``updates()`` raises :class:`ClientDisconnected`.
   """
 
   def __init__(self, engine: AsyncEngine, base_id: str, prompts: Sequence[list[int]], params: Sequence[Any],
@@ -337,19 +337,22 @@ class RequestGroup:
     self._pending: list[Update] = []
     self._unfinished: set[int] = set()
     self._admitted = 0  # sequences counted in the engine's in-flight total until released
-    self.stalled = False  # the consumer fell more than max_stream_buffer updates behind
+    self.stalled = False  # the consumer fell more than max_stream_buffer entries behind
+    self._buffered = 0  # entries of the updates received and not yet yielded by updates()
 
   def _put(self, item: Any) -> None:
     """Runs on the event loop for each update of the engine thread."""
     if self.stalled:
       return
-    if self._sink.qsize() >= self.engine.limits.max_stream_buffer:
-      log.warning("%s: the client read nothing while %d updates queued up; aborting its requests",
-                  self.ids[0].rsplit("-", 1)[0], self._sink.qsize())
+    size = _entries(item)
+    if self._buffered and self._buffered + size > self.engine.limits.max_stream_buffer:
+      log.warning("%s: the client read nothing while %d tokens and logprobs queued up; aborting its requests",
+                  self.ids[0].rsplit("-", 1)[0], self._buffered)
       self.stalled = True
       self.abort()
       self._sink.put_nowait(ClientDisconnected)
       return
+    self._buffered += size
     self._sink.put_nowait(item)
 
   async def start(self) -> None:
@@ -391,6 +394,7 @@ class RequestGroup:
       if item is ClientDisconnected:
         self.abort()
         raise ClientDisconnected()
+      self._buffered -= _entries(item)
       if item.finished:
         self._unfinished.discard(item.tag)
       if item.error is not None:
@@ -404,3 +408,10 @@ class RequestGroup:
     self._unfinished.clear()
     self.engine.release(self._admitted)
     self._admitted = 0
+
+
+def _entries(update: Any) -> int:
+  """An update's size in buffer entries: its tokens and their logprobs (the bulk of its SSE text)."""
+  if not isinstance(update, Update):
+    return 0
+  return sum(len(d.token_ids) + sum(len(e) for e in d.logprobs or ()) for d in update.choices)

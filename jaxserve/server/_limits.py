@@ -34,8 +34,8 @@ class TransportLimits:
       request that would go beyond gets 429 with ``Retry-After``. None: no bound.
     max_tokens_per_request: the most ``n x max_tokens`` (summed over the prompts) one request may
       ask for (400 beyond), so that one request cannot take the whole KV pool. None: no bound.
-    max_stream_buffer: engine updates (about one per token) buffered for a request whose client
-      does not read them; beyond, its requests are aborted and their KV blocks freed.
+    max_stream_buffer: tokens and their logprobs (one entry each) buffered for a request whose
+      client does not read them; beyond, its requests are aborted and their KV blocks freed.
     stream_stall_timeout: seconds one write to a streaming client may block (the client reads
       nothing) before its requests are aborted and the connection closed.
     max_prompt_chars: characters a text prompt (or all chat messages together) may have, checked
@@ -49,7 +49,7 @@ class TransportLimits:
   header_timeout: float = 10.0
   max_in_flight_seqs: int | None = None
   max_tokens_per_request: int | None = None
-  max_stream_buffer: int = 4096
+  max_stream_buffer: int = 65536
   stream_stall_timeout: float = 30.0
   max_prompt_chars: int | None = None
   retry_after: int = 1
