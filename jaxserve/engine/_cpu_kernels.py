@@ -242,7 +242,7 @@ def info() -> dict[str, object]:
 
 def paged_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, row_seq: jax.Array,
                row_len: jax.Array, *, scale: float, num_threads: int = 0) -> jax.Array:
-  """Attention of query rows over block-layout pools, float32 (call :func:`available` first).
+  """Attention of query rows over block-layout pools; float32 out (call :func:`available` first).
 
   Args:
     q: ``[T, H, D]`` query rows (computed in float32).

@@ -1,4 +1,4 @@
-// A float32 matmul for the CPU over pre-packed weights, called from XLA as an FFI custom call:
+// A float32 or bfloat16 matmul for the CPU over pre-packed weights, an XLA FFI custom call:
 //   out[M, N] = x[M, K] @ W[K, N]
 // where W (N a multiple of 16) is given packed in column panels: panels of 48 columns, then the
 // last N % 48 columns in panels of 16; a panel of width P starting at column n0 is the
