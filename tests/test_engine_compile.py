@@ -195,3 +195,20 @@ def test_serve_and_generate_pass_the_compile_flags_to_the_engine():
   gen = build_parser().parse_args(["generate", "hi", "--compile", "eager", "--no-compilation-cache"])
   assert (gen.compile, gen.compilation_cache) == ("eager", False)
   assert build_parser().parse_args(["generate", "hi"]).compile == "lazy"  # one prompt compiles what it runs
+
+
+def test_a_users_jax_cache_dir_is_used_not_replaced(tmp_path):
+  import jax
+  from jaxserve.engine import _compile_cache
+  user = tmp_path / "user-cache"
+  jax.config.update("jax_compilation_cache_dir", str(user))
+  try:
+    assert _compile_cache.resolve(True) == str(user) == _compile_cache.resolve(str(tmp_path / "mine"))
+    llm = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=16)
+    assert jax.config.jax_compilation_cache_dir == str(user)
+    assert len(list(user.iterdir())) >= llm.stats()["num_compiled_programs"] > 0  # the engine's programs went there
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+  assert _compile_cache.resolve(False) is None
+  with pytest.raises(ValueError, match="compilation_cache must be True, False or a directory path"):
+    _compile_cache.resolve(3)

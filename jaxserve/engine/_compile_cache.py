@@ -39,22 +39,22 @@ def default_dir() -> Path:
 def resolve(setting: bool | str | os.PathLike | None) -> str | None:
   """The directory the engine's programs are cached in for ``LLM(compilation_cache=setting)``, or None.
 
-  ``True``: the user's ``jax_compilation_cache_dir`` if set, else :func:`default_dir`. A path: that
-  directory. ``False``/``None``: no persistent cache. A directory the engine creates is private
+  ``True``: :func:`default_dir`. A path: that directory. ``False``/``None``: no persistent cache.
+  If the user configured ``jax_compilation_cache_dir``, that directory is used for ``True`` and for
+  a path alike (JAX keeps one cache per process, and the user's wins). A directory the engine creates is private
   (0700); one owned by another user, or writable by others, is refused (JAX loads executables from
   it: whoever can write there can run code in this process), with a warning, and nothing is cached.
   """
   if setting is None or setting is False:
     return None
-  if setting is True:
-    user = _jax_config.compilation_cache_dir.value
-    if user:
-      return str(user)
-    path = default_dir()
-  elif isinstance(setting, (str, os.PathLike)):
-    path = Path(setting)
-  else:
+  if setting is not True and not isinstance(setting, (str, os.PathLike)):
     raise ValueError(f"compilation_cache must be True, False or a directory path, got {setting!r}")
+  user = _jax_config.compilation_cache_dir.value
+  if user:
+    if setting is not True and Path(setting) != Path(user):
+      log.info("compilation cache: using jax_compilation_cache_dir=%s (set in this process), not %s", user, setting)
+    return str(user)
+  path = default_dir() if setting is True else Path(setting)
   try:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
