@@ -7,7 +7,9 @@ tests with the real engine and the official ``openai`` client are in ``test_serv
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import threading
 import time
 import types
@@ -20,8 +22,10 @@ from jaxserve.loaders import DEFAULT_TOKENIZER
 from jaxserve.server import ServerConfig, create_app, render_plain
 from jaxserve.server import _protocol as proto
 from jaxserve.server._chat_template import chat_prompt_ids
+from jaxserve.server._async_engine import AsyncEngine
 from jaxserve.server._errors import APIError
 from jaxserve.server._metrics import ServerMetrics
+from jaxserve.server._responses import ChunkEncoder
 from jaxserve.tokenizer import load_tokenizer
 
 TOK = load_tokenizer(DEFAULT_TOKENIZER)
@@ -65,8 +69,11 @@ class ScriptedEngine:
         last = toks[-1] if toks else r["prompt"][-1]
         toks.append((last + 1 + i) % TOK.vocab_size)
         done = len(toks) >= r["params"].max_tokens
+        logprobs = None  # the sampled token and two others, as the engine's {token_id: logprob} entries
+        if r["params"].logprobs is not None:
+          logprobs = [{t: -0.5, (t + 1) % TOK.vocab_size: -1.5, (t + 2) % TOK.vocab_size: -2.5} for t in toks]
         choices.append(types.SimpleNamespace(index=i, token_ids=list(toks), text=TOK.decode(toks),
-                                             logprobs=None, finish_reason="length" if done else None))
+                                             logprobs=logprobs, finish_reason="length" if done else None))
       finished = all(c.finish_reason for c in choices)
       outs.append(types.SimpleNamespace(request_id=rid, outputs=choices, finished=finished))
       if finished:
@@ -325,3 +332,104 @@ def test_tokenize_and_detokenize_round_trip_with_vllm_shapes():
     assert r.status_code == 400 and "exactly one of 'prompt'" in r.json()["error"]["message"]
     r = c.post("/tokenize", json={"prompt": "a", "model": "nope"}, headers=auth)
     assert r.status_code == 404
+
+
+# ---------------------------------------------------------------- the per-token path: one hand-off a step, SSE bytes
+def test_engine_thread_hands_the_loop_one_batch_per_step(monkeypatch):
+  """8 requests (16 completions) in flight: each engine iteration wakes the event loop once, with
+  every request's update of that step (it used to be one ``call_soon_threadsafe`` per request)."""
+  engine = AsyncEngine(ScriptedEngine(), ServerMetrics("m"))
+
+  async def run():
+    loop = asyncio.get_running_loop()
+    calls = []
+    real = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: calls.append(a) or real(*a))
+    got: dict[int, list] = {tag: [] for tag in range(8)}
+    for tag in range(8):
+      engine.add(f"r{tag}", [5 + tag], SamplingParams(n=2, max_tokens=4), tag=tag, sink=got[tag].append,
+                 arrival=0.0)
+    per_iteration = []
+    for _ in range(4):
+      before, seen = len(calls), sum(map(len, got.values()))
+      engine._iteration()  # the engine thread's work, run here (the thread is not started)
+      await asyncio.sleep(0)  # the loop runs the hand-off
+      per_iteration.append((len(calls) - before, sum(map(len, got.values())) - seen))
+    return per_iteration, got
+
+  per_iteration, got = asyncio.run(run())
+  # the first iteration acknowledges the 8 adds and runs the first step: 16 updates, one hand-off
+  assert per_iteration == [(1, 16), (1, 8), (1, 8), (1, 8)], per_iteration
+  for tag, updates in got.items():
+    assert updates[0].num_prompt_tokens == 1 and updates[-1].finished
+    for i in range(2):
+      ids = [t for u in updates[1:] for d in u.choices if d.index == i for t in d.token_ids]
+      assert ids == expected_tokens([5 + tag], 4, i)
+
+
+def _old_sse(obj) -> str:
+  """The event as the server wrote it before its chunk encoder: ``json.dumps`` of the chunk's dict."""
+  return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def test_chunk_encoder_is_byte_for_byte_the_chunk_dict():
+  rng = random.Random(0)
+  alphabet = ["a", " ", '"', "\\", "\n", "\t", "\x00", "\x1f", "é", "☃", "😀", "\u2028", "</s>", "\ufffd"]
+  head = {"id": "cmpl-1", "object": "text_completion", "created": 17, "model": 'a "quoted" /path ☃'}
+  enc = ChunkEncoder(head)
+  for _ in range(300):
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(5)))
+    index = rng.randrange(70)
+    reason = rng.choice([None, "stop", "length", "abort"])
+    lp = rng.choice([None, {"tokens": [text], "token_logprobs": [-0.5], "top_logprobs": [{text: -0.5, "b": -9999.0}],
+                            "text_offset": [3]}])
+    want = _old_sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": reason}],
+                     "usage": None})
+    assert enc.completion(index, text, lp, reason) == want
+    chat_lp = None if lp is None else {"content": [{"token": text, "logprob": -0.5, "bytes": list(text.encode()),
+                                                    "top_logprobs": []}]}
+    for content in (text, None):
+      delta = {} if content is None else {"content": content}
+      want = _old_sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": chat_lp,
+                                            "finish_reason": reason}], "usage": None})
+      assert enc.chat(index, content, chat_lp, reason) == want
+
+
+CHOICE_KEYS = {"/v1/completions": ["index", "text", "logprobs", "finish_reason"],
+               "/v1/chat/completions": ["index", "delta", "logprobs", "finish_reason"]}
+
+
+@pytest.mark.parametrize("route", list(CHOICE_KEYS))
+def test_streamed_body_is_the_old_events_and_agrees_with_the_whole_response(route):
+  """Streaming with logprobs and n = 2 (special tokens with empty text among them): every event is
+  what ``json.dumps`` of the old chunk dict wrote, in the old key order, and the streamed texts and
+  logprobs equal the non-streamed response's."""
+  prompt = [TOK.vocab_size - 4]
+  if route == "/v1/completions":
+    body = {"prompt": prompt, "logprobs": 2}
+  else:
+    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}
+  body = {**body, "max_tokens": 6, "n": 2}
+  with client(ScriptedEngine()) as c:
+    whole = c.post(route, json=body).json()
+    with c.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+      raw = r.read().decode()
+  events = raw.split("\n\n")
+  assert events[-2:] == ["data: [DONE]", ""]
+  chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+  assert raw == "".join(_old_sse(ch) for ch in chunks) + "data: [DONE]\n\n"
+  token_chunks = [ch for ch in chunks if ch["choices"] and "role" not in ch["choices"][0].get("delta", {})]
+  assert len(token_chunks) == 12 == chunks[-1]["usage"]["completion_tokens"]
+  for ch in token_chunks:
+    assert list(ch) == ["id", "object", "created", "model", "choices", "usage"] and ch["usage"] is None
+    assert list(ch["choices"][0]) == CHOICE_KEYS[route]
+  for i in range(2):
+    mine = [ch["choices"][0] for ch in token_chunks if ch["choices"][0]["index"] == i]
+    if route == "/v1/completions":
+      assert "".join(m["text"] for m in mine) == whole["choices"][i]["text"]
+      for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for m in mine for x in m["logprobs"][key]] == whole["choices"][i]["logprobs"][key]
+    else:
+      assert "".join(m["delta"]["content"] for m in mine) == whole["choices"][i]["message"]["content"]
+      assert [x for m in mine for x in m["logprobs"]["content"]] == whole["choices"][i]["logprobs"]["content"]
+    assert mine[-1]["finish_reason"] == "length" and all(m["finish_reason"] is None for m in mine[:-1])

@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI routes, API-key check, error bodies, SSE streaming, metrics, lifespan."""
+"""The FastAPI application: OpenAI routes as module-level handlers over one :class:`AppState`, API-key
+check, error bodies, SSE streaming, metrics, lifespan."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from jaxserve.server._errors import APIError
 from jaxserve.server._limits import (TransportLimits, check_prompt_bounds, check_sizes, check_unicode,
                                      default_max_prompt_chars, parse_json, read_body)
 from jaxserve.server._metrics import ServerMetrics
-from jaxserve.server._responses import (SSE_DONE, Accumulator, CompletionLogprobs, TokenText, chat_logprobs, sse,
-                                        usage)
+from jaxserve.server._responses import (SSE_DONE, Accumulator, ChunkEncoder, CompletionLogprobs, TokenText,
+                                        chat_logprobs, sse, usage)
 
 log = logging.getLogger("jaxserve.server")
 
@@ -57,9 +58,39 @@ class ServerConfig:
     return (self.model_name, *(a for a in self.aliases if a != self.model_name))
 
 
-def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_params_cls: type | None = None,
-               *, start_engine: bool = True, limits: TransportLimits | None = None) -> FastAPI:
-  """Builds the ASGI app around ``engine`` (``jaxserve.LLM`` or anything with its incremental API).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AppState:
+  """What the routes read (``request.app.state.server``): built once by :func:`create_app`.
+
+  Attributes:
+    async_engine: the engine thread every request goes through.
+    tokenizer: prompts are tokenized with it on ``tokenize_pool`` (the engine thread is its only
+      other user).
+    config: the model's names and sizes, and the API key.
+    limits: what one client may take.
+    metrics: the Prometheus metrics ``GET /metrics`` renders.
+    sampling_params_cls: the class requests become (``jaxserve.SamplingParams``).
+    max_prompt_chars: text prompts longer than this cannot fit ``config.max_model_len`` tokens.
+    token_text: token strings for logprobs (cached).
+    tokenize_pool: the one thread prompts are tokenized on, off the event loop.
+    created: the ``created`` time of the model cards.
+  """
+
+  async_engine: AsyncEngine
+  tokenizer: Any
+  config: ServerConfig
+  limits: TransportLimits
+  metrics: ServerMetrics
+  sampling_params_cls: type
+  max_prompt_chars: int
+  token_text: TokenText
+  tokenize_pool: concurrent.futures.ThreadPoolExecutor
+  created: int
+
+
+def create_app(llm: Any, tokenizer: Any, config: ServerConfig, sampling_params_cls: type | None = None,
+               *, limits: TransportLimits | None = None) -> FastAPI:
+  """Builds the ASGI app around ``llm`` (``jaxserve.LLM`` or anything with its incremental API).
 
   The engine thread starts with the app's lifespan and stops (aborting what is left) when it ends.
   ``limits`` bound what one client may take (default: ``TransportLimits()``).
@@ -67,244 +98,294 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig, sampling_param
   if sampling_params_cls is None:
     from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
   limits = limits or TransportLimits()
-  max_prompt_chars = limits.max_prompt_chars or default_max_prompt_chars(tokenizer, config.max_model_len)
   metrics = ServerMetrics(config.model_name)
-  aengine = AsyncEngine(engine, metrics, limits)
-  # Prompts are tokenized here, off the event loop, one at a time (the engine thread is the only
-  # other user of the tokenizer).
-  tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenize")
-
-  async def off_loop(fn: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
-  token_text = TokenText(tokenizer)
-  created = int(time.time())
-
-  @contextlib.asynccontextmanager
-  async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    if start_engine:
-      aengine.start()
-    log.info("serving %s (max_model_len %d)", config.model_name, config.max_model_len)
-    try:
-      yield
-    finally:
-      tokenize_pool.shutdown(wait=False, cancel_futures=True)
-      await asyncio.get_running_loop().run_in_executor(None, aengine.shutdown)
-      log.info("engine stopped after %d steps", aengine.steps)
-
-  app = FastAPI(title="jaxserve", lifespan=lifespan)
-  app.state.engine = aengine
-  app.state.metrics = metrics
-  app.state.limits = limits
-
-  @app.exception_handler(APIError)
-  async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    headers = {}
-    if e.status == 429:
-      headers["Retry-After"] = str(limits.retry_after)
-    if e.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
-      headers["Connection"] = "close"
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-  @app.exception_handler(StarletteHTTPException)
-  async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
-
-  @app.exception_handler(Exception)
-  async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
-
-  def authorize(request: Request) -> None:
-    if config.api_key is None:
-      return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
-      raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                     code="invalid_api_key")
-
-  def check_model(name: str | None) -> None:
-    if name is not None and name not in config.served_names:
-      served = ", ".join(f"'{n}'" for n in config.served_names)
-      raise APIError(404, f"The model '{name}' does not exist; this server serves {served}",
-                     param="model", code="model_not_found")
-
-  async def read(request: Request, model: type) -> Any:
-    """The request body, read within the size and time limits, parsed and checked for what is cheap
-    to check (model name, prompt count and length) before anything is tokenized."""
-    authorize(request)
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-      raise APIError(413, f"request body of {size} bytes is over the limit of {limits.max_body_bytes}; "
-                     "send a smaller request", code="request_too_large")
-    try:
-      async with asyncio.timeout(limits.body_timeout):
-        raw = await read_body(request.stream(), limits.max_body_bytes)
-    except TimeoutError:
-      raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
-                     code="request_timeout") from None
-    except ClientDisconnect:
-      raise APIError(499, "client disconnected while sending the request body") from None
-    # pydantic validates lists item by item on the event loop (a second for 4M token ids): bound them first
-    check_sizes(parse_json(raw), max(config.max_model_len, proto.MAX_SEQUENCES_PER_REQUEST))
-    body = proto.parse_body(raw, model)
-    check_unicode(raw, body)
-    check_model(body.model)
-    check_prompt_bounds(body, max_model_len=config.max_model_len, max_prompt_chars=max_prompt_chars,
-                        max_prompts=proto.MAX_SEQUENCES_PER_REQUEST)
-    return body
-
-  def model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "jaxserve",
-            "max_model_len": config.max_model_len}
-
-  # ---------------------------------------------------------------- routes
-  @app.get("/health")
-  async def health() -> Response:
-    if aengine.alive:
-      return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "shutting down" if aengine.closed else "engine stopped"}, status_code=503)
-
-  @app.get("/metrics")
-  async def metrics_route() -> Response:
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-  @app.get("/v1/models")
-  async def list_models(request: Request) -> dict[str, Any]:
-    authorize(request)
-    return {"object": "list", "data": [model_card(name) for name in config.served_names]}
-
-  @app.get("/v1/models/{name:path}")
-  async def get_model(name: str, request: Request) -> dict[str, Any]:
-    authorize(request)
-    check_model(name)
-    return model_card(name)
-
-  @app.post("/tokenize")
-  async def tokenize(request: Request) -> dict[str, Any]:
-    """vLLM's ``/tokenize``: ``{"prompt"}`` or ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
-    req: proto.TokenizeRequest = await read(request, proto.TokenizeRequest)
-    ids = await off_loop(proto.tokenize, req, tokenizer)
-    strs = proto.token_strs(tokenizer, ids) if req.return_token_strs else None
-    return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids, "token_strs": strs}
-
-  @app.post("/detokenize")
-  async def detokenize(request: Request) -> dict[str, Any]:
-    """vLLM's ``/detokenize``: ``{"tokens"}`` -> ``{"prompt"}``."""
-    req: proto.DetokenizeRequest = await read(request, proto.DetokenizeRequest)
-    return {"prompt": await off_loop(proto.detokenize, req, tokenizer, config.vocab_size)}
-
-  @app.post("/v1/completions")
-  async def completions(request: Request) -> Response:
-    arrival = time.monotonic()
-    req: proto.CompletionRequest = await read(request, proto.CompletionRequest)
-    prompts = await off_loop(proto.completion_prompts, req, tokenizer, config.vocab_size)
-    params = [proto.sampling_params(req, len(p), config.max_model_len, sampling_params_cls) for p in prompts]
-    n = params[0].n
-    proto.check_prompt_count(len(prompts), n)
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    group = RequestGroup(aengine, rid, prompts, params, arrival)
-    echo = [tokenizer.decode(p) for p in prompts] if req.echo else None
-    top = req.logprobs
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()),
-            "model": req.model or config.model_name}  # the name the request used
-
-    if req.stream:
-      async def chunks() -> AsyncIterator[str]:
-        echoed: set[int] = set()
-        ntok = 0
-        lps: dict[int, CompletionLogprobs] = {}
-        async for upd in group.updates():
-          for d in upd.choices:
-            index = upd.tag * n + d.index
-            text = d.text
-            if echo is not None and index not in echoed:
-              echoed.add(index)
-              text = echo[upd.tag] + text
-            ntok += len(d.token_ids)
-            lp = None
-            if top is not None:
-              lp = lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
-            # one chunk per generated token (as vLLM): its text may be empty (held back, a partial
-            # character, a special token), but clients time tokens by chunks
-            yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
-                                            "finish_reason": d.finish_reason}], "usage": None})
-        if proto.include_usage(req):
-          yield sse({**head, "choices": [], "usage": usage(sum(group.num_prompt_tokens), ntok)})
-
-      return await _stream(request, group, chunks(), limits.stream_stall_timeout)
-
-    acc = Accumulator()
-    lps: dict[int, CompletionLogprobs] = {}
-
-    async def collect() -> None:
-      async for upd in group.updates():
-        for d in upd.choices:
-          index = upd.tag * n + d.index
-          acc.add(index, d)
-          if top is not None:
-            lps.setdefault(index, CompletionLogprobs(token_text, top)).add(d.token_ids, d.logprobs or ())
-
-    await _collect(request, group, collect)
-    choices = []
-    for tag in range(len(prompts)):
-      for i in range(n):
-        index = tag * n + i
-        text = "".join(acc.text.get(index, []))
-        choices.append({"index": index, "text": (echo[tag] if echo else "") + text,
-                        "logprobs": lps[index].result() if index in lps else None,
-                        "finish_reason": acc.finish.get(index)})
-    return JSONResponse({**head, "choices": choices,
-                         "usage": usage(sum(group.num_prompt_tokens), acc.completion_tokens())})
-
-  @app.post("/v1/chat/completions")
-  async def chat_completions(request: Request) -> Response:
-    arrival = time.monotonic()
-    req: proto.ChatCompletionRequest = await read(request, proto.ChatCompletionRequest)
-    prompt = await off_loop(proto.chat_prompt, req, tokenizer)
-    params = proto.sampling_params(req, len(prompt), config.max_model_len, sampling_params_cls)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    group = RequestGroup(aengine, rid, [prompt], [params], arrival)
-    top = params.logprobs
-    head = {"id": rid, "object": "chat.completion", "created": int(time.time()),
-            "model": req.model or config.model_name}  # the name the request used
-
-    if req.stream:
-      head["object"] = "chat.completion.chunk"
-
-      async def chunks() -> AsyncIterator[str]:
-        for i in range(params.n):
-          yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}], "usage": None})
-        ntok = 0
-        async for upd in group.updates():
-          for d in upd.choices:
-            ntok += len(d.token_ids)
-            lp = None if top is None else {"content": chat_logprobs(token_text, top, d.token_ids, d.logprobs or ())}
-            delta = {"content": d.text} if d.text or d.token_ids else {}  # a chunk per token, text or not
-            yield sse({**head, "choices": [{"index": d.index, "delta": delta,
-                                            "logprobs": lp, "finish_reason": d.finish_reason}], "usage": None})
-        if proto.include_usage(req):
-          yield sse({**head, "choices": [], "usage": usage(len(prompt), ntok)})
-
-      return await _stream(request, group, chunks(), limits.stream_stall_timeout)
-
-    acc = Accumulator()
-    lps: dict[int, list] = {}
-
-    async def collect() -> None:
-      async for upd in group.updates():
-        for d in upd.choices:
-          acc.add(d.index, d)
-          if top is not None:
-            lps.setdefault(d.index, []).extend(chat_logprobs(token_text, top, d.token_ids, d.logprobs or ()))
-
-    await _collect(request, group, collect)
-    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(acc.text.get(i, []))},
-                "logprobs": {"content": lps.get(i, [])} if top is not None else None,
-                "finish_reason": acc.finish.get(i)} for i in range(params.n)]
-    return JSONResponse({**head, "choices": choices, "usage": usage(len(prompt), acc.completion_tokens())})
-
+  state = AppState(
+      async_engine=AsyncEngine(llm, metrics, limits), tokenizer=tokenizer, config=config, limits=limits,
+      metrics=metrics, sampling_params_cls=sampling_params_cls,
+      max_prompt_chars=limits.max_prompt_chars or default_max_prompt_chars(tokenizer, config.max_model_len),
+      token_text=TokenText(tokenizer), created=int(time.time()),
+      tokenize_pool=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenize"))
+  app = FastAPI(title="jaxserve", lifespan=_lifespan)
+  app.state.server = state
+  app.add_exception_handler(APIError, _api_error)
+  app.add_exception_handler(StarletteHTTPException, _http_error)
+  app.add_exception_handler(Exception, _internal_error)
+  app.add_api_route("/health", health, methods=["GET"])
+  app.add_api_route("/metrics", metrics_route, methods=["GET"])
+  app.add_api_route("/v1/models", list_models, methods=["GET"])
+  app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
+  app.add_api_route("/tokenize", tokenize, methods=["POST"])
+  app.add_api_route("/detokenize", detokenize, methods=["POST"])
+  app.add_api_route("/v1/completions", completions, methods=["POST"])
+  app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
   return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+  state: AppState = app.state.server
+  state.async_engine.start()
+  log.info("serving %s (max_model_len %d)", state.config.model_name, state.config.max_model_len)
+  try:
+    yield
+  finally:
+    state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+    await asyncio.get_running_loop().run_in_executor(None, state.async_engine.shutdown)
+    log.info("engine stopped after %d steps", state.async_engine.steps)
+
+
+def _state(request: Request) -> AppState:
+  return request.app.state.server
+
+
+# ---------------------------------------------------------------- errors
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+  headers = {}
+  if e.status == 429:
+    headers["Retry-After"] = str(_state(request).limits.retry_after)
+  if e.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
+    headers["Connection"] = "close"
+  return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+  return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+  log.exception("unhandled error on %s", request.url.path)
+  return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+
+# ---------------------------------------------------------------- request checks
+def _authorize(state: AppState, request: Request) -> None:
+  if state.config.api_key is None:
+    return
+  scheme, _, key = request.headers.get("authorization", "").partition(" ")
+  if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), state.config.api_key.encode()):
+    raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _check_model(state: AppState, name: str | None) -> None:
+  served_names = state.config.served_names
+  if name is not None and name not in served_names:
+    served = ", ".join(f"'{n}'" for n in served_names)
+    raise APIError(404, f"The model '{name}' does not exist; this server serves {served}",
+                   param="model", code="model_not_found")
+
+
+async def _read(state: AppState, request: Request, model: type) -> Any:
+  """The request body, read within the size and time limits, parsed and checked for what is cheap
+  to check (model name, prompt count and length) before anything is tokenized."""
+  _authorize(state, request)
+  limits, config = state.limits, state.config
+  size = request.headers.get("content-length")
+  if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
+    raise APIError(413, f"request body of {size} bytes is over the limit of {limits.max_body_bytes}; "
+                   "send a smaller request", code="request_too_large")
+  try:
+    async with asyncio.timeout(limits.body_timeout):
+      raw = await read_body(request.stream(), limits.max_body_bytes)
+  except TimeoutError:
+    raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
+                   code="request_timeout") from None
+  except ClientDisconnect:
+    raise APIError(499, "client disconnected while sending the request body") from None
+  # pydantic validates lists item by item on the event loop (a second for 4M token ids): bound them first
+  check_sizes(parse_json(raw), max(config.max_model_len, proto.MAX_SEQUENCES_PER_REQUEST))
+  body = proto.parse_body(raw, model)
+  check_unicode(raw, body)
+  _check_model(state, body.model)
+  check_prompt_bounds(body, max_model_len=config.max_model_len, max_prompt_chars=state.max_prompt_chars,
+                      max_prompts=proto.MAX_SEQUENCES_PER_REQUEST)
+  return body
+
+
+async def _off_loop(state: AppState, fn: Any, *args: Any) -> Any:
+  """``fn(*args)`` on the tokenizing thread."""
+  return await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, fn, *args)
+
+
+def _model_card(state: AppState, name: str) -> dict[str, Any]:
+  return {"id": name, "object": "model", "created": state.created, "owned_by": "jaxserve",
+          "max_model_len": state.config.max_model_len}
+
+
+# ---------------------------------------------------------------- routes
+async def health(request: Request) -> Response:
+  engine = _state(request).async_engine
+  if engine.alive:
+    return JSONResponse({"status": "ok"})
+  return JSONResponse({"status": "shutting down" if engine.closed else "engine stopped"}, status_code=503)
+
+
+async def metrics_route(request: Request) -> Response:
+  return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def list_models(request: Request) -> dict[str, Any]:
+  state = _state(request)
+  _authorize(state, request)
+  return {"object": "list", "data": [_model_card(state, name) for name in state.config.served_names]}
+
+
+async def get_model(name: str, request: Request) -> dict[str, Any]:
+  state = _state(request)
+  _authorize(state, request)
+  _check_model(state, name)
+  return _model_card(state, name)
+
+
+async def tokenize(request: Request) -> dict[str, Any]:
+  """vLLM's ``/tokenize``: ``{"prompt"}`` or ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
+  state = _state(request)
+  req: proto.TokenizeRequest = await _read(state, request, proto.TokenizeRequest)
+  ids = await _off_loop(state, proto.tokenize, req, state.tokenizer)
+  strs = proto.token_strs(state.tokenizer, ids) if req.return_token_strs else None
+  return {"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids, "token_strs": strs}
+
+
+async def detokenize(request: Request) -> dict[str, Any]:
+  """vLLM's ``/detokenize``: ``{"tokens"}`` -> ``{"prompt"}``."""
+  state = _state(request)
+  req: proto.DetokenizeRequest = await _read(state, request, proto.DetokenizeRequest)
+  return {"prompt": await _off_loop(state, proto.detokenize, req, state.tokenizer, state.config.vocab_size)}
+
+
+async def completions(request: Request) -> Response:
+  """``POST /v1/completions``: one engine request per prompt, ``n`` completions each."""
+  arrival = time.monotonic()
+  state = _state(request)
+  config = state.config
+  req: proto.CompletionRequest = await _read(state, request, proto.CompletionRequest)
+  prompts = await _off_loop(state, proto.completion_prompts, req, state.tokenizer, config.vocab_size)
+  params = [proto.sampling_params(req, len(p), config.max_model_len, state.sampling_params_cls) for p in prompts]
+  proto.check_prompt_count(len(prompts), params[0].n)
+  rid = f"cmpl-{uuid.uuid4().hex}"
+  group = RequestGroup(state.async_engine, rid, prompts, params, arrival)
+  echo = [state.tokenizer.decode(p) for p in prompts] if req.echo else None
+  head = {"id": rid, "object": "text_completion", "created": int(time.time()),
+          "model": req.model or config.model_name}  # the name the request used
+  if req.stream:
+    chunks = _completion_chunks(state, req, group, head, echo)
+    return await _stream(request, group, chunks, state.limits.stream_stall_timeout)
+  return JSONResponse(await _completion_body(state, req, group, head, echo, request))
+
+
+async def _completion_chunks(state: AppState, req: proto.CompletionRequest, group: RequestGroup,
+                             head: dict[str, Any], echo: list[str] | None) -> AsyncIterator[str]:
+  n, top = group.params[0].n, req.logprobs
+  encode = ChunkEncoder(head).completion
+  echoed: set[int] = set()
+  ntok = 0
+  lps: dict[int, CompletionLogprobs] = {}
+  async for updates in group.batches():
+    events = []
+    for upd in updates:
+      for d in upd.choices:
+        index = upd.tag * n + d.index
+        text = d.text
+        if echo is not None and index not in echoed:
+          echoed.add(index)
+          text = echo[upd.tag] + text
+        ntok += len(d.token_ids)
+        lp = None
+        if top is not None:
+          lp = lps.setdefault(index, CompletionLogprobs(state.token_text, top)).add(d.token_ids, d.logprobs or ())
+        # one chunk per generated token (as vLLM): its text may be empty (held back, a partial
+        # character, a special token), but clients time tokens by chunks
+        events.append(encode(index, text, lp, d.finish_reason))
+    if events:
+      yield "".join(events)
+  if proto.include_usage(req):
+    yield sse({**head, "choices": [], "usage": usage(sum(group.num_prompt_tokens), ntok)})
+
+
+async def _completion_body(state: AppState, req: proto.CompletionRequest, group: RequestGroup,
+                           head: dict[str, Any], echo: list[str] | None, request: Request) -> dict[str, Any]:
+  n, top = group.params[0].n, req.logprobs
+  acc = Accumulator()
+  lps: dict[int, CompletionLogprobs] = {}
+
+  async def collect() -> None:
+    async for upd in group.updates():
+      for d in upd.choices:
+        index = upd.tag * n + d.index
+        acc.add(index, d)
+        if top is not None:
+          lps.setdefault(index, CompletionLogprobs(state.token_text, top)).add(d.token_ids, d.logprobs or ())
+
+  await _collect(request, group, collect)
+  choices = []
+  for tag in range(len(group.prompts)):
+    for i in range(n):
+      index = tag * n + i
+      text = "".join(acc.text.get(index, []))
+      choices.append({"index": index, "text": (echo[tag] if echo else "") + text,
+                      "logprobs": lps[index].result() if index in lps else None,
+                      "finish_reason": acc.finish.get(index)})
+  return {**head, "choices": choices, "usage": usage(sum(group.num_prompt_tokens), acc.completion_tokens())}
+
+
+async def chat_completions(request: Request) -> Response:
+  """``POST /v1/chat/completions``: one engine request, ``n`` completions."""
+  arrival = time.monotonic()
+  state = _state(request)
+  config = state.config
+  req: proto.ChatCompletionRequest = await _read(state, request, proto.ChatCompletionRequest)
+  prompt = await _off_loop(state, proto.chat_prompt, req, state.tokenizer)
+  params = proto.sampling_params(req, len(prompt), config.max_model_len, state.sampling_params_cls)
+  rid = f"chatcmpl-{uuid.uuid4().hex}"
+  group = RequestGroup(state.async_engine, rid, [prompt], [params], arrival)
+  head = {"id": rid, "object": "chat.completion", "created": int(time.time()),
+          "model": req.model or config.model_name}  # the name the request used
+  if req.stream:
+    chunks = _chat_chunks(state, req, group, {**head, "object": "chat.completion.chunk"})
+    return await _stream(request, group, chunks, state.limits.stream_stall_timeout)
+  return JSONResponse(await _chat_body(state, group, head, request))
+
+
+async def _chat_chunks(state: AppState, req: proto.ChatCompletionRequest, group: RequestGroup,
+                       head: dict[str, Any]) -> AsyncIterator[str]:
+  params = group.params[0]
+  top = params.logprobs
+  encode = ChunkEncoder(head).chat
+  for i in range(params.n):
+    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}], "usage": None})
+  ntok = 0
+  async for updates in group.batches():
+    events = []
+    for upd in updates:
+      for d in upd.choices:
+        ntok += len(d.token_ids)
+        lp = None if top is None else {"content": chat_logprobs(state.token_text, top, d.token_ids, d.logprobs or ())}
+        # a chunk per token, text or not (a delta without content only when a completion ends with no new token)
+        events.append(encode(d.index, d.text if d.text or d.token_ids else None, lp, d.finish_reason))
+    if events:
+      yield "".join(events)
+  if proto.include_usage(req):
+    yield sse({**head, "choices": [], "usage": usage(group.num_prompt_tokens[0], ntok)})
+
+
+async def _chat_body(state: AppState, group: RequestGroup, head: dict[str, Any], request: Request) -> dict[str, Any]:
+  params = group.params[0]
+  top = params.logprobs
+  acc = Accumulator()
+  lps: dict[int, list] = {}
+
+  async def collect() -> None:
+    async for upd in group.updates():
+      for d in upd.choices:
+        acc.add(d.index, d)
+        if top is not None:
+          lps.setdefault(d.index, []).extend(chat_logprobs(state.token_text, top, d.token_ids, d.logprobs or ()))
+
+  await _collect(request, group, collect)
+  choices = [{"index": i, "message": {"role": "assistant", "content": "".join(acc.text.get(i, []))},
+              "logprobs": {"content": lps.get(i, [])} if top is not None else None,
+              "finish_reason": acc.finish.get(i)} for i in range(params.n)]
+  return {**head, "choices": choices, "usage": usage(group.num_prompt_tokens[0], acc.completion_tokens())}
 
 
 async def _watch_disconnect(request: Request, group: RequestGroup) -> None:

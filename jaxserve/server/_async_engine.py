@@ -4,9 +4,11 @@ The engine (``LLM``'s incremental API: ``add_request`` / ``abort_request`` / ``s
 single-threaded Python; it is only ever touched by :class:`AsyncEngine`'s thread. Handlers send it
 commands through a thread-safe queue and receive :class:`Update` objects (new tokens and text of
 each completion, finish reasons, errors) on their own ``asyncio.Queue``. The thread computes the
-deltas itself, so handlers never read engine state that the thread is changing. No request can stop
-the loop: a failed ``add_request`` becomes that request's error, and a failed ``step`` fails the
-requests in flight and the loop goes on.
+deltas itself, so handlers never read engine state that the thread is changing, and hands the
+event loop all updates of one iteration (one engine step) in one ``call_soon_threadsafe``: the
+thread and the loop share the GIL, and a wake-up per request and token was most of the loop's
+work. No request can stop the loop: a failed ``add_request`` becomes that request's error, and a
+failed ``step`` fails the requests in flight and the loop goes on.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class ClientDisconnected(Exception):
 
 @dataclasses.dataclass
 class _Choice:
-  num_tokens: int = 0
-  text: str = ""
+  num_tokens: int = 0  # tokens sent
+  num_chars: int = 0  # characters of text sent
   finished: bool = False
   last_time: float = 0.0
 
@@ -83,23 +85,24 @@ class AsyncEngine:
   """Owns the engine and its thread.
 
   Args:
-    engine: an object with ``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``
+    llm: an object with ``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``
       and ``stats`` (``jaxserve.LLM``).
     metrics: where the thread reports engine state and latencies.
     limits: the bounds on what one request may take (queue, tokens, stream buffer).
   """
 
-  def __init__(self, engine: Any, metrics: ServerMetrics, limits: TransportLimits | None = None):
-    self.engine = engine
+  def __init__(self, llm: Any, metrics: ServerMetrics, limits: TransportLimits | None = None):
+    self.llm = llm
     self.metrics = metrics
     self.limits = limits or TransportLimits()
     self.in_flight_seqs = 0  # sequences of admitted requests not yet released (event-loop side only)
     self._cmds: queue.SimpleQueue = queue.SimpleQueue()
     self._streams: dict[str, _Stream] = {}
+    # updates of this iteration, per event loop, handed over together at its end (engine thread only)
+    self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Update], None], Update]]] = {}
     self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
     self._closed = False
     self.steps = 0
-    self.step_errors = 0
 
   # ------------------------------------------------------------ asyncio side
   def start(self) -> None:
@@ -149,11 +152,6 @@ class AsyncEngine:
     """Aborts a request (no-op when it already finished); its KV blocks are freed."""
     self._cmds.put(("abort", request_id))
 
-  @property
-  def num_in_flight(self) -> int:
-    """Requests the engine thread is serving (a racy read of its dict size: fine for polling)."""
-    return len(self._streams)
-
   async def drain(self, timeout: float) -> None:
     """Graceful shutdown, first half: refuse new requests (503), give the ones in flight
     ``timeout`` seconds to finish, then abort the rest (their streams end with ``finish_reason``
@@ -181,10 +179,12 @@ class AsyncEngine:
       except Exception as e:  # noqa: BLE001 - a bug here must fail requests, not hang them
         log.exception("engine loop iteration failed")
         self._abort_all("error", APIError(500, f"the engine loop failed: {type(e).__name__}: {e}"))
+      finally:
+        self._flush()  # what a failed or final iteration left
 
   def _iteration(self) -> bool:
     """Runs the queued commands and one engine step; False once asked to stop."""
-    idle = not self._streams and not self._safe(self.engine.has_unfinished_requests, False)
+    idle = not self._streams and not self._safe(self.llm.has_unfinished_requests, False)
     cmds = [self._cmds.get()] if idle else []  # sleep until a handler sends something
     while True:
       try:
@@ -195,16 +195,17 @@ class AsyncEngine:
       if cmd is _STOP:
         self._abort_all("abort")
         self._update_metrics()
-        return False
+        return False  # (_run flushes the aborts)
       if cmd[0] == "add":
         self._add(*cmd[1:])
       elif cmd[0] == "abort":
         self._abort(cmd[1])
       else:
         self._abort_all("abort")
-    if self._safe(self.engine.has_unfinished_requests, False):
+    if self._safe(self.llm.has_unfinished_requests, False):
       self._step()
     self._update_metrics()
+    self._flush()
     return True
 
   def _safe(self, fn, default):
@@ -216,40 +217,39 @@ class AsyncEngine:
 
   def _add(self, request_id, prompt_token_ids, params, tag, sink, loop, arrival) -> None:
     try:
-      self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
+      self.llm.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
     except ValueError as e:
-      _deliver(loop, sink, Update(tag, error=APIError(400, str(e))))
+      self._send(loop, sink, Update(tag, error=APIError(400, str(e))))
       return
     except Exception as e:  # noqa: BLE001
       log.exception("add_request(%s) failed", request_id)
-      _deliver(loop, sink, Update(tag, error=APIError(500, f"the engine could not take the request: {e}")))
+      self._send(loop, sink, Update(tag, error=APIError(500, f"the engine could not take the request: {e}")))
       return
     self._streams[request_id] = _Stream(tag, sink, loop, arrival, params.n)
     self.metrics.prompt_tokens.inc(len(prompt_token_ids))
-    _deliver(loop, sink, Update(tag, num_prompt_tokens=len(prompt_token_ids)))
+    self._send(loop, sink, Update(tag, num_prompt_tokens=len(prompt_token_ids)))
 
   def _abort(self, request_id: str) -> None:
     stream = self._streams.pop(request_id, None)
     if stream is None:
       return
-    self._safe(lambda: self.engine.abort_request(request_id), None)
+    self._safe(lambda: self.llm.abort_request(request_id), None)
     self.metrics.request_finished("abort")
-    _deliver(stream.loop, stream.sink, Update(stream.tag, finished=True))
+    self._send(stream.loop, stream.sink, Update(stream.tag, finished=True))
 
   def _abort_all(self, reason: str, error: APIError | None = None) -> None:
     for request_id in list(self._streams):
       stream = self._streams.pop(request_id)
-      self._safe(lambda: self.engine.abort_request(request_id), None)
+      self._safe(lambda: self.llm.abort_request(request_id), None)
       self.metrics.request_finished(reason)
       choices = tuple(ChoiceDelta(i, (), "", None, "abort") for i in range(stream.n)
                       if not stream.choices.get(i, _Choice()).finished)
-      _deliver(stream.loop, stream.sink, Update(stream.tag, choices, finished=True, error=error))
+      self._send(stream.loop, stream.sink, Update(stream.tag, choices, finished=True, error=error))
 
   def _step(self) -> None:
     try:
-      outputs = self.engine.step()
+      outputs = self.llm.step()
     except Exception as e:  # noqa: BLE001
-      self.step_errors += 1
       log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
       self._abort_all("error", APIError(500, f"the engine failed: {type(e).__name__}: {e}"))
       return
@@ -262,7 +262,7 @@ class AsyncEngine:
       choices = tuple(d for d in (self._delta(stream, c, now) for c in out.outputs) if d is not None)
       finished = bool(out.finished)
       if choices or finished:
-        _deliver(stream.loop, stream.sink, Update(stream.tag, choices, finished=finished))
+        self._send(stream.loop, stream.sink, Update(stream.tag, choices, finished=finished))
       if finished:
         del self._streams[out.request_id]
         self.metrics.e2e.observe(now - stream.arrival)
@@ -288,30 +288,45 @@ class AsyncEngine:
     text = c.text or ""
     end = len(text)
     if not finished:  # (an engine without that rule may still end in a partial character)
-      while end > len(state.text) and text[end - 1] == "\ufffd":
+      while end > state.num_chars and text[end - 1] == "\ufffd":
         end -= 1
-    new_text = text[len(state.text):end]
+    new_text = text[state.num_chars:end]
     logprobs = None
     if c.logprobs is not None:
       logprobs = tuple(c.logprobs[state.num_tokens:state.num_tokens + len(new_ids)])
     state.num_tokens += len(new_ids)
-    state.text += new_text
+    state.num_chars += len(new_text)
     state.finished = finished
     if not new_ids and not new_text and not finished:
       return None
     return ChoiceDelta(c.index, new_ids, new_text, logprobs, c.finish_reason)
 
   def _update_metrics(self) -> None:
-    stats = self._safe(self.engine.stats, None)
+    stats = self._safe(self.llm.stats, None)
     if stats:
       self.metrics.update_engine(stats)
 
+  def _send(self, loop: asyncio.AbstractEventLoop, sink: Callable[[Update], None], update: Update) -> None:
+    """Queues ``update`` for ``sink``; :meth:`_flush` hands it over with the rest of the iteration's."""
+    self._outbox.setdefault(loop, []).append((sink, update))
 
-def _deliver(loop: asyncio.AbstractEventLoop, sink: Callable[[Update], None], item: Any) -> None:
-  try:
-    loop.call_soon_threadsafe(sink, item)
-  except RuntimeError:  # the event loop is closed: nobody is listening any more
-    pass
+  def _flush(self) -> None:
+    """One ``call_soon_threadsafe`` per event loop for everything this iteration produced."""
+    outbox, self._outbox = self._outbox, {}
+    for loop, items in outbox.items():
+      try:
+        loop.call_soon_threadsafe(_dispatch, items)
+      except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
+
+
+def _dispatch(items: list[tuple[Callable[[Update], None], Update]]) -> None:
+  """Runs on the event loop: each update to its request's sink, in the order the thread sent them."""
+  for sink, update in items:
+    try:
+      sink(update)
+    except Exception:  # noqa: BLE001 - one broken handler must not cost the others their updates
+      log.exception("delivering an engine update failed")
 
 
 class RequestGroup:
@@ -325,9 +340,9 @@ class RequestGroup:
   requests aborted, and ``updates()`` raises :class:`ClientDisconnected`.
   """
 
-  def __init__(self, engine: AsyncEngine, base_id: str, prompts: Sequence[list[int]], params: Sequence[Any],
+  def __init__(self, async_engine: AsyncEngine, base_id: str, prompts: Sequence[list[int]], params: Sequence[Any],
                arrival: float):
-    self.engine = engine
+    self.async_engine = async_engine
     self.ids = [f"{base_id}-{i}" for i in range(len(prompts))]
     self.prompts = prompts
     self.params = params
@@ -345,7 +360,7 @@ class RequestGroup:
     if self.stalled:
       return
     size = _entries(item)
-    if self._buffered and self._buffered + size > self.engine.limits.max_stream_buffer:
+    if self._buffered and self._buffered + size > self.async_engine.limits.max_stream_buffer:
       log.warning("%s: the client read nothing while %d tokens and logprobs queued up; aborting its requests",
                   self.ids[0].rsplit("-", 1)[0], self._buffered)
       self.stalled = True
@@ -356,10 +371,10 @@ class RequestGroup:
     self._sink.put_nowait(item)
 
   async def start(self) -> None:
-    self._admitted = self.engine.admit(self.params)
+    self._admitted = self.async_engine.admit(self.params)
     for tag, (rid, prompt, params) in enumerate(zip(self.ids, self.prompts, self.params)):
       try:
-        self.engine.add(rid, prompt, params, tag=tag, sink=self._put, arrival=self.arrival)
+        self.async_engine.add(rid, prompt, params, tag=tag, sink=self._put, arrival=self.arrival)
       except APIError:
         self.abort()
         raise
@@ -387,26 +402,45 @@ class RequestGroup:
     self._sink.put_nowait(ClientDisconnected)
 
   async def updates(self) -> AsyncIterator[Update]:
+    """The updates of the group's requests, in order, until all finished."""
+    async for batch in self.batches():
+      for update in batch:
+        yield update
+
+  async def batches(self) -> AsyncIterator[list[Update]]:
+    """As :meth:`updates`, but each item is every update that has arrived (at least one), so a
+    consumer that fell behind writes them at once. An error or a disconnect ends the batch
+    before it and is raised at the next."""
     while self._unfinished or self.stalled:
       if self.stalled:
         raise ClientDisconnected()
-      item = self._pending.pop(0) if self._pending else await self._sink.get()
-      if item is ClientDisconnected:
-        self.abort()
-        raise ClientDisconnected()
-      self._buffered -= _entries(item)
-      if item.finished:
-        self._unfinished.discard(item.tag)
-      if item.error is not None:
-        self.abort()
-        raise item.error
-      yield item
+      batch = [self._take(self._pending.pop(0) if self._pending else await self._sink.get())]
+      while self._unfinished and (self._pending or not self._sink.empty()):
+        item = self._pending.pop(0) if self._pending else self._sink.get_nowait()
+        if not isinstance(item, Update) or item.error is not None:
+          self._pending.insert(0, item)
+          break
+        batch.append(self._take(item))
+      yield batch
+
+  def _take(self, item: Any) -> Update:
+    """Accounts for one received item; raises what ends the stream (a disconnect, an engine error)."""
+    if item is ClientDisconnected:
+      self.abort()
+      raise ClientDisconnected()
+    self._buffered -= _entries(item)
+    if item.finished:
+      self._unfinished.discard(item.tag)
+    if item.error is not None:
+      self.abort()
+      raise item.error
+    return item
 
   def abort(self) -> None:
     for tag in sorted(self._unfinished):
-      self.engine.abort(self.ids[tag])
+      self.async_engine.abort(self.ids[tag])
     self._unfinished.clear()
-    self.engine.release(self._admitted)
+    self.async_engine.release(self._admitted)
     self._admitted = 0
 
 

@@ -9,12 +9,45 @@ from typing import Any, Iterable, Sequence
 from jaxserve.server._async_engine import ChoiceDelta
 
 
+# One encoder for every event: ``json.dumps`` with arguments builds a new one per call.
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def sse(obj: Any) -> str:
   """One server-sent event holding ``obj`` as JSON."""
-  return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+  return f"data: {_json(obj)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class ChunkEncoder:
+  """The per-token SSE events of one streamed request, as text pieces fixed when it starts.
+
+  Each event is ``sse({**head, "choices": [choice], "usage": None})`` byte for byte, but only the
+  new text (and logprobs, when asked for) is encoded per token: no dict is built and ``head`` is
+  not encoded again.
+  """
+
+  def __init__(self, head: dict[str, Any]):
+    self._prefix = 'data: ' + _json(head)[:-1] + ',"choices":[{"index":'
+    self._suffix = '}],"usage":null}\n\n'
+
+  def _finish(self, logprobs: Any, finish_reason: str | None) -> str:
+    lp = "null" if logprobs is None else _json(logprobs)
+    reason = "null" if finish_reason is None else _json(finish_reason)
+    return f',"logprobs":{lp},"finish_reason":{reason}{self._suffix}'
+
+  def completion(self, index: int, text: str, logprobs: dict[str, list] | None, finish_reason: str | None) -> str:
+    """A ``text_completion`` chunk: ``{"index", "text", "logprobs", "finish_reason"}``."""
+    return f'{self._prefix}{index},"text":{_json(text)}{self._finish(logprobs, finish_reason)}'
+
+  def chat(self, index: int, content: str | None, logprobs: dict[str, list] | None, finish_reason: str | None
+           ) -> str:
+    """A ``chat.completion.chunk``: ``{"index", "delta": {"content"}, "logprobs", "finish_reason"}``;
+    ``content`` None gives an empty delta."""
+    delta = "{}" if content is None else '{"content":' + _json(content) + "}"
+    return f'{self._prefix}{index},"delta":{delta}{self._finish(logprobs, finish_reason)}'
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -54,8 +87,9 @@ def _finite(x: float) -> float:
 class CompletionLogprobs:
   """Accumulates the legacy completions ``logprobs`` object of one choice."""
 
-  def __init__(self, token_text: TokenText, top: int, offset: int = 0):
-    self.token_text, self.top, self.offset = token_text, top, offset
+  def __init__(self, token_text: TokenText, top: int):
+    self.token_text, self.top = token_text, top
+    self.offset = 0  # characters of the tokens so far: the next token's text_offset
     self.tokens: list[str] = []
     self.token_logprobs: list[float] = []
     self.top_logprobs: list[dict[str, float]] = []

@@ -80,7 +80,7 @@ class _DrainingServer(uvicorn.Server):
       server.close()  # stop accepting connections now (uvicorn closes them again, harmlessly)
     for connection in list(self.server_state.connections):
       _quietly(connection.shutdown)  # closes idle connections; the others close after their response
-    await self._app.state.engine.drain(self._drain_timeout)
+    await self._app.state.server.async_engine.drain(self._drain_timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLOSE_GRACE_S
     while self.server_state.connections and loop.time() < deadline:
