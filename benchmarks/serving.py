@@ -120,8 +120,10 @@ def timeline_child(model_dir: str, workload_path: str, cache_dir: str, engine_kw
   """A fresh process: construction (programs from the cache) and one pass; writes its figures to ``out_path``."""
   from jax import monitoring
   counts = {"cache_hits": 0}
-  monitoring.register_event_listener(
-      lambda event, **kw: counts.__setitem__("cache_hits", counts["cache_hits"] + (event == "/jax/compilation_cache/cache_hits")))
+  def on_event(event: str, **kw) -> None:
+    counts["cache_hits"] += event == "/jax/compilation_cache/cache_hits"
+
+  monitoring.register_event_listener(on_event)
   from jaxserve.engine import LLM
   with open(workload_path) as f:
     workload = json.load(f)
@@ -144,8 +146,8 @@ def run_second_process(model_dir: str, workload: list[dict], cache_dir: str, eng
     wl, out = os.path.join(tmp, "workload.json"), os.path.join(tmp, "out.json")
     with open(wl, "w") as f:
       json.dump(workload, f)
-    proc = subprocess.run([sys.executable, __file__, "--timeline-child", model_dir, wl, cache_dir, json.dumps(engine_kw),
-                           out], capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, __file__, "--timeline-child", model_dir, wl, cache_dir, json.dumps(engine_kw), out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0 or not os.path.exists(out):
       return dict(error=(proc.stderr or proc.stdout)[-3000:])
     with open(out) as f:
@@ -463,8 +465,9 @@ def main() -> None:
 def _write(res: dict, out: str) -> None:
   print("\ntimeline (construction s, first pass s, first-pass tok/s, steady tok/s):")
   for name, row in res["timeline"].items():
-    print(f"  {name:<26} {row.get('construction_s') or float('nan'):8.2f} {row.get('first_pass_s') or float('nan'):8.2f} "
-          f"{row.get('first_pass_tok_s', float('nan')):10.1f} {row.get('steady_tok_s', float('nan')):10.1f}")
+    nan = float("nan")
+    print(f"  {name:<26} {row.get('construction_s') or nan:8.2f} {row.get('first_pass_s') or nan:8.2f} "
+          f"{row.get('first_pass_tok_s', nan):10.1f} {row.get('steady_tok_s', nan):10.1f}")
   res["machine"]["loadavg_at_end"] = os.getloadavg()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:

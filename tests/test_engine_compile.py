@@ -157,8 +157,8 @@ _PROCESS = textwrap.dedent("""
     files = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
     jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7)).block_until_ready()
     after_user = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
-    print(json.dumps(dict(engine=engine, tokens=out[0].outputs[0].token_ids, user_dir=jax.config.jax_compilation_cache_dir,
-                          files=files, files_after_user_compile=after_user)))
+    print(json.dumps(dict(engine=engine, tokens=out[0].outputs[0].token_ids, files=files,
+                          user_dir=jax.config.jax_compilation_cache_dir, files_after_user_compile=after_user)))
 """)
 
 

@@ -1,4 +1,4 @@
-"""Runs a scheduled step on the device: pads it to one of a fixed set of compiled programs, calls the model over the paged pools, samples."""
+"""Runs a scheduled step on the device: pads it to one of a fixed set of compiled programs, runs the model, samples."""
 
 from __future__ import annotations
 
