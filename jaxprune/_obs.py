@@ -30,8 +30,8 @@ def _restricted_inverse(h: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _refit(h: jax.Array, w0: jax.Array, mask: jax.Array, ainv: jax.Array) -> jax.Array:
   """The least-squares weights ``argmin ||X w0_r - X w_r||`` with ``w_r`` zero off the mask, per row."""
-  rhs = mask * jnp.matmul(w0, h, precision=_HI)
-  return jnp.einsum("rij,rj->ri", ainv, rhs, precision=_HI) * mask
+  rhs = jnp.where(mask, jnp.matmul(w0, h, precision=_HI), 0.0)
+  return jnp.where(mask, jnp.einsum("rij,rj->ri", ainv, rhs, precision=_HI), 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("rounds", "n", "m"))

@@ -139,3 +139,13 @@ def test_bad_layer_inputs(layers, fn):
     fn(kernel, gram, sparsity=1.0)
   with pytest.raises(ValueError, match="means sparsity"):
     fn(kernel, gram, sparsity=0.3, pattern="2:4")
+
+
+def test_obs_runs_under_strict_dtype_promotion():
+  """No implicit bool/float promotion in iterative OBS (the equinox-style strict mode)."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(64, 12)).astype(np.float32)
+  kernel = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+  with jax.numpy_dtype_promotion("strict"):
+    w, mask = obs_layer(kernel, jnp.asarray(x.T @ x), sparsity=0.5, rounds=2)
+  assert int((~np.asarray(mask)).sum()) == 12 * 5 // 2 and (np.asarray(w)[~np.asarray(mask)] == 0).all()

@@ -15,6 +15,8 @@ Windows, the loss and the trainer are jaxprune's (:mod:`jaxprune._data`, :func:`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jaxprune._data import lm_loss, sample_windows, text_token_ids
@@ -28,7 +30,7 @@ from jaxprune.structured._strategy import (StructuredConfig, StructuredResult, p
                                            validate)
 
 
-def calibration_windows(token_ids, num: int, seq_len: int, bos_id: int, seed: int = 0) -> np.ndarray:
+def calibration_windows(token_ids: Any, num: int, seq_len: int, bos_id: int, seed: int = 0) -> np.ndarray:
   """Kept for old callers: ``sample_windows(..., distinct=False)`` as one int32 array ``[num, seq_len + 1]``."""
   w = sample_windows(token_ids, nsamples=num, seq_len=seq_len, bos_id=bos_id, seed=seed, distinct=False)
   return np.concatenate([w.inputs, w.targets[:, -1:]], axis=1)
