@@ -73,7 +73,7 @@ def apply_penalties(logits: Array, prompt_mask: Array, output_counts: Array, rep
   rep = repetition[:, None]
   logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
   counts = output_counts.astype(logits.dtype)
-  return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+  return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).astype(logits.dtype)
 
 
 def top_k_top_p_min_p(logits: Array, top_k: Array, top_p: Array, min_p: Array, *, use_top_k_top_p: bool = True,
