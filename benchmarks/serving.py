@@ -13,6 +13,7 @@ Usage::
   python benchmarks/serving.py --vllm-python /tmp/vllm-venv/bin/python
   python benchmarks/serving.py --num-requests 16 --skip-hf   # quick
   python benchmarks/serving.py --smoke                     # tiny model and workload, seconds: checks the script
+  python benchmarks/serving.py --no-bfloat16               # float32 only (the default also runs jaxserve in bfloat16)
 
 Timing: the timeline of each engine: construction (jaxserve compiles its fixed set of step
 programs there, vLLM compiles and profiles), a first pass over the workload, then ``--repeats``
@@ -165,10 +166,10 @@ def timeline(out_tokens: int, construction_s: float | None, first_pass_s: float 
   return row
 
 
-def _hf_model(model_dir: str):
+def _hf_model(model_dir: str, dtype: str = "float32"):
   import torch
   import transformers
-  return transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+  return transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).eval()
 
 
 def _hf_generate(model, workload: list[dict], batch_size: int = 16) -> list[list[int]]:
@@ -210,12 +211,13 @@ def choose_threads(model_dir: str, workload: list[dict]) -> dict:
   return dict(threads=min(timings, key=timings.get), probe_s=timings)
 
 
-def run_transformers(model_dir: str, workload: list[dict], threads: int) -> dict:
+def run_transformers(model_dir: str, workload: list[dict], threads: int, dtype: str = "float32",
+                     batch_size: int = 16) -> dict:
   import torch
   torch.set_num_threads(threads)
-  model = _hf_model(model_dir)
+  model = _hf_model(model_dir, dtype)
   t0 = time.perf_counter()
-  tokens = _hf_generate(model, workload)  # eager PyTorch: nothing to warm up
+  tokens = _hf_generate(model, workload, batch_size)  # eager PyTorch: nothing to warm up
   return dict(elapsed_s=time.perf_counter() - t0, tokens=tokens, torch_threads=torch.get_num_threads())
 
 
@@ -329,6 +331,8 @@ def main() -> None:
                        "the first process compiles everything)")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny model and workload, one pass each, jaxserve only: checks the script in seconds")
+  ap.add_argument("--no-bfloat16", dest="bfloat16", action="store_false",
+                  help="skip the bfloat16 run (jaxserve's timeline in bfloat16 and transformers' bfloat16 greedy tokens)")
   ap.add_argument("--timeline-child", nargs=5, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.timeline_child:
@@ -392,6 +396,25 @@ def main() -> None:
     print(f"jaxserve second process (same cache): construction {second['construction_s']:.1f} s "
           f"({second['cache_hits']} programs from the cache), first pass {second['first_pass_s']:.2f} s", flush=True)
   engines = {"jaxserve": js["tokens"]}
+  if args.bfloat16:
+    bf = run_jaxserve(model_dir, workload, repeats=args.repeats, cache_dir=cache_dir, dtype="bfloat16", **engine_kw)
+    res["jaxserve_bfloat16"] = dict(elapsed_s=bf["elapsed_s"], runs_s=bf["runs_s"], construction_s=bf["construction_s"],
+                                    first_pass_s=bf["first_pass_s"], tok_s=out_tokens / bf["elapsed_s"],
+                                    cpu_kernels=bf["stats"].get("cpu_kernels"),
+                                    recompiled_after_warmup=bf["recompiled_after_warmup"],
+                                    greedy_match_vs_float32=_match(bf["tokens"], js["tokens"]))
+    res["timeline"]["jaxserve_bfloat16"] = timeline(out_tokens, bf["construction_s"], bf["first_pass_s"],
+                                                    bf["elapsed_s"])
+    res["bfloat16_over_float32"] = res["jaxserve_bfloat16"]["tok_s"] / res["jaxserve"]["tok_s"]
+    print(f"jaxserve bfloat16: steady {out_tokens / bf['elapsed_s']:.1f} tok/s "
+          f"({res['bfloat16_over_float32']:.2f}x float32)", flush=True)
+    if not args.skip_hf:  # the bfloat16 reference: one request at a time (padding changes bfloat16 rounding)
+      hb = run_transformers(model_dir, workload, threads, dtype="bfloat16", batch_size=1)
+      res["jaxserve_bfloat16"]["greedy_equal_to_transformers_bfloat16"] = sum(
+          a == b for a, b in zip(bf["tokens"], hb["tokens"]))
+      res["transformers_bfloat16"] = dict(elapsed_s=hb["elapsed_s"], tok_s=out_tokens / hb["elapsed_s"], batch_size=1)
+      print(f"bfloat16 greedy tokens equal to transformers' bfloat16: "
+            f"{res['jaxserve_bfloat16']['greedy_equal_to_transformers_bfloat16']}/{len(workload)}", flush=True)
   if not args.skip_hf:
     hf = run_transformers(model_dir, workload, threads)
     res["transformers"] = dict(elapsed_s=hf["elapsed_s"], tok_s=out_tokens / hf["elapsed_s"],

@@ -26,3 +26,6 @@ def test_serving_benchmark_smoke_writes_the_timeline(tmp_path):
   assert second["cache_hits"] >= second["programs"] > 0  # the second process loaded every program from the cache
   assert second["same_tokens"] and second["construction_plus_first_s"] > 0 and second["over_first_process"] > 0
   assert "error" in res["vllm"]  # not run in a smoke test, and said so
+  bf = res["jaxserve_bfloat16"]  # the bfloat16 timeline of the same run
+  assert bf["tok_s"] > 0 and bf["recompiled_after_warmup"] == 0 and 0 <= bf["greedy_match_vs_float32"] <= 1
+  assert res["timeline"]["jaxserve_bfloat16"]["steady_tok_s"] > 0 and res["bfloat16_over_float32"] > 0
