@@ -30,6 +30,7 @@ from typing import Any, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import cpu_model  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.loaders import EVAL_TEXT, load_model  # noqa: E402
 from jaxserve.server.testing import HOST, ServerProcess  # noqa: E402
@@ -266,16 +267,6 @@ def cases(smoke: bool) -> dict[str, tuple[Callable[[ServerProcess], tuple[Any, s
 
 
 # ---------------------------------------------------------------- the run
-def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def git_commit() -> str | None:
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import MAX_MODEL_LEN, make_model, make_workload  # noqa: E402
-from benchmarks.sparse_matmul_cpu import cpu_model  # noqa: E402
+from benchmarks._machine import cpu_model  # noqa: E402
 
 VARIANTS = ("dense", "2:4", "50%", "70%")
 

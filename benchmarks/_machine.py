@@ -1,0 +1,25 @@
+"""What a benchmark records about the machine it ran on: CPU model, cores, load average."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+  """CPU model, core count, platform, Python and the load average now (``loadavg_at_start``)."""
+  return dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
+              loadavg_at_start=list(os.getloadavg()))
