@@ -168,21 +168,59 @@ def structured_throughput() -> str:
 @block
 def serving() -> str:
   d = load("serving.json")
-  j, t, v = d["jaxserve"], d["transformers"], d.get("vllm", {})
-  rows = [["jaxserve (paged; C++ attention and matmul kernels on CPU)", f"{j['tok_s']:.0f}", x(j["tok_s"] / t["tok_s"], 1)],
-          [f"transformers `generate` (padded batches of {t['batch_size']})", f"{t['tok_s']:.0f}", "1.0x"]]
+  j, t, v = d["jaxserve"], d.get("transformers", {}), d.get("vllm", {})
+  base = t.get("tok_s")
+
+  def vs_hf(tok_s: float) -> str:
+    return x(tok_s / base, 1) if base else "-"
+
+  rows = [["jaxserve, float32 (paged; C++ attention and matmul kernels on CPU)", f"{j['tok_s']:.0f}", vs_hf(j["tok_s"])]]
+  bf = d.get("jaxserve_bfloat16")
+  if bf:
+    rows.append(["jaxserve, bfloat16", f"{bf['tok_s']:.0f}", vs_hf(bf["tok_s"])])
+  if base:
+    rows.append([f"transformers `generate`, float32 (padded batches of {t['batch_size']})", f"{base:.0f}", "1.0x"])
   if "tok_s" in v:
     binds = ", ".join(f"{k}: {s:.0f}" for k, s in v.get("tok_s_by_bind", {}).items())
-    rows.append([f"vLLM {v['version']} CPU backend (threads {binds})", f"{v['tok_s']:.0f}", x(v["tok_s"] / t["tok_s"], 1)])
+    rows.append([f"vLLM {v['version']} CPU backend, float32 (threads {binds})", f"{v['tok_s']:.0f}", vs_hf(v["tok_s"])])
   m = d["machine"]
-  head = (f"Measured on {m.get('cpu', 'a CPU whose model the file does not record')}, {m['cpus']} cores, load "
-          f"average {m['loadavg_at_start'][0]:.1f} at the start; greedy tokens equal to jaxserve's: "
-          + ", ".join(f"{k} {100 * s:.0f}%" for k, s in d["greedy_match_vs_jaxserve"].items()) + ".\n\n")
-  tail = ""
+  head = (f"Measured on {machine_line(m)}; greedy tokens equal to jaxserve's float32: "
+          + (", ".join(f"{k} {100 * s:.0f}%" for k, s in d["greedy_match_vs_jaxserve"].items()) or "no other engine")
+          + ".\n\n")
+  out = head + table(["engine", "steady output tok/s", "x transformers"], rows)
+  notes = []
   if "tok_s" in v:
-    tail = (f"\nIn this run jaxserve made {x(j['tok_s'] / v['tok_s'])} vLLM's throughput; the three timed passes took "
-            f"{span(j['runs_s'])} s (jaxserve) and {span(v['runs_s'])} s (vLLM).\n")
-  return head + table(["engine", "output tok/s", "x transformers"], rows) + tail
+    notes.append(f"jaxserve made {x(j['tok_s'] / v['tok_s'])} vLLM's steady throughput; the timed passes took "
+                 f"{span(j['runs_s'])} s (jaxserve) and {span(v['runs_s'])} s (vLLM).")
+  else:
+    notes.append(f"vLLM did not run in this measurement ({v.get('error', 'no result')}), so there is no vLLM figure "
+                 f"from this run of the code.")
+  if bf:
+    notes.append(f"bfloat16 made {x(d['bfloat16_over_float32'])} float32's throughput; its greedy tokens equal "
+                 f"float32's for {100 * bf['greedy_match_vs_float32']:.0f}% of the requests"
+                 + (f" and transformers' bfloat16 (one request at a time) for "
+                    f"{bf['greedy_equal_to_transformers_bfloat16']} of {d['num_requests']}"
+                    if "greedy_equal_to_transformers_bfloat16" in bf else "") + ".")
+  out += "\n" + " ".join(notes) + "\n"
+  tl = d.get("timeline")
+  if tl:
+    trow = []
+    for name, r in tl.items():
+      def f(k: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(r[k]) if r.get(k) is not None else "-"
+      trow.append([name.replace("_", " "), f("construction_s"), f("first_pass_s", "{:.2f}"),
+                   f("first_pass_tok_s", "{:.0f}"), f("steady_tok_s", "{:.0f}"), f("first_over_steady", "{:.2f}"),
+                   f("construction_plus_first_s")])
+    out += ("\nThe timeline of the same run (seconds; the first process starts with an empty compilation cache, the "
+            "second process with the first one's):\n\n"
+            + table(["engine", "construction s", "first pass s", "first pass tok/s", "steady tok/s", "first / steady",
+                     "construction + first pass s"], trow))
+    sp = tl.get("jaxserve_second_process")
+    if sp:
+      out += (f"\nThe second process loaded {sp['cache_hits']} programs from the cache and took "
+              f"{x(sp['over_first_process'])} the first process's construction + first pass; same tokens: "
+              f"{sp['same_tokens']}.\n")
+  return out
 
 
 @block
