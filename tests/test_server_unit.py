@@ -433,3 +433,52 @@ def test_streamed_body_is_the_old_events_and_agrees_with_the_whole_response(rout
       assert "".join(m["delta"]["content"] for m in mine) == whole["choices"][i]["message"]["content"]
       assert [x for m in mine for x in m["logprobs"]["content"]] == whole["choices"][i]["logprobs"]["content"]
     assert mine[-1]["finish_reason"] == "length" and all(m["finish_reason"] is None for m in mine[:-1])
+
+
+class _Group:
+  """The parts of a RequestGroup a streaming response uses."""
+
+  ids = ["cmpl-x-0"]
+
+  def __init__(self):
+    self.aborts = 0
+
+  def abort(self):
+    self.aborts += 1
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_stream_gives_up_on_a_write_blocked_past_the_stall_timeout(spec_version, caplog):
+  """A write that blocks 0.3 s past a 0.2 s stall timeout is cancelled: the requests are aborted and
+  the connection cut; writes that each block less than the timeout stream to the end."""
+  from jaxserve.server._app import ABORT_CONNECTION, _GroupStreamingResponse
+
+  async def run(write_delay, block_at):
+    sent, cut = [], []
+
+    async def body():
+      for i in range(6):
+        yield f"data: {i}\n\n"
+
+    async def send(message):
+      if message["type"] == "http.response.body" and len(sent) == block_at:
+        await asyncio.sleep(3600)  # the client reads nothing
+      await asyncio.sleep(write_delay)
+      sent.append(message)
+
+    async def receive():
+      await asyncio.sleep(3600)
+
+    group = _Group()
+    scope = {"type": "http", "asgi": {"spec_version": spec_version},
+             "extensions": {ABORT_CONNECTION: lambda: cut.append(True)}}
+    response = _GroupStreamingResponse(group, 0.2, body(), media_type="text/event-stream")
+    t0 = time.monotonic()
+    await asyncio.wait_for(response(scope, receive, send), 10)
+    return sent, cut, group.aborts, time.monotonic() - t0
+
+  sent, cut, aborts, took = asyncio.run(run(0.0, block_at=3))
+  assert len(sent) == 3 and cut == [True] and aborts >= 1 and 0.2 <= took < 1.0, (len(sent), cut, took)
+  assert "the client read nothing for 0.2 s" in caplog.text
+  sent, cut, _, took = asyncio.run(run(0.1, block_at=None))  # 8 writes of 0.1 s each: 0.8 s, no write stalled
+  assert len(sent) == 8 and sent[-1]["more_body"] is False and cut == [], (len(sent), cut)

@@ -442,7 +442,12 @@ class _ClientStalled(Exception):
 class _GroupStreamingResponse(StreamingResponse):
   """A streaming response that aborts its requests however it ends (even if its body never started),
   and gives up on a client that reads nothing for ``stall_timeout`` seconds (the server closes the
-  connection)."""
+  connection).
+
+  A write is timed by one watchdog timer per response, which looks every quarter timeout at the
+  write in progress and cancels it once it is ``stall_timeout`` old (a write blocks only while the
+  client does not read); no timer is set and cancelled per write, as ``asyncio.timeout`` would.
+  """
 
   def __init__(self, group: RequestGroup, stall_timeout: float, *args: Any, **kwargs: Any):
     super().__init__(*args, **kwargs)
@@ -450,14 +455,33 @@ class _GroupStreamingResponse(StreamingResponse):
     self._stall_timeout = stall_timeout
 
   async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-    async def send_or_give_up(message: Any) -> None:
-      try:
-        async with asyncio.timeout(self._stall_timeout):
-          await send(message)
-      except TimeoutError:
-        self._group.abort()
-        raise _ClientStalled() from None
+    loop = asyncio.get_running_loop()
+    writing: list[Any] = [None, 0.0]  # the task writing now (None between writes), and since when
+    stalled = False
 
+    def watch() -> None:
+      nonlocal stalled, watchdog
+      task, since = writing
+      if task is not None and loop.time() - since >= self._stall_timeout:
+        stalled = True
+        task.cancel()
+        return
+      watchdog = loop.call_later(self._stall_timeout / 4, watch)
+
+    async def send_or_give_up(message: Any) -> None:
+      task = asyncio.current_task()
+      writing[0], writing[1] = task, loop.time()
+      try:
+        await send(message)
+      except asyncio.CancelledError:
+        if stalled and task.uncancel() == 0:  # our watchdog's cancellation, not the server's
+          self._group.abort()
+          raise _ClientStalled() from None
+        raise
+      finally:
+        writing[0] = None
+
+    watchdog = loop.call_later(self._stall_timeout / 4, watch)
     try:
       await super().__call__(scope, receive, send_or_give_up)
     except _ClientStalled:
@@ -468,4 +492,5 @@ class _GroupStreamingResponse(StreamingResponse):
         abort_connection()
         await asyncio.sleep(0)  # the server learns of the disconnect before this handler returns
     finally:
+      watchdog.cancel()
       self._group.abort()

@@ -14,12 +14,13 @@ failed ``step`` fails the requests in flight and the loop goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, NamedTuple, Sequence
 
 from jaxserve.server._errors import APIError
 from jaxserve.server._limits import TransportLimits
@@ -28,9 +29,8 @@ from jaxserve.server._metrics import ServerMetrics
 log = logging.getLogger("jaxserve.server")
 
 
-@dataclasses.dataclass(frozen=True)
-class ChoiceDelta:
-  """What one completion gained in one engine step."""
+class ChoiceDelta(NamedTuple):
+  """What one completion gained in one engine step (a tuple: built per token, it must be cheap)."""
 
   index: int  # completion index within its request (0 .. n-1)
   token_ids: tuple[int, ...]
@@ -39,8 +39,7 @@ class ChoiceDelta:
   finish_reason: str | None  # "stop", "length", "abort" once the completion ended
 
 
-@dataclasses.dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
   """A message from the engine thread about one request (``tag`` names it inside its HTTP request).
 
   The first update of a request acknowledges ``add_request`` (or carries its ``error``).
@@ -103,6 +102,7 @@ class AsyncEngine:
     self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
     self._closed = False
     self.steps = 0
+    self._tokens_sent = 0  # generated tokens handed to requests (engine thread only)
 
   # ------------------------------------------------------------ asyncio side
   def start(self) -> None:
@@ -255,6 +255,7 @@ class AsyncEngine:
       return
     self.steps += 1
     now = time.monotonic()
+    tokens0 = self._tokens_sent
     for out in outputs:
       stream = self._streams.get(out.request_id)
       if stream is None:
@@ -268,6 +269,8 @@ class AsyncEngine:
         self.metrics.e2e.observe(now - stream.arrival)
         reasons = {c.finish_reason for c in out.outputs}
         self.metrics.request_finished("stop" if "stop" in reasons else (reasons.pop() or "stop"))
+    if self._tokens_sent > tokens0:
+      self.metrics.generation_tokens.inc(self._tokens_sent - tokens0)
 
   def _delta(self, stream: _Stream, c: Any, now: float) -> ChoiceDelta | None:
     state = stream.choices.setdefault(c.index, _Choice(last_time=stream.arrival))
@@ -281,7 +284,7 @@ class AsyncEngine:
         self.metrics.ttft.observe(now - stream.arrival)
       elif state.num_tokens:
         self.metrics.itl.observe(now - state.last_time)
-      self.metrics.generation_tokens.inc(len(new_ids))
+      self._tokens_sent += len(new_ids)
       state.last_time = now
     # The engine's text of a running completion leaves out what a stop string or an unfinished UTF-8
     # character could still change, so it only grows: what was sent is its prefix.
@@ -348,8 +351,7 @@ class RequestGroup:
     self.params = params
     self.arrival = arrival
     self.num_prompt_tokens = [len(p) for p in prompts]
-    self._sink: asyncio.Queue = asyncio.Queue()
-    self._pending: list[Update] = []
+    self._inbox = _Inbox()
     self._unfinished: set[int] = set()
     self._admitted = 0  # sequences counted in the engine's in-flight total until released
     self.stalled = False  # the consumer fell more than max_stream_buffer entries behind
@@ -365,10 +367,10 @@ class RequestGroup:
                   self.ids[0].rsplit("-", 1)[0], self._buffered)
       self.stalled = True
       self.abort()
-      self._sink.put_nowait(ClientDisconnected)
+      self._inbox.put(ClientDisconnected)
       return
     self._buffered += size
-    self._sink.put_nowait(item)
+    self._inbox.put(item)
 
   async def start(self) -> None:
     self._admitted = self.async_engine.admit(self.params)
@@ -381,8 +383,9 @@ class RequestGroup:
       self._unfinished.add(tag)
     acked: set[int] = set()
     error = None
+    early: list[Update] = []  # updates of acknowledged requests that came before the other acks
     while len(acked) < len(self.ids):
-      item = await self._sink.get()
+      item = await self._inbox.get()
       if item is ClientDisconnected:
         self.abort()
         raise ClientDisconnected()
@@ -392,14 +395,15 @@ class RequestGroup:
           self._unfinished.discard(item.tag)
           error = error or item.error
         continue
-      self._pending.append(item)
+      early.append(item)
+    self._inbox.push_front(early)
     if error is not None:
       self.abort()
       raise error
 
   def client_disconnected(self) -> None:
     """Called by the disconnect watcher: wakes ``updates()``, which aborts and raises."""
-    self._sink.put_nowait(ClientDisconnected)
+    self._inbox.put(ClientDisconnected)
 
   async def updates(self) -> AsyncIterator[Update]:
     """The updates of the group's requests, in order, until all finished."""
@@ -414,11 +418,11 @@ class RequestGroup:
     while self._unfinished or self.stalled:
       if self.stalled:
         raise ClientDisconnected()
-      batch = [self._take(self._pending.pop(0) if self._pending else await self._sink.get())]
-      while self._unfinished and (self._pending or not self._sink.empty()):
-        item = self._pending.pop(0) if self._pending else self._sink.get_nowait()
+      batch = [self._take(await self._inbox.get())]
+      while self._unfinished and self._inbox:
+        item = self._inbox.pop()
         if not isinstance(item, Update) or item.error is not None:
-          self._pending.insert(0, item)
+          self._inbox.push_front([item])
           break
         batch.append(self._take(item))
       yield batch
@@ -448,4 +452,43 @@ def _entries(update: Any) -> int:
   """An update's size in buffer entries: its tokens and their logprobs (the bulk of its SSE text)."""
   if not isinstance(update, Update):
     return 0
-  return sum(len(d.token_ids) + sum(len(e) for e in d.logprobs or ()) for d in update.choices)
+  n = 0
+  for d in update.choices:  # (loops, not generators: this runs twice per update on the event loop)
+    n += len(d.token_ids)
+    if d.logprobs:
+      for entry in d.logprobs:
+        n += len(entry)
+  return n
+
+
+class _Inbox:
+  """The updates of one group, filled on the event loop and awaited by its one consumer (an
+  ``asyncio.Queue`` without the task accounting and waiter list it does not need)."""
+
+  def __init__(self):
+    self._items: collections.deque = collections.deque()
+    self._waiter: asyncio.Future | None = None
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def put(self, item: Any) -> None:
+    self._items.append(item)
+    if self._waiter is not None and not self._waiter.done():
+      self._waiter.set_result(None)
+
+  def push_front(self, items: list) -> None:
+    """Puts ``items`` back before the others, in their order."""
+    self._items.extendleft(reversed(items))
+
+  def pop(self) -> Any:
+    return self._items.popleft()
+
+  async def get(self) -> Any:
+    while not self._items:
+      self._waiter = asyncio.get_running_loop().create_future()
+      try:
+        await self._waiter
+      finally:
+        self._waiter = None
+    return self._items.popleft()
