@@ -8,9 +8,10 @@ closed-loop clients (one request at a time each, httpx, raw SSE) send them to a 
 
 Measured on the client side: requests/s and output tokens/s over the wall time of a pass, time to
 first token (request sent -> first text chunk) and inter-token latency (gap between consecutive
-text chunks) percentiles p50/p90/p99. Offline ``LLM.generate`` runs the same requests in this
-process first (not at the same time as the server, so they do not share the CPU); its texts are
-the reference every server completion is compared with.
+text chunks) percentiles p50/p90/p99. On the server side: its process's CPU time (all threads)
+over the pass per output token, the server path's cost whatever else the machine runs. Offline
+``LLM.generate`` runs the same requests in this process first (not at the same time as the server,
+so they do not share the CPU); its texts are the reference every server completion is compared with.
 
 Each side first runs an untimed warm-up workload of the same shape with other prompts, then timed
 passes of the measured workload until one compiles no new jit program (at most ``--passes``). The
@@ -71,6 +72,16 @@ def compiled_programs(metrics_text: str) -> int:
   return int(float(line.rsplit(" ", 1)[1]))
 
 
+def process_cpu_s(pid: int) -> float | None:
+  """CPU seconds (user + system, all threads) process ``pid`` has used so far (Linux; else None)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float | None:
   return float(np.percentile(xs, q)) if xs else None
 
@@ -127,8 +138,9 @@ async def run_clients(url: str, model: str, reqs: list[tuple[list[int], int]], c
   return {"wall_s": wall, "ttft": ttft, "itl": itl, "e2e": e2e, "texts": texts, "tokens": tokens, "errors": errors}
 
 
-def summarize(res: dict, compiled: int, reference: list[str]) -> dict:
-  """One timed pass: throughput, latency percentiles, programs compiled, outputs equal to offline."""
+def summarize(res: dict, compiled: int, reference: list[str], cpu_s: float | None) -> dict:
+  """One timed pass: throughput, latency percentiles, programs compiled, outputs equal to offline,
+  the server process's CPU time per output token (``cpu_s``: its CPU seconds over the pass)."""
   ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
   done = len(res["texts"])
   mismatches = []
@@ -147,6 +159,9 @@ def summarize(res: dict, compiled: int, reference: list[str]) -> dict:
       **{f"itl_p{q}_ms": ms(pct(res["itl"], q)) for q in (50, 90, 99)},
       **{f"e2e_p{q}_ms": ms(pct(res["e2e"], q)) for q in (50, 90, 99)},
       "equal_to_offline": done - len(mismatches), "first_mismatches": mismatches[:5],
+      "server_cpu_s": None if cpu_s is None else round(cpu_s, 3),
+      "server_cpu_ms_per_output_token": None if cpu_s is None or not res["tokens"] else
+      round(1000 * cpu_s / res["tokens"], 4),
   }
 
 
@@ -207,9 +222,11 @@ def main() -> int:
     asyncio.run(run_clients(url, name, warm, args.clients, args.max_duration))
     for _ in range(args.passes):
       c0 = compiled_programs(httpx.get(srv.url("/metrics"), timeout=10).text)
+      cpu0 = process_cpu_s(srv.proc.pid)
       res = asyncio.run(run_clients(url, name, reqs, args.clients, args.max_duration))
+      cpu1 = process_cpu_s(srv.proc.pid)
       c1 = compiled_programs(httpx.get(srv.url("/metrics"), timeout=10).text)
-      server_passes.append(summarize(res, c1 - c0, reference))
+      server_passes.append(summarize(res, c1 - c0, reference, None if cpu0 is None else cpu1 - cpu0))
       if c1 == c0:
         break
 
@@ -229,13 +246,16 @@ def main() -> int:
   print(f"\njaxserve serve load benchmark: {name}, {args.clients} streaming clients on 127.0.0.1, {args.requests} "
         f"requests (prompt ~{result['workload']['prompt_tokens_mean']} tok, output "
         f"~{result['workload']['output_tokens_mean']} tok, greedy, ignore_eos), {os.cpu_count()} CPUs\n")
-  rows = [("", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms", "new jit programs")]
+  rows = [("", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms", "new jit programs",
+           "server CPU ms/token")]
   for label, r in (("server, first timed pass", srv_first), (f"server, pass {len(server_passes)}", srv_last)):
+    cpu = r["server_cpu_ms_per_output_token"]
     rows.append((label, f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.0f}",
                  "/".join(f"{r[f'ttft_p{q}_ms']:.0f}" for q in (50, 90, 99)),
-                 "/".join(f"{r[f'itl_p{q}_ms']:.1f}" for q in (50, 90, 99)), str(r["compiled_programs"])))
+                 "/".join(f"{r[f'itl_p{q}_ms']:.1f}" for q in (50, 90, 99)), str(r["compiled_programs"]),
+                 "-" if cpu is None else f"{cpu:.3f}"))
   rows.append((f"offline LLM.generate, pass {len(offline_passes)}", f"{off['requests_per_s']:.2f}",
-               f"{off['output_tokens_per_s']:.0f}", "-", "-", str(off["compiled_programs"])))
+               f"{off['output_tokens_per_s']:.0f}", "-", "-", str(off["compiled_programs"]), "-"))
   if len(server_passes) == 1:
     rows.pop(2)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -2,7 +2,8 @@
 
 ``create_app(llm, tokenizer, ServerConfig(...))`` builds the FastAPI app; ``jaxserve serve`` runs it
 under uvicorn. Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus).
+``GET /v1/models/{name}``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's), ``GET /health``,
+``GET /metrics`` (Prometheus).
 """
 
 from jaxserve.server._app import ServerConfig, create_app

@@ -260,7 +260,6 @@ async def completions(request: Request) -> Response:
   req: proto.CompletionRequest = await _read(state, request, proto.CompletionRequest)
   prompts = await _off_loop(state, proto.completion_prompts, req, state.tokenizer, config.vocab_size)
   params = [proto.sampling_params(req, len(p), config.max_model_len, state.sampling_params_cls) for p in prompts]
-  proto.check_prompt_count(len(prompts), params[0].n)
   rid = f"cmpl-{uuid.uuid4().hex}"
   group = RequestGroup(state.async_engine, rid, prompts, params, arrival)
   echo = [state.tokenizer.decode(p) for p in prompts] if req.echo else None

@@ -10,8 +10,8 @@ tokenizer, llama2.c tokenizers). It is BOS followed by one line per message and 
 
 Each line is ``{Role}: {content}\\n`` with the role capitalized (``system``, ``developer``, ``user``,
 ``assistant``, ``tool``).
-Tokenizers with a template (Hugging Face ``chat_template``) are rendered by ``transformers`` with
-``add_generation_prompt=True`` and encoded without adding BOS again (the template writes it), with
+Tokenizers with a template (Hugging Face ``chat_template``) are rendered by ``transformers`` (with
+the open assistant turn unless ``/tokenize`` asks ``add_generation_prompt: false``) and encoded without adding BOS again (the template writes it), with
 the special tokens it writes parsed.
 """
 

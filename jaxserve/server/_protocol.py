@@ -296,13 +296,6 @@ def _or(value: Any, default: Any) -> Any:
   return default if value is None else value
 
 
-def check_prompt_count(num_prompts: int, n: int) -> None:
-  """Refuses requests that would start more than ``MAX_SEQUENCES_PER_REQUEST`` sequences."""
-  if num_prompts * n > MAX_SEQUENCES_PER_REQUEST:
-    raise bad_request(f"{num_prompts} prompts x n={n} = {num_prompts * n} completions; at most "
-                      f"{MAX_SEQUENCES_PER_REQUEST} per request", "prompt")
-
-
 def include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
   return bool(req.stream_options and req.stream_options.include_usage)
 
