@@ -29,7 +29,7 @@ LayerFn = Callable[[str, jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "capture"))
-def block_forward(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer: int, capture: bool = False
+def block_pass(block_params: PyTree, x: jax.Array, *, cfg: ModelConfig, layer: int, capture: bool = False
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs one decoder block on hidden states ``x`` ``[B, T, hidden]``.
 
@@ -52,7 +52,7 @@ def block_grams(block_params: PyTree, xs: list[jax.Array], *, cfg: ModelConfig, 
   """``{group head: X^T X}`` summed over the batches ``xs`` of block inputs."""
   total: dict[str, jax.Array] = {}
   for x in xs:
-    for k, g in block_forward(block_params, x, cfg=cfg, layer=layer, capture=True)[1].items():
+    for k, g in block_pass(block_params, x, cfg=cfg, layer=layer, capture=True)[1].items():
       total[k] = total[k] + g if k in total else g
   return total
 
@@ -104,5 +104,5 @@ def prune_sequential(params: PyTree, cfg: ModelConfig, tokens: Any, layer_fn: La
         block[sub] = {**block[sub], leaf: {**block[sub][leaf], "kernel": new}}
         masks[path] = mask
     params[name] = block
-    xs = [block_forward(block, x, cfg=cfg, layer=static_layer)[0] for x in xs]
+    xs = [block_pass(block, x, cfg=cfg, layer=static_layer)[0] for x in xs]
   return params, masks

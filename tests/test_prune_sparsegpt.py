@@ -7,7 +7,7 @@ import pytest
 
 from jaxprune._data import calibration_windows
 from jaxprune._obs import obs_layer
-from jaxprune._sequential import block_forward, embed_inputs
+from jaxprune._sequential import block_pass, embed_inputs
 from jaxprune._sparsegpt import sparsegpt_layer
 from jaxprune._topk import keep_mask, keep_mask_rows, nm_keep_mask, num_pruned
 from jaxprune._wanda import wanda_layer
@@ -20,9 +20,9 @@ def layers():
   m = load_model()
   win = calibration_windows(CALIB_TEXT, m.tokenizer, nsamples=8, seq_len=128, seed=0)
   x = embed_inputs(m.params, m.cfg, win.inputs, 8)[0]
-  x = block_forward(m.params["layers_0"], x, cfg=m.cfg, layer=0)[0]
+  x = block_pass(m.params["layers_0"], x, cfg=m.cfg, layer=0)[0]
   out = {}
-  grams = block_forward(m.params["layers_1"], x, cfg=m.cfg, layer=1, capture=True)[1]
+  grams = block_pass(m.params["layers_1"], x, cfg=m.cfg, layer=1, capture=True)[1]
   for name, head in (("self_attn/q_proj", "self_attn/q_proj"), ("mlp/down_proj", "mlp/down_proj"),
                      ("mlp/up_proj", "mlp/gate_proj")):
     sub, leaf = name.split("/")

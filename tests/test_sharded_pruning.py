@@ -126,16 +126,16 @@ def test_prune_driver_on_sharded_model_equals_unsharded():
 
 
 def test_layer_hessians_from_data_parallel_batches_are_reduced_across_devices():
-  from jaxprune._sequential import block_forward
+  from jaxprune._sequential import block_pass
   from jaxserve.loaders import load_model
   mesh = _mesh4()
   m = load_model()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 64)).astype(np.float32))
   xs = jax.device_put(x, NamedSharding(mesh, P("tp")))  # calibration batch split over devices
   block = m.params["layers_0"]
-  _, ref = block_forward(block, x, cfg=m.cfg, layer=0, capture=True)
-  _, got = block_forward(block, xs, cfg=m.cfg, layer=0, capture=True)
+  _, ref = block_pass(block, x, cfg=m.cfg, layer=0, capture=True)
+  _, got = block_pass(block, xs, cfg=m.cfg, layer=0, capture=True)
   for k in ref:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-3)
-  hlo = block_forward.lower(block, xs, cfg=m.cfg, layer=0, capture=True).compile().as_text()
+  hlo = block_pass.lower(block, xs, cfg=m.cfg, layer=0, capture=True).compile().as_text()
   assert "all-reduce" in hlo and "all-gather" not in hlo
