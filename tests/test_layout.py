@@ -51,9 +51,11 @@ def test_jaxprune_does_not_intercept_model_modules():
           assert "intercept_methods" not in f.read(), name
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True},
-                                       {"layer_num_heads": (4, 2), "layer_num_kv_heads": (2, 1), "layer_intermediate_size": (96, 40),
-                                        "attention_bias": True}])
+NON_UNIFORM = {"layer_num_heads": (4, 2), "layer_num_kv_heads": (2, 1), "layer_intermediate_size": (96, 40),
+               "attention_bias": True}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, NON_UNIFORM])
 def test_per_block_api_composes_to_forward(overrides):
   cfg, params = tiny_model(seed=3, **overrides)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
