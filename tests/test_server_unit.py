@@ -81,6 +81,7 @@ class ScriptedEngine:
     return outs
 
   def stats(self):
+    self.stats_calls = getattr(self, "stats_calls", 0) + 1
     return {"kv_blocks_total": 10, "kv_blocks_used": len(self.reqs), "num_running_requests": len(self.reqs),
             "num_waiting_requests": 0, "total_preemptions": 0}
 
@@ -365,6 +366,30 @@ def test_engine_thread_hands_the_loop_one_batch_per_step(monkeypatch):
     for i in range(2):
       ids = [t for u in updates[1:] for d in u.choices if d.index == i for t in d.token_ids]
       assert ids == expected_tokens([5 + tag], 4, i)
+
+
+def test_engine_stats_are_read_once_per_interval_and_when_idle():
+  """``llm.stats()`` walks the weights: the engine thread reads it at most once per
+  ``metrics_interval`` while requests run (it was once per step), and always when they are done."""
+  llm = ScriptedEngine()
+  engine = AsyncEngine(llm, ServerMetrics("m"))
+  engine.metrics_interval = 3600.0
+
+  async def run():
+    got = []
+    for tag in range(2):
+      engine.add(f"r{tag}", [5], SamplingParams(max_tokens=6), tag=tag, sink=got.append, arrival=0.0)
+    iterations = 0
+    while True:
+      assert engine._iteration()  # the engine thread's work, run here (the thread is not started)
+      iterations += 1
+      if not engine._streams:
+        return iterations
+      assert 'jaxserve:num_requests_running{model_name="m"} 2.0' in engine.metrics.render().decode()
+
+  assert asyncio.run(run()) == 6  # one step per token
+  assert llm.stats_calls == 2  # the first step, and when the requests were done
+  assert 'jaxserve:num_requests_running{model_name="m"} 0.0' in engine.metrics.render().decode()
 
 
 def _old_sse(obj) -> str:

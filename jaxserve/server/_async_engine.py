@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -83,12 +84,17 @@ _STOP = object()
 class AsyncEngine:
   """Owns the engine and its thread.
 
+  The engine's gauges (``llm.stats()``, which walks the weights too) are read at most every
+  :attr:`metrics_interval` seconds while it runs, and whenever it falls idle.
+
   Args:
     llm: an object with ``add_request``, ``abort_request``, ``step``, ``has_unfinished_requests``
       and ``stats`` (``jaxserve.LLM``).
     metrics: where the thread reports engine state and latencies.
     limits: the bounds on what one request may take (queue, tokens, stream buffer).
   """
+
+  metrics_interval: float = 0.1  # seconds
 
   def __init__(self, llm: Any, metrics: ServerMetrics, limits: TransportLimits | None = None):
     self.llm = llm
@@ -103,6 +109,7 @@ class AsyncEngine:
     self._closed = False
     self.steps = 0
     self._tokens_sent = 0  # generated tokens handed to requests (engine thread only)
+    self._metrics_time = -math.inf  # when the engine's stats were last read (engine thread only)
 
   # ------------------------------------------------------------ asyncio side
   def start(self) -> None:
@@ -194,7 +201,7 @@ class AsyncEngine:
     for cmd in cmds:
       if cmd is _STOP:
         self._abort_all("abort")
-        self._update_metrics()
+        self._update_metrics(force=True)
         return False  # (_run flushes the aborts)
       if cmd[0] == "add":
         self._add(*cmd[1:])
@@ -204,8 +211,8 @@ class AsyncEngine:
         self._abort_all("abort")
     if self._safe(self.llm.has_unfinished_requests, False):
       self._step()
-    self._update_metrics()
     self._flush()
+    self._update_metrics(force=not self._streams)
     return True
 
   def _safe(self, fn, default):
@@ -304,7 +311,11 @@ class AsyncEngine:
       return None
     return ChoiceDelta(c.index, new_ids, new_text, logprobs, c.finish_reason)
 
-  def _update_metrics(self) -> None:
+  def _update_metrics(self, force: bool) -> None:
+    now = time.monotonic()
+    if not force and now - self._metrics_time < self.metrics_interval:
+      return
+    self._metrics_time = now
     stats = self._safe(self.llm.stats, None)
     if stats:
       self.metrics.update_engine(stats)
