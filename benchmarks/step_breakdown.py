@@ -113,7 +113,7 @@ def main() -> None:
     times = []
     for i in range(args.reps + 1):
       t0 = time.perf_counter()
-      greedy, runner.kv, runner.logits = fwd(params, runner.kv, runner.logits, *inputs)
+      greedy, runner.kv_pools, runner.logits = fwd(params, runner.kv_pools, runner.logits, *inputs)
       jax.block_until_ready(greedy)
       if i:
         times.append(time.perf_counter() - t0)

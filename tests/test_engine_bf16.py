@@ -207,7 +207,7 @@ def test_engine_bfloat16_equals_float32_greedy():
   for dtype in ("float32", "bfloat16"):
     llm = LLM(dtype=dtype, max_num_seqs=4, max_model_len=64, compile="lazy", compilation_cache=False)
     runner = llm.engine.runner
-    assert runner.kv[0][0].dtype == jnp.dtype(dtype) and runner.attn.use_cpu_kernel(dtype)
+    assert runner.kv_pools[0][0].dtype == jnp.dtype(dtype) and runner.attn.use_cpu_kernel(dtype)
     formats = llm.stats()["weight_formats"]
     assert formats.get("packed", 0) >= 1 and set(formats) <= {"packed", "dense"}, formats
     outs[dtype] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
@@ -233,3 +233,23 @@ def test_model_with_bf16_packed_weights_runs_the_kernel():
   plain, fast = np.asarray(run(params, tokens)), np.asarray(run(packed, tokens))
   np.testing.assert_allclose(fast, plain, rtol=0.05, atol=0.05 * np.abs(plain).max())
   assert (fast.argmax(-1) == plain.argmax(-1)).mean() > 0.9
+
+
+def test_stats_say_which_cpu_kernel_paths_run(monkeypatch):
+  """``llm.stats()["cpu_kernels"]``: whether the engine's steps run on the C++ kernels, and ``_cpu_kernels.info()``
+  (the bfloat16 matmul's path follows ``JAXSERVE_CPU_KERNEL_ISA``); a sliding-window model runs XLA's loops."""
+  from jaxserve.engine import LLM
+  from jaxserve.loaders import LoadedModel
+  from jaxserve.model import init_params
+  from jaxserve.testing import tiny_config
+  cfg = tiny_config(max_position_embeddings=64)
+  llm = LLM(LoadedModel(cfg, init_params(cfg, seed=0), None), max_num_seqs=2, compile="lazy", compilation_cache=False)
+  got = llm.stats()["cpu_kernels"]
+  assert got == {"used": True, **_cpu_kernels.info()}
+  assert got["available"] and got["error"] is None and got["bf16_matmul"] in ("avx512_bf16", "widen")
+  monkeypatch.setenv("JAXSERVE_CPU_KERNEL_ISA", "no-bf16")
+  assert llm.stats()["cpu_kernels"]["bf16_matmul"] == "widen"
+  windowed = cfg.replace(sliding_window=8)
+  llm = LLM(LoadedModel(windowed, init_params(windowed, seed=0), None), max_num_seqs=2, compile="lazy",
+            compilation_cache=False)
+  assert llm.stats()["cpu_kernels"]["used"] is False

@@ -173,7 +173,7 @@ def run(engine, specs, aborts=(), check=True):
       if req.finished:
         outputs[req.request_id] = engine.output(req)
     if check:
-      engine.kv.check_invariants()
+      engine.kv_manager.check_invariants()
     step += 1
     assert step < 2000, "no progress"
   return outputs
@@ -211,9 +211,9 @@ def test_block_accounting_under_random_workloads(workload, num_blocks, block_siz
   engine = make_engine(num_blocks, block_size, caching, max_num_seqs=16, max_tokens_per_step=24)
   outputs = run(engine, specs, aborts)
   # every block is free once every request finished or was aborted; nothing leaked
-  assert engine.kv.num_used_blocks == 0
-  assert engine.kv.pool.num_free == num_blocks - 1
-  assert all(b.ref_cnt == 0 for b in engine.kv.pool.blocks)
+  assert engine.kv_manager.num_used_blocks == 0
+  assert engine.kv_manager.pool.num_free == num_blocks - 1
+  assert all(b.ref_cnt == 0 for b in engine.kv_manager.pool.blocks)
   assert not engine.scheduler.requests
   # the same requests on a pool that never preempts, without prefix caching, give the same tokens
   if not aborts:
@@ -241,19 +241,19 @@ def test_n_samples_share_prompt_blocks():
   req = engine.make_request("x", {"prompt_token_ids": prompt}, params)
   engine.add(req)
   engine.step()  # prefill + first sample: forked into 4, every block shared
-  assert req.finished and engine.kv.num_used_blocks == 0
+  assert req.finished and engine.kv_manager.num_used_blocks == 0
   params = SamplingParams(temperature=1.0, n=4, max_tokens=3, ignore_eos=True)
   engine = make_engine(num_blocks=200, block_size=4, max_tokens_per_step=64)
   req = engine.make_request("y", {"prompt_token_ids": prompt}, params)
   engine.add(req)
   engine.step()
-  assert len(req.seqs) == 4 and engine.kv.num_used_blocks == 10
-  tables = [engine.kv.block_ids(s.seq_id) for s in req.seqs]
-  assert len(set(tables)) == 1 and engine.kv.pool.blocks[tables[0][0]].ref_cnt == 4
+  assert len(req.seqs) == 4 and engine.kv_manager.num_used_blocks == 10
+  tables = [engine.kv_manager.block_ids(s.seq_id) for s in req.seqs]
+  assert len(set(tables)) == 1 and engine.kv_manager.pool.blocks[tables[0][0]].ref_cnt == 4
   engine.step()  # each sample writes its token into the shared partial block: three copies
-  tables = [engine.kv.block_ids(s.seq_id) for s in req.seqs]
+  tables = [engine.kv_manager.block_ids(s.seq_id) for s in req.seqs]
   assert len({t[:9] for t in tables}) == 1 and len({t[9] for t in tables}) == 4
-  assert engine.kv.num_copies == 3 and engine.kv.num_used_blocks == 13
+  assert engine.kv_manager.num_copies == 3 and engine.kv_manager.num_used_blocks == 13
   outs = [c.token_ids for c in engine.output(req).outputs]
   assert len({tuple(o) for o in outs}) > 1  # the samples went their own ways
 
@@ -281,7 +281,7 @@ def test_preemption_under_pressure_keeps_accounting_and_tokens(reqs, num_blocks,
            for p, m, n in reqs]
   engine = make_engine(num_blocks, 2, caching, max_num_seqs=16, max_tokens_per_step=24)
   outputs = run(engine, specs)
-  assert engine.kv.pool.num_free == num_blocks - 1 and not engine.scheduler.requests
+  assert engine.kv_manager.pool.num_free == num_blocks - 1 and not engine.scheduler.requests
   refused = {f"r{i}" for i in range(len(specs)) if outputs[f"r{i}"] == "refused"}
   big = _tokens(run(make_engine(400, 2, False), specs))
   assert _tokens(outputs) == {k: "refused" if k in refused else v for k, v in big.items()}

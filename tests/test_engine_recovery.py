@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxserve.engine import LLM, EngineStepError, SamplingParams
-from jaxserve.engine import _model_runner
+from jaxserve.engine import _input_batch
 from jaxserve.loaders import LoadedModel
 from jaxserve.model import init_params
 from jaxserve.testing import tiny_config
@@ -48,7 +48,7 @@ def _fail_once_after_dispatch(monkeypatch, runner):
     out = real(exe, args)
     if state["armed"]:
       state["armed"] = False
-      state["donated"] = runner.kv[0][0]
+      state["donated"] = runner.kv_pools[0][0]
       raise RuntimeError("injected device failure")
     return out
 
@@ -124,14 +124,14 @@ def test_a_request_whose_step_inputs_fail_fails_alone(loaded, reference, monkeyp
   prompts = _prompts((5, 9, 37, 20), seed=4)
   want = _ids(reference.generate(prompts, GREEDY, use_tqdm=False))
   llm = _engine(loaded)
-  real = _model_runner.make_meta
+  real = _input_batch.make_meta
 
   def make_meta(seqs, *args, **kw):  # host metadata of the 37-token prompt cannot be built
     if any(kv_len == 37 for _, kv_len, _ in seqs):
       raise ValueError("injected metadata failure")
     return real(seqs, *args, **kw)
 
-  monkeypatch.setattr(_model_runner, "make_meta", make_meta)
+  monkeypatch.setattr(_input_batch, "make_meta", make_meta)
   for i, p in enumerate(prompts):
     llm.add_request(f"r{i}", p, GREEDY)
   outs = {}
@@ -152,14 +152,14 @@ def test_a_request_whose_sampling_inputs_fail_fails_alone(loaded, reference, mon
   sampled = [SamplingParams(temperature=0.8, top_k=2**40, seed=i, max_tokens=12, ignore_eos=True) for i in range(3)]
   want = _ids(reference.generate(prompts, sampled, use_tqdm=False))
   llm = _engine(loaded)
-  real = type(llm.engine)._fill_row
+  real = _input_batch.fill_row
 
-  def fill_row(self, t, i, req, seq, index):
+  def fill_row(t, i, req, seq, index, vocab_size):
     if req.request_id == "r1" and seq.num_output_tokens == 4:
       raise OverflowError("injected row failure")
-    return real(self, t, i, req, seq, index)
+    return real(t, i, req, seq, index, vocab_size)
 
-  monkeypatch.setattr(type(llm.engine), "_fill_row", fill_row)
+  monkeypatch.setattr(_input_batch, "fill_row", fill_row)
   for i, (p, sp) in enumerate(zip(prompts, sampled)):
     llm.add_request(f"r{i}", p, sp)
   outs = {}

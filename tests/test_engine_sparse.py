@@ -101,7 +101,7 @@ _NO_COPY = textwrap.dedent("""
   llm = LLM(sys.argv[1], num_kv_blocks=32, max_model_len=64, max_num_seqs=4)
   gc.collect()
   live = sum(a.nbytes for a in jax.live_arrays())
-  pools = sum(a.nbytes for pair in llm.engine.runner.kv for a in pair)
+  pools = sum(a.nbytes for pair in llm.engine.runner.kv_pools for a in pair)
   print(json.dumps(dict(live=live, weights=llm.stats()["weight_bytes"], pools=pools,
                         formats=llm.stats()["weight_formats"])))
 """)

@@ -21,7 +21,7 @@ def test_greedy_outputs_identical_for_tp_1_2_4():
   for tp in (1, 2, 4):
     llm = LLM(model, block_size=8, max_model_len=128, max_num_seqs=8, tensor_parallel_size=tp)
     results[tp] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    k_pool = llm.engine.runner.kv[0][0]
+    k_pool = llm.engine.runner.kv_pools[0][0]
     head_axis = 0 if llm.engine.runner.attn.kv_layout == "head" else 1
     assert {s.data.shape[head_axis] for s in k_pool.addressable_shards} == {model.cfg.kv_heads(0) // tp}
     assert llm.stats()["kv_blocks_used"] == 0

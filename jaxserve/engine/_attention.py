@@ -33,8 +33,9 @@ class PagedMeta:
   block_tables: Array  # [S, W] int32: physical blocks of each sequence, padded with the null block 0
   kv_lens: Array  # [S] int32: tokens of each sequence once this step's are written (0 = padding)
   cu_q_lens: Array  # [S + 1] int32: cumulative query tokens
-  num_seqs: Array  # [] int32: real sequences (the rest is padding)
-  num_decode: int = flax.struct.field(pytree_node=False, default=0)  # static: leading decode sequences
+  num_seqs: Array  # [] int32: sequence slots S (decode + prefill, padding included: a padding slot has 0 tokens)
+  # static: leading decode slots, padding included (the host's padded decode bucket; 0: no decode batch)
+  num_decode: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def make_meta(seqs: list[tuple[int, int, tuple[int, ...]]], num_decode: int, *, num_tokens: int,
@@ -107,12 +108,13 @@ def write_kv(k_pages: Array, v_pages: Array, k: Array, v: Array, slot_mapping: A
           v_pages.at[blocks, :, offsets].set(v.astype(v_pages.dtype)))
 
 
-def copy_blocks(kv: list[tuple[Array, Array]], src: Array, dst: Array, layout: str = "head") -> list[tuple[Array, Array]]:
+def copy_blocks(kv_pools: list[tuple[Array, Array]], src: Array, dst: Array,
+                layout: str = "head") -> list[tuple[Array, Array]]:
   """Copy-on-write: block ``dst[i]`` becomes a copy of ``src[i]`` in every layer (pad with 0 -> 0)."""
   _check_layout(layout)
   if layout == "block":
-    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv]
-  return [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv]
+    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv_pools]
+  return [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv_pools]
 
 
 def paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, meta: PagedMeta, *,
@@ -324,17 +326,17 @@ class PagedAttention:
     if self.impl == "pallas" and self.sliding_window is not None:
       raise ValueError("the Pallas kernels have no sliding window; use impl='xla' for this model")
 
-  def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_kv: Any, meta: PagedMeta):
+  def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_pools: Any, meta: PagedMeta):
     del layer
-    if self.use_cpu_kernel(layer_kv[0].dtype):  # K/V write and attention in one kernel call, pools in place
+    if self.use_cpu_kernel(layer_pools[0].dtype):  # K/V write and attention in one kernel call, pools in place
       from jaxserve.engine import _cpu_kernels
       meta = jax.tree.map(jnp.asarray, meta)
       row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[1])
       out, k_pages, v_pages = _cpu_kernels.write_paged_rows(
-          q[0], k[0], v[0], meta.slot_mapping, *layer_kv, meta.block_tables, row_seq, row_len,
+          q[0], k[0], v[0], meta.slot_mapping, *layer_pools, meta.block_tables, row_seq, row_len,
           scale=1.0 / math.sqrt(q.shape[-1]))
       return out[None].astype(q.dtype), (k_pages, v_pages)
-    k_pages, v_pages = write_kv(*layer_kv, k[0], v[0], meta.slot_mapping, self.kv_layout)
+    k_pages, v_pages = write_kv(*layer_pools, k[0], v[0], meta.slot_mapping, self.kv_layout)
     out = self.attend(q[0], k_pages, v_pages, meta)
     return out[None].astype(q.dtype), (k_pages, v_pages)
 

@@ -53,9 +53,6 @@ class KVCacheManager:
   def block_ids(self, seq_id: int) -> tuple[int, ...]:
     return tuple(b.block_id for b in self._tables.get(seq_id, ()))
 
-  def num_blocks_of(self, seq_id: int) -> int:
-    return len(self._tables.get(seq_id, ()))
-
   def has(self, seq_id: int) -> bool:
     return seq_id in self._tables
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.engine import _compile_cache
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
+from jaxserve.engine._input_batch import step_arrays
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample, sampling_tensors_spec
 from jaxserve.engine._scheduler import SchedulerOutput
 from jaxserve.engine._weight_forms import prepare_params
@@ -101,13 +102,13 @@ class ModelRunner:
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, *, num_blocks: int, block_size: int, max_model_len: int,
-               max_num_seqs: int, max_num_batched_tokens: int, attention: PagedAttention, kv_sharding: Any = None,
+               max_num_seqs: int, max_num_batched_tokens: int, attention: PagedAttention, kv_pool_sharding: Any = None,
                background_compile: bool = False, sparse_weights: str = "auto", compilation_cache: str | None = None):
     self.cfg, self.attn = cfg, attention
     # with the C++ CPU kernels, every Dense runs on a native matmul over its packed or compressed
     # kernel (converted once, here; typed leaves dispatch in jaxserve.weights.matmul)
-    native = kv_sharding is None and attention.use_cpu_kernel(cfg.dtype)
-    self.params = prepare_params(params, sparse=sparse_weights, native=native)
+    self.uses_cpu_kernels = kv_pool_sharding is None and attention.use_cpu_kernel(cfg.dtype)
+    self.params = prepare_params(params, sparse=sparse_weights, native=self.uses_cpu_kernels)
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
@@ -117,7 +118,7 @@ class ModelRunner:
     self.row_buckets = row_buckets(max_num_seqs)
     # decode-only steps get programs of their own where the attention batches decodes apart
     self.split_decodes = not attention.use_cpu_kernel(cfg.dtype)
-    self.kv_sharding = kv_sharding
+    self.kv_pool_sharding = kv_pool_sharding
     self.compilation_cache = compilation_cache
     self.reset_device_state()
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
@@ -136,18 +137,19 @@ class ModelRunner:
     dtype = jnp.dtype(self.cfg.dtype)
     shapes = [pool_shape(self.cfg.kv_heads(i), self.num_blocks, self.block_size, self.cfg.head_dim,
                          self.attn.kv_layout) for i in range(self.cfg.num_layers)]
-    self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
+    self.kv_pools = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
     self.logits = jnp.zeros((self.max_slots, self.cfg.vocab_size), jnp.float32)
-    if self.kv_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
-      self.kv = jax.device_put(self.kv, self.kv_sharding)
-      self.logits = jax.device_put(self.logits, NamedSharding(self.kv_sharding.mesh, PartitionSpec()))
+    if self.kv_pool_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
+      self.kv_pools = jax.device_put(self.kv_pools, self.kv_pool_sharding)
+      self.logits = jax.device_put(self.logits, NamedSharding(self.kv_pool_sharding.mesh, PartitionSpec()))
 
-  def _forward_impl(self, params, kv, logits_buf, tokens, positions, meta, logits_index):
-    out = forward(params, self.cfg, tokens, positions, kv=kv, attn=self.attn, meta=meta, logits_index=logits_index)
+  def _forward_impl(self, params, kv_pools, logits_buf, tokens, positions, meta, logits_index):
+    out = forward(params, self.cfg, tokens, positions, kv=kv_pools, attn=self.attn, meta=meta,
+                  logits_index=logits_index)
     logits = out.logits[0]
     buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
-    if self.kv_sharding is not None:
-      buf = jax.lax.with_sharding_constraint(buf, NamedSharding(self.kv_sharding.mesh, PartitionSpec()))
+    if self.kv_pool_sharding is not None:
+      buf = jax.lax.with_sharding_constraint(buf, NamedSharding(self.kv_pool_sharding.mesh, PartitionSpec()))
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv, buf
 
   # ---- the program set
@@ -220,12 +222,12 @@ class ModelRunner:
       meta = make_meta([], 0, num_tokens=t, decode_slots=decode_slots, prefill_slots=slots - decode_slots,
                        block_size=self.block_size, table_width=self.table_width)
       zeros = np.zeros((1, t), np.int32)
-      return spec(self.params), spec(self.kv), spec(self.logits), zeros, zeros, meta, np.zeros((1, slots), np.int32)
+      return spec(self.params), spec(self.kv_pools), spec(self.logits), zeros, zeros, meta, np.zeros((1, slots), np.int32)
     if key[0] == "sample":
       _, r, cfg = key
       return spec(self.logits), sampling_tensors_spec(r, self.cfg.vocab_size, cfg), cfg
     n = key[1]
-    return spec(self.kv), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    return spec(self.kv_pools), np.zeros(n, np.int32), np.zeros(n, np.int32)
 
   def _lower(self, key):
     fn = {"step": self._forward, "sample": self._sample, "copy": self._copy}[key[0]]
@@ -254,7 +256,7 @@ class ModelRunner:
     src = np.zeros(key[1], np.int32)
     dst = np.zeros(key[1], np.int32)
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    self.kv = self._program(key)(self.kv, src, dst)
+    self.kv_pools = self._program(key)(self.kv_pools, src, dst)
 
   def execute(self, sched: SchedulerOutput) -> tuple[jax.Array, jax.Array, list[int]]:
     """Runs the model on the scheduled tokens.
@@ -276,41 +278,27 @@ class ModelRunner:
       raise RuntimeError(f"a step of {len(seqs)} sequences exceeds its program's {key[2]} slots "
                          f"(max_num_seqs={self.max_num_seqs}): the scheduler admitted too many")
     try:
-      args, slot_of = self._step_inputs(seqs, nd, key)
+      args = self._step_inputs(seqs, nd, key)
     except Exception as e:  # noqa: BLE001 - find the sequences that fail alone; the rest can run
       bad = [order[j] for j, s in enumerate(seqs) if self._fails_alone(s, key)]
       if not bad:
         raise
       raise SequenceInputError(bad, e) from e
     rows = [0] * len(seqs)
-    for j, slot in enumerate(slot_of):
-      rows[order[j]] = slot
+    for j in range(len(seqs)):  # sequence j of the step took logits slot j
+      rows[order[j]] = j
     if sched.copies:
       self.copy(sched.copies)
-    greedy, self.kv, self.logits = self._run_step(self._program(key), args)
+    greedy, self.kv_pools, self.logits = self._run_step(self._program(key), args)
     return self.logits, greedy, rows
 
   def _run_step(self, exe, args):
     """Calls a compiled step program (the pools and logits buffer are donated to it)."""
-    return exe(self.params, self.kv, self.logits, *args)
+    return exe(self.params, self.kv_pools, self.logits, *args)
 
-  def _step_inputs(self, seqs, nd: int, key) -> tuple[tuple, list[int]]:
-    """The step's host arrays ``(tokens, positions, meta, logits_index)``, and each sequence's logits slot."""
-    _, num_tokens, slots, decode_slots = key
-    tokens = np.zeros((1, num_tokens), np.int32)
-    positions = np.zeros((1, num_tokens), np.int32)
-    logits_index = np.zeros((1, slots), np.int32)
-    row = 0
-    for j, s in enumerate(seqs):  # sequence j takes logits slot j (decode-only programs: all are decodes)
-      end = s.start + s.num_tokens
-      tokens[0, row:row + s.num_tokens] = s.seq.token_ids[s.start:end]
-      positions[0, row:row + s.num_tokens] = np.arange(s.start, end)
-      row += s.num_tokens
-      logits_index[0, j] = row - 1
-    meta = make_meta([(s.num_tokens, s.start + s.num_tokens, s.block_ids) for s in seqs], nd if decode_slots else 0,
-                     num_tokens=num_tokens, decode_slots=decode_slots, prefill_slots=slots - decode_slots,
-                     block_size=self.block_size, table_width=self.table_width)
-    return (tokens, positions, meta, logits_index), list(range(len(seqs)))
+  def _step_inputs(self, seqs, nd: int, key) -> tuple:
+    """The step's host arrays (:func:`step_arrays`)."""
+    return step_arrays(seqs, nd, key, block_size=self.block_size, table_width=self.table_width)
 
   def _fails_alone(self, s, key) -> bool:
     try:

@@ -70,7 +70,6 @@ class Request:
   status: RequestStatus = RequestStatus.WAITING
   forked: bool = False  # the prompt's sequence has been split into n samples / beams
   num_cached_tokens: int = 0
-  num_preemptions: int = 0
   error: str | None = None  # why the engine failed this request (finish_reason "error")
 
   @property

@@ -54,8 +54,8 @@ class Scheduler:
   order while sequences, budget and blocks allow, and not in a step that preempted.
   """
 
-  def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int):
-    self.kv = kv
+  def __init__(self, kv_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    self.kv_manager = kv_manager
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
     self.waiting: collections.deque[Request] = collections.deque()
@@ -79,18 +79,18 @@ class Scheduler:
 
   def finish_seq(self, req: Request, seq: Sequence) -> None:
     """Moves a finished sequence out of the live set and frees its blocks."""
-    self.kv.free(seq.seq_id)
+    self.kv_manager.free(seq.seq_id)
     req.seqs.remove(seq)
     req.finished_seqs.append(seq)
 
   def drop_seq(self, req: Request, seq: Sequence) -> None:
     """Frees a sequence that leaves no output (a beam that lost)."""
-    self.kv.free(seq.seq_id)
+    self.kv_manager.free(seq.seq_id)
     req.seqs.remove(seq)
 
   def finish_request(self, req: Request) -> None:
     for seq in list(req.seqs):
-      self.kv.free(seq.seq_id)
+      self.kv_manager.free(seq.seq_id)
     if req.status is RequestStatus.RUNNING:
       self.running.remove(req)
     elif req.status is RequestStatus.WAITING:
@@ -163,30 +163,36 @@ class Scheduler:
   def _try_schedule(self, req: Request, seq: Sequence, budget: int, chosen: dict, copies: dict) -> int | None:
     """Allocates slots for the sequence's next chunk; returns its token count, or None if out of blocks."""
     hit = PrefixHit()
-    fresh = not self.kv.has(seq.seq_id)
+    fresh = not self.kv_manager.has(seq.seq_id)
     if fresh and seq.num_computed_tokens == 0:
-      hit = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids)
+      hit = self.kv_manager.get_computed_blocks(seq.seq_id, seq.token_ids)
     start = max(seq.num_computed_tokens, hit.num_tokens)
     n = min(seq.num_tokens - start, budget)
-    alloc = self.kv.allocate_slots(seq.seq_id, start, n, hit)
+    alloc = self.kv_manager.allocate_slots(seq.seq_id, start, n, hit)
     if alloc is None:
       return None
     if fresh:
-      self.kv.record_lookup(seq.num_tokens, hit)
+      self.kv_manager.record_lookup(seq.num_tokens, hit)
       if not req.forked:
         req.num_cached_tokens = hit.num_tokens
     seq.num_computed_tokens = start
-    chosen[seq.seq_id] = ScheduledSeq(req, seq, start, n, self.kv.block_ids(seq.seq_id))
+    chosen[seq.seq_id] = ScheduledSeq(req, seq, start, n, self.kv_manager.block_ids(seq.seq_id))
     if alloc.copies:
       copies[seq.seq_id] = alloc.copies
     return n
 
+  def preempt_all(self) -> None:
+    """Sends every running request back to the waiting queue (in arrival order) with its blocks freed:
+    after a failed step, whose lost pools held their KV."""
+    for req in reversed(list(self.running)):
+      self.running.remove(req)
+      self._preempt(req)
+
   def _preempt(self, req: Request) -> None:
     for seq in req.seqs:
-      self.kv.free(seq.seq_id)
+      self.kv_manager.free(seq.seq_id)
       seq.num_computed_tokens = 0
     req.status = RequestStatus.WAITING
-    req.num_preemptions += 1
     self.num_preemptions += 1
     self.waiting.appendleft(req)
 
@@ -194,5 +200,5 @@ class Scheduler:
     """Marks the scheduled tokens computed and registers newly full blocks in the prefix cache."""
     for s in out.seqs:
       s.seq.num_computed_tokens = s.start + s.num_tokens
-      if self.kv.has(s.seq.seq_id):
-        self.kv.cache_full_blocks(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)
+      if self.kv_manager.has(s.seq.seq_id):
+        self.kv_manager.cache_full_blocks(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed_tokens)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import jax
 
 from jaxserve import weights
-from jaxserve.engine import _compile_cache
+from jaxserve.engine import _compile_cache, _cpu_kernels
 from jaxserve.engine._attention import PagedAttention
 from jaxserve.engine._engine import EngineCore, EngineStepError, PromptType
 from jaxserve.engine._kv_cache_manager import cdiv
@@ -128,7 +128,7 @@ class LLM:
       runner = ModelRunner(cfg, params, num_blocks=num_kv_blocks + 1, block_size=block_size,
                            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, attention=attn,
-                           kv_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
+                           kv_pool_sharding=None if mesh is None else kv_pool_sharding(mesh, attn.kv_layout),
                            background_compile=bool(background_compile), sparse_weights=sparse_weights,
                            compilation_cache=cache_dir)
     del params
@@ -237,12 +237,21 @@ class LLM:
     """Engine statistics: the KV pool now, and since the last ``generate`` call (or ``reset_stats``):
     ``kv_waste_fraction`` (allocated slots not holding a token over allocated slots, summed over
     the steps), ``kv_waste_floor_fraction`` (the same with only blocks holding a token counted: the
-    partial last blocks' share, the least a block-granular cache can waste), ``num_preemptions``, ``prefix_cache_hit_rate`` (prompt tokens served from the
-    cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs;
+    partial last blocks' share, the least a block-granular cache can waste), ``num_preemptions``,
+    ``prefix_cache_hit_rate`` (prompt tokens served from the cache over prompt tokens looked up) and more; ``num_compiled_programs`` counts jit programs;
     ``weight_bytes`` is the parameters' size as held (compressed kernels count their compressed
-    bytes) and ``weight_formats`` counts the Dense kernels run in each form."""
-    return {**self.engine.stats(), "weight_bytes": weights.nbytes(self.engine.runner.params),
-            "weight_formats": weight_formats(self.engine.runner.params)}
+    bytes) and ``weight_formats`` counts the Dense kernels run in each form. ``cpu_kernels`` says
+    which C++ CPU kernel paths run: ``used`` (this engine's steps run attention and every Dense on
+    them) and, on a CPU backend, ``_cpu_kernels.info()``: ``available``, ``isa``, ``bf16_matmul``
+    (``"avx512_bf16"`` or ``"widen"``) and ``error`` (why the library did not load)."""
+    runner = self.engine.runner
+    return {**self.engine.stats(), "weight_bytes": weights.nbytes(runner.params),
+            "weight_formats": weight_formats(runner.params), "cpu_kernels": self._cpu_kernel_stats()}
+
+  def _cpu_kernel_stats(self) -> dict[str, Any]:
+    # off a CPU backend the kernels were never loaded: asking would build them for nothing
+    info = _cpu_kernels.info() if jax.default_backend() == "cpu" else {}
+    return {"used": self.engine.runner.uses_cpu_kernels, **info}
 
   def reset_stats(self) -> None:
     self.engine.reset_stats()
@@ -261,7 +270,7 @@ class LLM:
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prefix (the blocks stay free); e.g. between a warm-up and a timed run."""
-    self.engine.kv.pool.reset_prefix_cache()
+    self.engine.kv_manager.pool.reset_prefix_cache()
 
   def get_tokenizer(self):
     return self.tokenizer
