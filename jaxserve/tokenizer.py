@@ -168,11 +168,18 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     try:
       self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-      raise ValueError(f"{path}: could not load a Hugging Face tokenizer ({e})") from e
+      # AutoTokenizer also validates the directory's config.json, which a structurally pruned model's
+      # (per-layer head counts) can fail; a tokenizer.json loads without it
+      if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise ValueError(f"{path}: could not load a Hugging Face tokenizer ({e})") from e
+      try:
+        self._tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+      except Exception as e2:
+        raise ValueError(f"{path}: could not load a Hugging Face tokenizer ({e}; from tokenizer.json: {e2})") from e2
     self._lock = threading.Lock()
     self.vocab_size = len(self._tok)
     self.bos_id = self._tok.bos_token_id

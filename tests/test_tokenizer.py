@@ -80,6 +80,21 @@ def test_save_hf_writes_a_fast_tokenizer_that_loading_uses(exported):
   assert isinstance(load_model(out).tokenizer, HFTokenizer)  # what `jaxserve serve DIR` serves with
 
 
+def test_tokenizer_json_loads_beside_a_config_transformers_rejects(exported, tmp_path):
+  """A structurally pruned export's config.json (per-layer heads) fails transformers' validation; its tokenizer loads."""
+  import json
+  import shutil
+  out, sp_tok = exported
+  d = tmp_path / "pruned"
+  shutil.copytree(out, d)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg.update(hidden_size=64, num_attention_heads=6)  # not a multiple: transformers' config validation refuses it
+  (d / "config.json").write_text(json.dumps(cfg))
+  tok = load_tokenizer(str(d))
+  assert tok.encode("Once upon a time", add_bos=True) == sp_tok.encode("Once upon a time", add_bos=True)
+  assert (tok.bos_id, tok.eos_id) == (sp_tok.bos_id, sp_tok.eos_id)
+
+
 def test_special_token_text_in_user_text_is_not_parsed(exported):
   out, sp_tok = exported
   tok = load_tokenizer(out)
