@@ -64,8 +64,9 @@ class AppState:
 
   Attributes:
     async_engine: the engine thread every request goes through.
-    tokenizer: prompts are tokenized with it on ``tokenize_pool`` (the engine thread is its only
-      other user).
+    tokenizer: prompts are encoded with it on ``tokenize_pool``, one at a time; the engine thread
+      decodes outputs with it, and the event loop decodes what is short (echoed prompts, logprob
+      token strings).
     config: the model's names and sizes, and the API key.
     limits: what one client may take.
     metrics: the Prometheus metrics ``GET /metrics`` renders.
