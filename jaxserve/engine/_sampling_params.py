@@ -82,9 +82,9 @@ class SamplingParams:
     if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
       raise ValueError(f"top_k must be an int, -1 or 0 (disabled) or >= 1, got {self.top_k!r}")
     _check_real("min_p", self.min_p, 0.0, 1.0, "[0, 1]")
-    if self.seed is not None:
-      if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
-        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
+    if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                  or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+      raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
     _check_real("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
                 "[{lo:g}, {hi:g}] (1: off)")
     for name in ("presence_penalty", "frequency_penalty"):
