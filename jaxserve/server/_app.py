@@ -457,6 +457,7 @@ class _GroupStreamingResponse(StreamingResponse):
   async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
     loop = asyncio.get_running_loop()
     writing: list[Any] = [None, 0.0]  # the task writing now (None between writes), and since when
+    writer: list[Any] = [None]  # the task that writes
     stalled = False
 
     def watch() -> None:
@@ -469,8 +470,9 @@ class _GroupStreamingResponse(StreamingResponse):
       watchdog = loop.call_later(self._stall_timeout / 4, watch)
 
     async def send_or_give_up(message: Any) -> None:
-      task = asyncio.current_task()
-      writing[0], writing[1] = task, loop.time()
+      task = writer[0] or asyncio.current_task()  # one task writes the whole response
+      writer[0] = writing[0] = task
+      writing[1] = loop.time()
       try:
         await send(message)
       except asyncio.CancelledError:
