@@ -82,7 +82,11 @@ _STOP = object()
 
 
 class AsyncEngine:
-  """Owns the engine and its thread.
+  """Owns the LLM and the engine thread, the only thread that touches it.
+
+  Each iteration of the thread runs the queued commands and one step, then hands the event loop
+  everything they produced at once (acknowledgements of new requests travel with the step's
+  tokens, which come out of the same step).
 
   The engine's gauges (``llm.stats()``, which walks the weights too) are read at most every
   :attr:`metrics_interval` seconds while it runs, and whenever it falls idle.
