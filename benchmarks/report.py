@@ -183,6 +183,10 @@ def serving() -> str:
   if "tok_s" in v:
     binds = ", ".join(f"{k}: {s:.0f}" for k, s in v.get("tok_s_by_bind", {}).items())
     rows.append([f"vLLM {v['version']} CPU backend, float32 (threads {binds})", f"{v['tok_s']:.0f}", vs_hf(v["tok_s"])])
+  vb = d.get("vllm_bfloat16", {})
+  if "tok_s" in vb:
+    rows.append([f"vLLM {v['version']} CPU backend, bfloat16 (threads {vb['threads_bind']})", f"{vb['tok_s']:.0f}",
+                 vs_hf(vb["tok_s"])])
   m = d["machine"]
   head = (f"Measured on {machine_line(m)}; greedy tokens equal to jaxserve's float32: "
           + (", ".join(f"{k} {100 * s:.0f}%" for k, s in d["greedy_match_vs_jaxserve"].items()) or "no other engine")
@@ -200,7 +204,11 @@ def serving() -> str:
                  f"float32's for {100 * bf['greedy_match_vs_float32']:.0f}% of the requests"
                  + (f" and transformers' bfloat16 (one request at a time) for "
                     f"{bf['greedy_equal_to_transformers_bfloat16']} of {d['num_requests']}"
-                    if "greedy_equal_to_transformers_bfloat16" in bf else "") + ".")
+                    if "greedy_equal_to_transformers_bfloat16" in bf else "")
+                 + (f" and vLLM's bfloat16 for {bf['greedy_equal_to_vllm_bfloat16']} of {d['num_requests']}"
+                    if "greedy_equal_to_vllm_bfloat16" in bf else "") + ".")
+    if "tok_s" in vb:
+      notes.append(f"jaxserve in bfloat16 made {x(bf['tok_s'] / vb['tok_s'])} vLLM's bfloat16 throughput.")
   out += "\n" + " ".join(notes) + "\n"
   tl = d.get("timeline")
   if tl:

@@ -221,7 +221,8 @@ def run_transformers(model_dir: str, workload: list[dict], threads: int, dtype: 
   return dict(elapsed_s=time.perf_counter() - t0, tokens=tokens, torch_threads=torch.get_num_threads())
 
 
-def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bind: bool, repeats: int = 1) -> dict:
+def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bind: bool, repeats: int = 1,
+             dtype: str = "float32") -> dict:
   """Runs benchmarks/_vllm_serving.py in vLLM's own virtual environment.
 
   ``bind``: vLLM's default, OpenMP threads bound to cores (and memory to the NUMA node); else
@@ -237,7 +238,7 @@ def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bi
     if not bind:
       env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "_vllm_serving.py"), model_dir, wl, out,
-                           str(MAX_MODEL_LEN), str(repeats)], env=env, capture_output=True, text=True, timeout=1800)
+                           str(MAX_MODEL_LEN), str(repeats), dtype], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0 or not os.path.exists(out):
       return dict(error=(proc.stderr or proc.stdout)[-3000:])
     with open(out) as f:
@@ -442,6 +443,20 @@ def main() -> None:
                          threads_bind=mode,
                          tok_s_by_bind={m: out_tokens / r["elapsed_s"] for m, r in ok.items()})
       engines["vllm"] = vl["tokens"]
+      if args.bfloat16:  # vLLM in bfloat16, with the thread placement that was faster in float32
+        vb = run_vllm(args.vllm_python, model_dir, workload, threads, bind=mode == "bind", repeats=args.repeats,
+                      dtype="bfloat16")
+        if "error" in vb:
+          res["vllm_bfloat16"] = dict(error=vb["error"])
+        else:
+          res["vllm_bfloat16"] = dict(elapsed_s=vb["elapsed_s"], runs_s=vb.get("runs_s"), threads_bind=mode,
+                                      tok_s=out_tokens / vb["elapsed_s"], construction_s=vb.get("construction_s"))
+          res["timeline"]["vllm_bfloat16"] = timeline(out_tokens, vb.get("construction_s"), vb.get("warmup_s"),
+                                                      vb["elapsed_s"])
+          if "jaxserve_bfloat16" in res:
+            res["jaxserve_bfloat16"]["greedy_equal_to_vllm_bfloat16"] = sum(
+                a == b for a, b in zip(bf["tokens"], vb["tokens"]))
+          print(f"vllm bfloat16: {out_tokens / vb['elapsed_s']:.1f} tok/s", flush=True)
       print(f"vllm: {out_tokens / vl['elapsed_s']:.1f} tok/s ({vl['elapsed_s']:.1f} s, threads {mode}; "
             + ", ".join(f"{m} {out_tokens / r['elapsed_s']:.1f}" for m, r in ok.items()) + ")", flush=True)
   else:
