@@ -23,3 +23,14 @@ def machine() -> dict[str, Any]:
   """CPU model, core count, platform, Python and the load average now (``loadavg_at_start``)."""
   return dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
               loadavg_at_start=list(os.getloadavg()))
+
+
+def git_commit() -> str | None:
+  """The short commit of the checkout the benchmark runs from (None outside git)."""
+  import subprocess
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=Path(__file__).resolve().parents[1])
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._machine import cpu_model, git_commit  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.loaders import EVAL_TEXT, load_model  # noqa: E402
 from jaxserve.server.testing import HOST, ServerProcess  # noqa: E402
@@ -267,15 +266,6 @@ def cases(smoke: bool) -> dict[str, tuple[Callable[[ServerProcess], tuple[Any, s
 
 
 # ---------------------------------------------------------------- the run
-def git_commit() -> str | None:
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                         cwd=Path(__file__).resolve().parents[1])
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--smoke", action="store_true", help="small sizes, 4 streams of 32 tokens: runs in seconds")

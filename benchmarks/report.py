@@ -338,18 +338,23 @@ def server_load() -> str:
   def ms(p: dict[str, Any], k: str) -> str:
     return " / ".join(f"{p[f'{k}_p{q}_ms']:.0f}" if k == "ttft" else f"{p[f'{k}_p{q}_ms']:.1f}" for q in (50, 90, 99))
 
+  cpu_col = any("server_cpu_ms_per_output_token" in p for p in d["server_passes"])
+
+  def cpu(p: dict[str, Any]) -> list[str]:
+    return [f"{p['server_cpu_ms_per_output_token']:.2f}" if "server_cpu_ms_per_output_token" in p else "-"] if cpu_col else []
+
   rows = []
   for i, p in enumerate(d["server_passes"]):
     rows.append([f"server, timed pass {i + 1}", f"{p['requests_per_s']:.1f}", f"{p['output_tokens_per_s']:.0f}",
-                 ms(p, "ttft"), ms(p, "itl"), f"{p['equal_to_offline']}/{d['requests']}"])
+                 ms(p, "ttft"), ms(p, "itl")] + cpu(p) + [f"{p['equal_to_offline']}/{d['requests']}"])
   for i, p in enumerate(d["offline_passes"]):
     rows.append([f"offline `LLM.generate`, pass {i + 1}", f"{p['requests_per_s']:.1f}", f"{p['output_tokens_per_s']:.0f}",
-                 "-", "-", f"{p['equal_to_first_pass']}/{d['requests']}"])
+                 "-", "-"] + (["-"] if cpu_col else []) + [f"{p['equal_to_first_pass']}/{d['requests']}"])
   head = (f"{d['clients']} streaming clients, {d['requests']} requests, {d['model']}, {d['workload']['sampling']}; "
-          f"measured on {env.get('cpu', 'a CPU whose model the file does not record')}, {env['cpus']} cores, code of "
+          f"measured on {machine_line(env)}, code of "
           f"commit {env['git_commit']}:\n\n")
-  return head + table(["", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms", "equal to offline greedy"],
-                      rows)
+  return head + table(["", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms"]
+                      + (["server CPU ms / token"] if cpu_col else []) + ["equal to offline greedy"], rows)
 
 
 # GPU ----------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._machine import cpu_model, git_commit  # noqa: E402
 from jaxserve.loaders import EVAL_TEXT, load_model  # noqa: E402
 from jaxserve.server.testing import ServerProcess  # noqa: E402
 
@@ -56,15 +56,6 @@ def workload(tokenizer, n: int, seed: int, max_model_len: int) -> list[tuple[lis
     start = int(rng.integers(0, len(ids) - pl))
     out.append(([tokenizer.bos_id] + ids[start:start + pl - 1], int(ol)))
   return out
-
-
-def git_commit() -> str | None:
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                         cwd=Path(__file__).resolve().parents[1])
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
 
 
 def compiled_programs(metrics_text: str) -> int:
@@ -176,6 +167,7 @@ def main() -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "server_load.json"))
   args = ap.parse_args()
+  load_at_start = list(os.getloadavg())
   for flag, value, lo, hi in (("--clients", args.clients, 1, 256), ("--requests", args.requests, 1, 4096),
                               ("--passes", args.passes, 1, 10), ("--max-duration", args.max_duration, 1, 3600)):
     if not lo <= value <= hi:
@@ -239,8 +231,9 @@ def main() -> int:
                    "sampling": "greedy, ignore_eos"},
       "server_passes": server_passes, "offline_passes": offline_passes,
       "server_vs_offline_throughput": round(srv_last["output_tokens_per_s"] / off["output_tokens_per_s"], 3),
-      "env": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-              "git_commit": git_commit()},
+      "env": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+              "machine": platform.machine(), "git_commit": git_commit(), "loadavg_at_start": load_at_start,
+              "loadavg_at_end": list(os.getloadavg())},
       "command": "python benchmarks/server_load.py " + " ".join(sys.argv[1:]),
   }
   print(f"\njaxserve serve load benchmark: {name}, {args.clients} streaming clients on 127.0.0.1, {args.requests} "
