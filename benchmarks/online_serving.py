@@ -1,11 +1,12 @@
-"""Online serving as vLLM's own benchmark client sees it: ``vllm bench serve`` against ``jaxserve serve`` and ``vllm serve``.
+"""Online serving as vLLM's own client sees it: ``vllm bench serve`` against ``jaxserve serve`` and ``vllm serve``.
 
 Both servers serve the same model (``benchmarks/serving.py``'s 44M random LLaMA, vocabulary 8192, float32)
 with a deterministic word-level tokenizer covering its vocabulary (``tokenizer.json`` +
 ``tokenizer_config.json`` written into the model directory), one server at a time, on 127.0.0.1.
 The client is ``vllm bench serve --backend openai`` (random dataset, ``--num-prompts`` prompts of
 ``--input-len`` tokens, ``--output-len`` output tokens, ``--ignore-eos``) at each ``--concurrency``
-(``--max-concurrency``): ``--warmups`` untimed runs, then ``--runs`` recorded ones. Each row of the
+(``--max-concurrency``): ``--warmups`` untimed runs, then ``--runs`` recorded ones, each run with other
+prompts (seed ``--seed + i``; warm-ups ``1000 + i``), so no run hits another's prefix-cached blocks. Each row of the
 table is one (server, concurrency): output tok/s, TTFT mean/median/p99, TPOT mean, ITL mean/median/p99,
 as the medians over the recorded runs (every run is kept in the JSON), the warm-up runs' output tok/s
 (the first one at the first concurrency is the first run after start-up), and whether every request
@@ -16,6 +17,7 @@ version under another distribution name while the ``vllm`` command looks up ``vl
 ``vllm-<version>+cpu.dist-info`` on ``PYTHONPATH`` makes it run. Where the venv's torchvision,
 torchaudio or torchcodec do not load against its torch (their compiled ops fail at import), a
 ``sitecustomize`` there hides them (a text model needs none of them); the JSON lists what was hidden.
+``VLLM_CPU_KVCACHE_SPACE`` (vLLM's KV cache, GiB) is 4 unless set.
 
 Without vLLM (``--client builtin``, or ``auto`` where the venv is missing, as on CI) a small httpx
 client in this process sends the same workload (random token-id prompts) and measures the same way
@@ -46,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import git_commit, machine  # noqa: E402
 from jaxserve.server.testing import HOST, ServerProcess, free_port  # noqa: E402
 
 DEFAULT_VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "/tmp/vllm-venv/bin/python")
@@ -54,8 +56,8 @@ _HIDDEN_IF_BROKEN = ("torchvision", "torchaudio", "torchcodec")
 METRICS = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
            "mean_itl_ms", "median_itl_ms", "p99_itl_ms")
 # --smoke: a tiny model with head_dim 64 (vLLM's CPU attention rejects serving.py's tiny model's head_dim 16)
-SMOKE_MODEL_KW = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=False)
+SMOKE_MODEL_KW = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: LLaMA's unk, bos and eos
 
 
@@ -221,7 +223,7 @@ async def _builtin_pass(base_url: str, model: str, prompts: list[list[int]], out
             tokens = data["usage"]["completion_tokens"]
       if tokens is None or not stamps:
         raise RuntimeError(f"a streamed completion ended without chunks or a usage chunk ({len(stamps)} chunks)")
-      rows.append(dict(start=t0, stamps=stamps, tokens=tokens))
+      rows.append(dict(start=t0, stamps=stamps, end=time.perf_counter(), tokens=tokens))
 
   t0 = time.perf_counter()
   async with httpx.AsyncClient(timeout=600) as client:
@@ -237,13 +239,13 @@ def run_builtin_client(base_url: str, model: str, vocab_size: int, concurrency: 
   res = asyncio.run(_builtin_pass(base_url, model, prompts, args.output_len, concurrency))
   ttft = [(r["stamps"][0] - r["start"]) * 1e3 for r in res["rows"]]
   itl = [(b - a) * 1e3 for r in res["rows"] for a, b in zip(r["stamps"], r["stamps"][1:])]
-  tpot = [(r["stamps"][-1] - r["stamps"][0]) * 1e3 / (r["tokens"] - 1) for r in res["rows"] if r["tokens"] > 1]
+  tpot = [(r["end"] - r["stamps"][0]) * 1e3 / (r["tokens"] - 1) for r in res["rows"] if r["tokens"] > 1]
   out_tokens = [r["tokens"] for r in res["rows"]]
   pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
   mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-  return dict(output_throughput=sum(out_tokens) / res["duration"], mean_ttft_ms=mean(ttft), median_ttft_ms=pct(ttft, 50),
-              p99_ttft_ms=pct(ttft, 99), mean_tpot_ms=mean(tpot), mean_itl_ms=mean(itl), median_itl_ms=pct(itl, 50),
-              p99_itl_ms=pct(itl, 99), completed=len(res["rows"]), failed=0,
+  return dict(output_throughput=sum(out_tokens) / res["duration"], mean_ttft_ms=mean(ttft),
+              median_ttft_ms=pct(ttft, 50), p99_ttft_ms=pct(ttft, 99), mean_tpot_ms=mean(tpot), mean_itl_ms=mean(itl),
+              median_itl_ms=pct(itl, 50), p99_itl_ms=pct(itl, 99), completed=len(res["rows"]), failed=0,
               chunks=[len(r["stamps"]) for r in res["rows"]], output_tokens=out_tokens, client_warnings=[],
               command=["builtin httpx client (benchmarks/online_serving.py)"])
 
@@ -254,8 +256,10 @@ def run_builtin_client(base_url: str, model: str, vocab_size: int, concurrency: 
 def tokenize_roundtrip(url, model: str) -> dict:
   """``/tokenize`` then ``/detokenize`` of a text made of the tokenizer's words gives the text back."""
   text = "w3 w17 w100 w5"
-  ids = httpx.post(url("/tokenize"), json=dict(model=model, prompt=text, add_special_tokens=False), timeout=30).json()
-  back = httpx.post(url("/detokenize"), json=dict(model=model, tokens=ids["tokens"]), timeout=30).json()
+  ids = httpx.post(url("/tokenize"), json=dict(model=model, prompt=text, add_special_tokens=False), timeout=30)
+  ids = ids.raise_for_status().json()
+  back = httpx.post(url("/detokenize"), json=dict(model=model, tokens=ids["tokens"]), timeout=30)
+  back = back.raise_for_status().json()
   return dict(text=text, tokens=ids["tokens"], detokenized=back["prompt"], ok=back["prompt"] == text)
 
 
@@ -272,7 +276,8 @@ def bench_server(name: str, base_url: str, model: str, client, args: argparse.Na
   rows, detail = [], {}
   for conc in args.concurrency:
     warm = [client(base_url, model, conc, 1000 + i)["output_throughput"] for i in range(args.warmups)]
-    runs = [client(base_url, model, conc, args.seed) for _ in range(args.runs)]
+    runs = [client(base_url, model, conc, args.seed + i) for i in range(args.runs)]  # other prompts each run:
+    # no run reuses another's prefix-cached blocks
     rows.append(dict(row(name, conc, runs), warmup_output_throughput=warm))
     detail[str(conc)] = [{k: v for k, v in r.items() if k not in ("chunks", "output_tokens")} for r in runs]
     print(f"  {name} concurrency {conc}: {rows[-1]['output_throughput']:.1f} tok/s", flush=True)
@@ -289,7 +294,8 @@ def _with_log(srv, fn):
 
 def print_table(rows: list[dict]) -> None:
   cols = [("server", "server", "s"), ("conc", "concurrency", "d"), ("out tok/s", "output_throughput", ".1f"),
-          ("TTFT mean", "mean_ttft_ms", ".1f"), ("TTFT med", "median_ttft_ms", ".1f"), ("TTFT p99", "p99_ttft_ms", ".1f"),
+          ("TTFT mean", "mean_ttft_ms", ".1f"), ("TTFT med", "median_ttft_ms", ".1f"),
+          ("TTFT p99", "p99_ttft_ms", ".1f"),
           ("TPOT mean", "mean_tpot_ms", ".2f"), ("ITL mean", "mean_itl_ms", ".2f"), ("ITL med", "median_itl_ms", ".2f"),
           ("ITL p99", "p99_itl_ms", ".2f"), ("chunks=tokens", "chunks_equal_tokens", "s")]
   print(" | ".join(h for h, _, _ in cols) + "   (ms)")
@@ -305,17 +311,10 @@ def _project_version() -> str | None:
     return None
 
 
-def _git_commit() -> str | None:
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--smoke", action="store_true", help="tiny model, 8 prompts of 16 tokens, 8 out, concurrency 2, 1 run")
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny model, 8 prompts of 16 tokens, 8 out, concurrency 2, one run")
   ap.add_argument("--servers", nargs="+", choices=("jaxserve", "vllm"), default=None,
                   help="default: both (smoke: jaxserve only)")
   ap.add_argument("--client", choices=("auto", "vllm", "builtin"), default="auto",
@@ -355,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
   if need_vllm and not have_vllm:
     raise SystemExit(f"{args.vllm_python} not found: pass --vllm-python (vLLM's venv) or --client builtin "
                      "--servers jaxserve")
-  model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "jaxserve-online-" + ("smoke64" if args.smoke else "44m"))
+  model_dir = args.model_dir or os.path.join(tempfile.gettempdir(),
+                                              "jaxserve-online-" + ("smoke64" if args.smoke else "44m"))
   make_model_dir(model_dir, args.smoke)
   with open(os.path.join(model_dir, "config.json")) as f:
     vocab_size = json.load(f)["vocab_size"]
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                              concurrency=args.concurrency, warmups=args.warmups, runs_per_row=args.runs,
                              rows=[], runs={}, commands={}, versions={})
   res["versions"]["jaxserve"] = _project_version()
-  res["git_commit"] = _git_commit()
+  res["git_commit"] = git_commit()
   with tempfile.TemporaryDirectory() as stand:
     env, vinfo = vllm_env(args.vllm_python, stand) if need_vllm else (None, None)
     vllm_bin = str(Path(args.vllm_python).parent / "vllm")
@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
       client = lambda url, model, conc, seed: run_vllm_client(vllm_bin, env, url, model, conc, seed, args)  # noqa: E731
     else:
       client = lambda url, model, conc, seed: run_builtin_client(url, model, vocab_size, conc, seed, args)  # noqa: E731
-    max_len = str(args.input_len + args.output_len + 16)
+    # twice the longest request: vLLM rejects a prompt of more than 5 characters per token of max_model_len
+    # before tokenizing it, and this tokenizer's words ("w8191 ") are up to 6
+    max_len = str(2 * (args.input_len + args.output_len))
     for server in args.servers:
       print(f"{server}: starting", flush=True)
       if server == "jaxserve":
@@ -390,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         with VLLMServer(vllm_bin, srv_args, env) as srv:
           res["commands"]["vllm"] = srv.command[:1] + srv.command[1:-1] + ["PORT"]
           res["tokenize_roundtrip_vllm"] = tokenize_roundtrip(srv.url, model_dir)
-          rows, detail = _with_log(srv, lambda: bench_server("vllm", f"http://{HOST}:{srv.port}", model_dir, client, args))
+          url = f"http://{HOST}:{srv.port}"
+          rows, detail = _with_log(srv, lambda: bench_server("vllm", url, model_dir, client, args))
       res["rows"] += rows
       res["runs"][server] = detail
   res["commands"]["client"] = next((r[0]["command"] for d in res["runs"].values() for r in d.values()), None)

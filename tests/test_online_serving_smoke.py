@@ -52,3 +52,12 @@ def test_tokenizer_covers_the_vocabulary(tmp_path):
   assert tok.encode(text).ids == ids and text.split() == [f"w{i}" for i in ids]
   with pytest.raises(ValueError, match="vocab_size must exceed 3"):
     make_tokenizer(str(tmp_path), 3)
+
+
+def test_row_flags_a_request_with_fewer_chunks_than_tokens():
+  from online_serving import row
+  run = dict({k: 1.0 for k in METRICS}, completed=2, chunks=[8, 8], output_tokens=[8, 8])
+  assert row("jaxserve", 2, [run])["chunks_equal_tokens"]
+  coalesced = dict(run, chunks=[8, 5])  # three tokens' text came in one chunk
+  r = row("jaxserve", 2, [run, coalesced])
+  assert not r["chunks_equal_tokens"] and r["chunks_per_request"] == [5, 8] and r["output_throughput"] == 1.0
