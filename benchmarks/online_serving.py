@@ -25,6 +25,7 @@ client in this process sends the same workload (random token-id prompts) and mea
 
   python benchmarks/online_serving.py                 # both servers, concurrency 8 and 32, 1 warm-up + 3 runs
   python benchmarks/online_serving.py --smoke         # tiny model, 8 prompts of 16 tokens, 8 out, concurrency 2
+                                                      # (both servers where vLLM's venv exists; JSON to the temp dir)
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def make_model_dir(path: str, smoke: bool) -> str:
 # ---------------------------------------------------------------------------------------------- vLLM's side
 
 
-def vllm_env(vllm_python: str, stand_dir: str) -> tuple[dict[str, str], dict[str, Any]]:
+def vllm_env(vllm_python: str, stand_dir: str, nobind: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
   """The environment ``vllm`` runs in: the stand-in dist-info (and the sitecustomize hiding broken
   optional modules) in ``stand_dir`` on ``PYTHONPATH``, ``VLLM_TARGET_DEVICE=cpu``."""
   probe = ("import importlib.metadata as m, json, importlib\n"
@@ -117,8 +118,11 @@ def vllm_env(vllm_python: str, stand_dir: str) -> tuple[dict[str, str], dict[str
   env = dict(os.environ, PYTHONPATH=stand_dir, VLLM_TARGET_DEVICE="cpu")
   env.pop("XLA_FLAGS", None)
   env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+  if nobind:
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
   return env, dict(version=info["version"], hidden_modules=info["broken"],
-                   kvcache_space_gib=env["VLLM_CPU_KVCACHE_SPACE"])
+                   kvcache_space_gib=env["VLLM_CPU_KVCACHE_SPACE"],
+                   omp_threads_bind=env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
 
 
 class VLLMServer:
@@ -316,10 +320,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--smoke", action="store_true",
                   help="tiny model, 8 prompts of 16 tokens, 8 out, concurrency 2, one run")
   ap.add_argument("--servers", nargs="+", choices=("jaxserve", "vllm"), default=None,
-                  help="default: both (smoke: jaxserve only)")
+                  help="default: both (smoke: jaxserve only where --vllm-python is missing)")
   ap.add_argument("--client", choices=("auto", "vllm", "builtin"), default="auto",
                   help="auto: vllm bench serve where --vllm-python exists, else the builtin client")
   ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
+  ap.add_argument("--vllm-nobind", action="store_true",
+                  help="vLLM's OpenMP threads unbound (VLLM_CPU_OMP_THREADS_BIND=nobind; faster on a loaded machine)")
   ap.add_argument("--model-dir", default=None, help="default: a cache under the system temp dir")
   ap.add_argument("--num-prompts", type=int, default=None)
   ap.add_argument("--input-len", type=int, default=None)
@@ -333,16 +339,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args = ap.parse_args(argv)
   full = dict(num_prompts=128, input_len=128, output_len=64, concurrency=[8, 32], warmups=1, runs=3,
               servers=["jaxserve", "vllm"])
-  smoke = dict(num_prompts=8, input_len=16, output_len=8, concurrency=[2], warmups=0, runs=1, servers=["jaxserve"])
+  smoke = dict(num_prompts=8, input_len=16, output_len=8, concurrency=[2], warmups=0, runs=1,
+               servers=["jaxserve", "vllm"] if os.path.exists(args.vllm_python) else ["jaxserve"])
   for k, v in (smoke if args.smoke else full).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
   for k in ("num_prompts", "input_len", "output_len", "runs"):
     if getattr(args, k) < 1:
       raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-  if args.out is None:
-    name = "online_serving_smoke.json" if args.smoke else "online_serving.json"
-    args.out = str(ROOT / "benchmarks" / "results" / name)
+  if args.out is None:  # a smoke run's figures are no results
+    args.out = (os.path.join(tempfile.gettempdir(), "online_serving_smoke.json") if args.smoke
+                else str(ROOT / "benchmarks" / "results" / "online_serving.json"))
   return args
 
 
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
   res["versions"]["jaxserve"] = _project_version()
   res["git_commit"] = git_commit()
   with tempfile.TemporaryDirectory() as stand:
-    env, vinfo = vllm_env(args.vllm_python, stand) if need_vllm else (None, None)
+    env, vinfo = vllm_env(args.vllm_python, stand, args.vllm_nobind) if need_vllm else (None, None)
     vllm_bin = str(Path(args.vllm_python).parent / "vllm")
     if vinfo:
       res["versions"]["vllm"] = vinfo["version"]
