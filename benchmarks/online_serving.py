@@ -386,18 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     # twice the longest request: vLLM rejects a prompt of more than 5 characters per token of max_model_len
     # before tokenizing it, and this tokenizer's words ("w8191 ") are up to 6
     max_len = str(2 * (args.input_len + args.output_len))
+    srv_args = [model_dir, "--dtype", "float32", "--max-model-len", max_len, "--seed", "0"]
     for server in args.servers:
       print(f"{server}: starting", flush=True)
       if server == "jaxserve":
-        srv_args = [model_dir, "--dtype", "float32", "--max-model-len", max_len, "--seed", "0"]
         with ServerProcess(srv_args, startup_timeout=900.0) as srv:
           res["commands"]["jaxserve"] = ["jaxserve", "serve", "--host", HOST, "--port", "PORT", *srv_args]
           res["tokenize_roundtrip"] = tokenize_roundtrip(srv.url, model_dir)
           rows, detail = _with_log(srv, lambda: bench_server("jaxserve", srv.base_url, model_dir, client, args))
       else:
-        srv_args = [model_dir, "--dtype", "float32", "--max-model-len", max_len, "--seed", "0"]
         with VLLMServer(vllm_bin, srv_args, env) as srv:
-          res["commands"]["vllm"] = srv.command[:1] + srv.command[1:-1] + ["PORT"]
+          res["commands"]["vllm"] = srv.command[:-1] + ["PORT"]
           res["tokenize_roundtrip_vllm"] = tokenize_roundtrip(srv.url, model_dir)
           url = f"http://{HOST}:{srv.port}"
           rows, detail = _with_log(srv, lambda: bench_server("vllm", url, model_dir, client, args))
