@@ -357,6 +357,20 @@ def server_load() -> str:
                       + (["server CPU ms / token"] if cpu_col else []) + ["equal to offline greedy"], rows)
 
 
+@block
+def abuse() -> str:
+  d = load("abuse.json")
+  rows = [[f"`{c['case']}`", c["status"], "yes" if c["expected"] else "**no**",
+           f"{c['streams_equal']}/{c['streams']}", f"{c['longest_gap_s']:.2f}", "yes" if c["healthy_after"] else "**no**",
+           c["detail"][:90].replace("|", "/")] for c in d["cases"]]
+  head = (f"{d['streams']} greedy streams of {d['stream_max_tokens']} tokens in flight during each case; {d['model']}; "
+          f"measured on {d['cpu']}, {d['cpu_count']} cores, load average {d['load_average_before'][0]:.1f} before and "
+          f"{d['load_average_after'][0]:.1f} after, code of commit {d['commit']}; tracebacks in the server log: "
+          f"{d['tracebacks_in_server_log']}.\n\n")
+  return head + table(["case", "status", "as expected", "streams equal to `LLM.generate`", "longest gap between chunks s",
+                       "/health after", "detail"], rows)
+
+
 # GPU ----------------------------------------------------------------------------------------------
 
 
