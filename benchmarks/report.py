@@ -371,6 +371,29 @@ def abuse() -> str:
                        "/health after", "detail"], rows)
 
 
+@block
+def online_serving() -> str:
+  d = load("online_serving.json")
+  w = d["workload"]
+  rows = [[r["server"], r["concurrency"], f"{r['output_throughput']:.0f}",
+           " / ".join(f"{r[k]:.0f}" for k in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms")), f"{r['mean_tpot_ms']:.1f}",
+           " / ".join(f"{r[k]:.1f}" for k in ("median_itl_ms", "p99_itl_ms")),
+           ", ".join(f"{t:.0f}" for t in r["warmup_output_throughput"]), "yes" if r["chunks_equal_tokens"] else "**no**"]
+          for r in d["rows"]]
+  by = {(r["server"], r["concurrency"]): r for r in d["rows"]}
+  ratios = [f"at concurrency {c}: jaxserve {x(by['jaxserve', c]['output_throughput'] / by['vllm', c]['output_throughput'])} "
+            f"vLLM's output tok/s, TTFT mean {x(by['jaxserve', c]['mean_ttft_ms'] / by['vllm', c]['mean_ttft_ms'])}, "
+            f"TPOT mean {x(by['jaxserve', c]['mean_tpot_ms'] / by['vllm', c]['mean_tpot_ms'])}"
+            for c in d["concurrency"] if ("jaxserve", c) in by and ("vllm", c) in by]
+  head = (f"`vllm bench serve` ({d['client']} client), random dataset, {w['num_prompts']} prompts of {w['input_len']} "
+          f"tokens, {w['output_len']} output tokens, ignore_eos, {d['dtype']}; {d['warmups']} warm-up run, then the median "
+          f"of {d['runs_per_row']} runs; jaxserve {d['versions']['jaxserve']}, vLLM {d['versions'].get('vllm', '-')}; "
+          f"measured on {machine_line(d)}, code of commit {d['git_commit']}:\n\n")
+  return (head + table(["server", "concurrency", "output tok/s", "TTFT mean / median / p99 ms", "TPOT mean ms",
+                        "ITL median / p99 ms", "warm-up run tok/s", "a chunk per token"], rows)
+          + ("\n" + "; ".join(ratios).capitalize()[:1] + "; ".join(ratios)[1:] + ".\n" if ratios else ""))
+
+
 # GPU ----------------------------------------------------------------------------------------------
 
 
