@@ -233,22 +233,27 @@ def serving() -> str:
 
 @block
 def step_breakdown() -> str:
-  d = load("step_breakdown.json")
-  dec, pre = d["decode_ms"], d["prefill_ms"]
   cols = ["C++ kernel", "XLA loops", "no attention", "no attention, no KV write"]
-  rows = [[f"decode, batch 64, mean context {d['decode_mean_context']:.0f}"] + [f"{dec[c]:.1f} ms" for c in cols],
-          ["prefill, 2048 tokens"] + [f"{pre[c]:.0f} ms" if c in pre else "-" for c in cols]]
-  mm = d["decode_matmul_ms"]
-  head = (f"Median of {d['reps']}, load average {d['loadavg'][0]:.1f}; the file does not record the CPU model "
-          "(it was measured on the AMD EPYC machine of this class, before the Intel one).\n\n")
-  tail = (f"\nAttention reads the decodes' {d['kv_bytes'] / 1e6:.0f} MB of K/V at "
-          f"{d['attention_read_GBps']['C++ kernel']:.1f} GB/s with the kernel (including its K/V write) and "
-          f"{d['attention_read_GBps']['XLA loops']:.1f} GB/s with XLA's loops (a plain read of the same bytes: "
-          f"{d['plain_read_GBps']:.1f} GB/s); the prefill's matmuls run at {d['prefill_matmul_GFLOPs']:.0f} GFLOP/s. "
-          "A decode step of " + ", ".join(mm) + " sequences takes "
-          + " / ".join(f"{mm[b]['packed C++ matmul']:.1f}" for b in mm) + " ms with the packed matmul and "
-          + " / ".join(f"{mm[b]['XLA matmul']:.1f}" for b in mm) + " ms with XLA's.\n")
-  return head + table(["step (serving model)"] + cols, rows) + tail
+  rows, tails, head = [], [], ""
+  for name in ("step_breakdown.json", "step_breakdown_bfloat16.json"):
+    if not (RESULTS / name).exists():
+      continue
+    d = load(name)
+    dt = d.get("dtype", "float32")
+    dec, pre, mm = d["decode_ms"], d["prefill_ms"], d["decode_matmul_ms"]
+    rows += [[f"{dt}: decode, batch 64, mean context {d['decode_mean_context']:.0f}"] + [f"{dec[c]:.1f} ms" for c in cols],
+             [f"{dt}: prefill, 2048 tokens"] + [f"{pre[c]:.0f} ms" if c in pre else "-" for c in cols]]
+    head += (f"{dt}: median of {d['reps']}, measured on {d.get('cpu', 'a CPU whose model the file does not record')}, "
+             f"load average {d['loadavg'][0]:.1f}. ")
+    tails.append(
+        f"In {dt}, attention reads the decodes' {d['kv_bytes'] / 1e6:.0f} MB of K/V at "
+        f"{d['attention_read_GBps']['C++ kernel']:.1f} GB/s with the kernel (including its K/V write) and "
+        f"{d['attention_read_GBps']['XLA loops']:.1f} GB/s with XLA's loops (a plain read of the same bytes: "
+        f"{d['plain_read_GBps']:.1f} GB/s); the prefill's matmuls run at {d['prefill_matmul_GFLOPs']:.0f} GFLOP/s; "
+        "a decode step of " + ", ".join(mm) + " sequences takes "
+        + " / ".join(f"{mm[b]['packed C++ matmul']:.1f}" for b in mm) + " ms with the packed matmul and "
+        + " / ".join(f"{mm[b]['XLA matmul']:.1f}" for b in mm) + " ms with XLA's.")
+  return head.strip() + "\n\n" + table(["step (serving model)"] + cols, rows) + "\n" + " ".join(tails) + "\n"
 
 
 @block
