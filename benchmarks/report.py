@@ -61,6 +61,11 @@ def span(values: list[float], fmt: str = "{:.2f}") -> str:
   return lo if lo == hi else f"{lo}-{hi}"
 
 
+def _sentence(text: str) -> str:
+  """``text`` with a capital first letter and a full stop."""
+  return text[:1].upper() + text[1:] + "."
+
+
 def machine_line(m: dict[str, Any]) -> str:
   """The machine a results file was measured on, from what it recorded."""
   cpu = m.get("cpu") or "CPU model not recorded"
@@ -396,7 +401,7 @@ def online_serving() -> str:
           f"measured on {machine_line(d)}, code of commit {d['git_commit']}:\n\n")
   return (head + table(["server", "concurrency", "output tok/s", "TTFT mean / median / p99 ms", "TPOT mean ms",
                         "ITL median / p99 ms", "warm-up run tok/s", "a chunk per token"], rows)
-          + ("\n" + "; ".join(ratios).capitalize()[:1] + "; ".join(ratios)[1:] + ".\n" if ratios else ""))
+          + (f"\n{_sentence('; '.join(ratios))}\n" if ratios else ""))
 
 
 # GPU ----------------------------------------------------------------------------------------------
