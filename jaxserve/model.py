@@ -2,7 +2,9 @@
 
 The parameters are a plain nested dict (Flax linen names mirroring Hugging Face):
 ``params['layers_0']['self_attn']['q_proj']['kernel']`` has shape ``[hidden, heads * head_dim]``
-(kernels are ``(in, out)``). ``forward`` runs the whole stack; ``embed``, ``block_forward`` and
+(kernels are ``(in, out)``). A block may also hold its projections joined, ``self_attn/qkv_proj``
+(``[hidden, (heads + 2 * kv_heads) * head_dim]``, q then k then v) and ``mlp/gate_up_proj`` (gate then
+up), as the engine runs them on its CPU kernels. ``forward`` runs the whole stack; ``embed``, ``block_forward`` and
 ``head`` run its three parts one at a time (``head(block_forward(...embed(tokens)...))`` equals
 ``forward``'s logits), for tools that work block by block such as pruning. The attention backend decides
 whether keys and values come from the current tokens only (``CausalAttention``), from a
@@ -181,13 +183,13 @@ class Linear(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, rows=None):
     self.sow("intermediates", "inputs", x)  # a no-op unless "intermediates" is mutable (block_forward)
     if self.has_variable("params", "kernel"):  # a typed leaf is not an array: no shape check against init
       kernel = self.get_variable("params", "kernel")
     else:
       kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
-    y = weights.matmul(x, kernel, self.dtype)
+    y = weights.matmul(x, kernel, self.dtype, rows=rows)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype).astype(self.dtype)
     return y
@@ -203,16 +205,21 @@ class Attention(nn.Module):
   attn: AttentionBackend
 
   @nn.compact
-  def __call__(self, x, cos, sin, layer_kv, meta):
+  def __call__(self, x, cos, sin, layer_kv, meta, rows=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     h, kvh, d = cfg.heads(self.layer), cfg.kv_heads(self.layer), cfg.head_dim
     b, t, _ = x.shape
-    q = _dense(h * d, "q_proj", dtype, cfg.attention_bias)(x).reshape(b, t, h, d)
-    k = _dense(kvh * d, "k_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
-    v = _dense(kvh * d, "v_proj", dtype, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    if self.has_variable("params", "qkv_proj"):  # the three joined (the engine's native kernels: one matmul)
+      qkv = _dense((h + 2 * kvh) * d, "qkv_proj", dtype, cfg.attention_bias)(x, rows)
+      q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
+    else:
+      q = _dense(h * d, "q_proj", dtype, cfg.attention_bias)(x, rows)
+      k = _dense(kvh * d, "k_proj", dtype, cfg.attention_bias)(x, rows)
+      v = _dense(kvh * d, "v_proj", dtype, cfg.attention_bias)(x, rows)
+    q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     out, layer_kv = self.attn(self.layer, q, k, v, layer_kv, meta)
-    out = _dense(cfg.hidden_size, "o_proj", dtype, cfg.attention_out_bias)(out.reshape(b, t, h * d))
+    out = _dense(cfg.hidden_size, "o_proj", dtype, cfg.attention_out_bias)(out.reshape(b, t, h * d), rows)
     return out, layer_kv
 
 
@@ -221,11 +228,14 @@ class MLP(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, rows=None):
     dtype, f = jnp.dtype(self.cfg.dtype), self.cfg.ffn(self.layer)
-    gate = _dense(f, "gate_proj", dtype)(x)
-    up = _dense(f, "up_proj", dtype)(x)
-    return _dense(self.cfg.hidden_size, "down_proj", dtype)(nn.silu(gate) * up)
+    if self.has_variable("params", "gate_up_proj"):  # joined, as for Attention's qkv_proj
+      gate, up = jnp.split(_dense(2 * f, "gate_up_proj", dtype)(x, rows), [f], axis=-1)
+    else:
+      gate = _dense(f, "gate_proj", dtype)(x, rows)
+      up = _dense(f, "up_proj", dtype)(x, rows)
+    return _dense(self.cfg.hidden_size, "down_proj", dtype)(nn.silu(gate) * up, rows)
 
 
 class Block(nn.Module):
@@ -234,13 +244,13 @@ class Block(nn.Module):
   attn: AttentionBackend
 
   @nn.compact
-  def __call__(self, x, cos, sin, layer_kv, meta):
+  def __call__(self, x, cos, sin, layer_kv, meta, rows=None):
     dtype = jnp.dtype(self.cfg.dtype)
     h, layer_kv = Attention(self.cfg, self.layer, self.attn, name="self_attn")(
-        RMSNorm(self.cfg.rms_norm_eps, dtype, name="input_layernorm")(x), cos, sin, layer_kv, meta)
+        RMSNorm(self.cfg.rms_norm_eps, dtype, name="input_layernorm")(x), cos, sin, layer_kv, meta, rows)
     x = x + h
     x = x + MLP(self.cfg, self.layer, name="mlp")(
-        RMSNorm(self.cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+        RMSNorm(self.cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x), rows)
     return x, layer_kv
 
 
@@ -252,7 +262,7 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, kv=None, meta=None, logits_index=None, return_layer_inputs=False,
-               layers=None):
+               layers=None, rows=None, logits_rows=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, name="embed_tokens")
     x = embed(tokens)
@@ -262,13 +272,13 @@ class Llama(nn.Module):
       if return_layer_inputs:
         layer_inputs.append(x)
       x, layer_kv = Block(cfg, i, self.attn, name=f"layers_{i}")(
-          x, cos, sin, None if kv is None else kv[i], meta)
+          x, cos, sin, None if kv is None else kv[i], meta, rows)
       new_kv.append(layer_kv)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
     logits = (embed.attend(x) if cfg.tie_word_embeddings
-              else _dense(cfg.vocab_size, "lm_head", dtype)(x))
+              else _dense(cfg.vocab_size, "lm_head", dtype)(x, rows if logits_index is None else logits_rows))
     return ModelOutput(logits.astype(jnp.float32), new_kv if kv is not None else None,
                        layer_inputs if return_layer_inputs else None)
 
@@ -279,7 +289,8 @@ def default_attention(cfg: ModelConfig) -> CausalAttention:
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None, *,
             kv: list[Any] | None = None, attn: AttentionBackend | None = None, meta: Any = None,
-            logits_index: Array | None = None, return_layer_inputs: bool = False) -> ModelOutput:
+            logits_index: Array | None = None, return_layer_inputs: bool = False, rows: Array | None = None,
+            logits_rows: Array | None = None) -> ModelOutput:
   """Runs the model.
 
   Args:
@@ -292,6 +303,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | 
     meta: backend-specific metadata (arrays), passed to every layer.
     logits_index: optional ``[B, K]`` indices into T: logits only at those positions.
     return_layer_inputs: also return the hidden states entering each block.
+    rows: optional int32 scalar: only the first ``rows`` of the ``B * T`` token rows are real (the
+      rest pad the batch to a compiled size); the matmuls of native weight kernels then skip the
+      others, whose outputs are unspecified. None: every row is computed.
+    logits_rows: the same for the ``B * K`` rows picked by ``logits_index``.
 
   Returns:
     ``ModelOutput(logits, kv, layer_inputs)``.
@@ -303,7 +318,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | 
   if meta is None:
     meta = {"positions": positions}
   return Llama(cfg, attn).apply({"params": params}, tokens, positions, kv, meta, logits_index,
-                                            return_layer_inputs)
+                                            return_layer_inputs, rows=rows, logits_rows=logits_rows)
 
 
 class BlockOutput(NamedTuple):

@@ -294,10 +294,12 @@ def is_typed(x: Any) -> bool:
   return isinstance(x, TYPES)
 
 
-def register_kernel(kind: type, fn: Callable[[Array, Any], Array | None]) -> None:
-  """Adds a native matmul for leaves of type ``kind``: ``fn(x [M, K], w) -> [M, N]`` or None to decline.
+def register_kernel(kind: type, fn: Callable[[Array, Any, Array | None], Array | None]) -> None:
+  """Adds a native matmul for leaves of type ``kind``: ``fn(x [M, K], w, rows) -> [M, N]`` or None to decline.
 
-  Kernels are tried in registration order; registering the same function twice has no effect.
+  ``rows`` is None or an int32 scalar: only the first ``rows`` rows of x are real (the kernel may
+  skip the others; their output rows must then be zeros). Kernels are tried in registration order;
+  registering the same function twice has no effect.
   """
   if kind not in _KERNELS:
     raise ValueError(f"kind must be one of {[t.__name__ for t in TYPES]}, got {kind!r}")
@@ -305,11 +307,13 @@ def register_kernel(kind: type, fn: Callable[[Array, Any], Array | None]) -> Non
     _KERNELS[kind].append(fn)
 
 
-def matmul(x: Array, w: Array | Typed, dtype: Any = None) -> Array:
+def matmul(x: Array, w: Array | Typed, dtype: Any = None, *, rows: Array | None = None) -> Array:
   """``x @ w`` over the last axis of ``x`` for a dense array or a typed leaf ``w`` ``[K, N]``.
 
   Computed in ``dtype`` (default: x's); a typed leaf goes to the first registered kernel that
-  accepts it, else to its exact dense expansion.
+  accepts it, else to its exact dense expansion. ``rows`` (an int32 scalar, or None: all) says
+  that only the first ``rows`` rows of ``x`` (its leading axes flattened) are real: a native
+  kernel may skip the others and return zeros for them; every other path computes them.
   """
   dtype = jnp.dtype(dtype or x.dtype)
   x = x.astype(dtype)
@@ -321,7 +325,7 @@ def matmul(x: Array, w: Array | Typed, dtype: Any = None) -> Array:
     raise ValueError(f"matmul: x has {x.shape[-1]} features, the {type(w).__name__} kernel expects {k}")
   x2 = x.reshape(-1, k)
   for fn in _KERNELS[type(w)]:
-    out = fn(x2, w)
+    out = fn(x2, w, rows)
     if out is not None:
       return out.astype(dtype).reshape(*x.shape[:-1], n)
   return jax.lax.dot_general(x2, to_dense(w).astype(dtype), (((1,), (0,)), ((), ()))).reshape(*x.shape[:-1], n)
@@ -330,6 +334,43 @@ def matmul(x: Array, w: Array | Typed, dtype: Any = None) -> Array:
 def to_dense(w: Any) -> Any:
   """A typed leaf's dense ``[K, N]`` array; anything else unchanged."""
   return w.to_dense() if is_typed(w) else w
+
+
+def concat_columns(kernels: list[Any]) -> Any:
+  """``[A | B | ...]``: kernels ``[K, N_i]`` of one kind side by side, in that kind; None where they cannot be.
+
+  Plain arrays concatenate; packed ones are re-packed (same dtype and ``pairs``); N:M ones (same
+  pattern and panel) and bitmask ones join their panels as they are, which needs every ``N_i`` but
+  the last to be a multiple of the panel width. Different kinds, dtypes or K give None.
+  """
+  first = kernels[0]
+  kind, k = type(first), first.shape[0]
+  if any(type(w) is not kind or w.shape[0] != k or w.dtype != first.dtype for w in kernels):
+    return None
+  n = sum(w.shape[1] for w in kernels)
+  aligned = lambda panel: all(w.shape[1] % panel == 0 for w in kernels[:-1])
+  if not is_typed(first):
+    return jnp.concatenate(kernels, axis=1)
+  if kind is PackedDense:
+    if any(w.pairs != first.pairs for w in kernels):
+      return None
+    return PackedDense.pack(jnp.concatenate([w.to_dense() for w in kernels], axis=1), pairs=first.pairs)
+  if kind is NMSparse:
+    if any((w.n, w.m, w.panel) != (first.n, first.m, first.panel) for w in kernels) or not aligned(first.panel):
+      return None
+    return NMSparse(jnp.concatenate([w.values for w in kernels]), jnp.concatenate([w.meta for w in kernels]),
+                    first.n, first.m, (k, n), first.panel)
+  odt = first.offsets.dtype
+  if not aligned(BITMASK_PANEL) or any(w.offsets.dtype != odt for w in kernels):
+    return None
+  nnz = [int(w.offsets[-1]) for w in kernels]
+  if sum(nnz) + BITMASK_PANEL >= np.iinfo(odt).max:
+    return None
+  base = np.concatenate([[0], np.cumsum(nnz)])
+  offsets = [w.offsets[:-1] + jnp.asarray(b, odt) for w, b in zip(kernels, base)] + [jnp.asarray([base[-1]], odt)]
+  values = [w.values[:c] for w, c in zip(kernels, nnz)] + [jnp.zeros(BITMASK_PANEL, first.dtype)]
+  return BitmaskSparse(jnp.concatenate([w.bits for w in kernels]), jnp.concatenate(values),
+                       jnp.concatenate(offsets), (k, n))
 
 
 def nbytes(tree: Any) -> int:

@@ -81,3 +81,29 @@ def test_packed_params_through_plain_apply_and_no_silent_array_reads():
       read(leaf)
   with pytest.raises(TypeError, match="not an array of its dense shape"):
     np.asarray(leaf)
+
+
+def test_forward_rows_skips_only_the_padding():
+  """``forward(..., rows=r)`` over native kernels: the r real token rows' logits equal the full forward's; the
+  padding rows are not computed (their logits differ); plain arrays ignore ``rows``. ``logits_rows`` does the
+  same for the rows ``logits_index`` picks."""
+  _require_kernels()
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, max_position_embeddings=64)
+  params = init_params(cfg, seed=5)
+  packed = prepare_params(params, native=True)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 96, (1, 8)), jnp.int32)
+  full = forward(params, cfg, tokens).logits
+  run = jax.jit(lambda p, r: forward(p, cfg, tokens, rows=r).logits)
+  for p in (packed, params):
+    got = run(p, jnp.int32(3))
+    np.testing.assert_allclose(got[:, :3], full[:, :3], rtol=1e-4, atol=1e-4)
+    if p is packed:
+      assert not np.allclose(got[:, 3:], full[:, 3:], atol=1e-3)  # skipped, not computed
+    else:
+      np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
+  index = jnp.asarray([[2, 7, 0]], jnp.int32)
+  picked = jax.jit(lambda p: forward(p, cfg, tokens, logits_index=index, rows=jnp.int32(8),
+                                     logits_rows=jnp.int32(2)).logits)(packed)
+  np.testing.assert_allclose(picked[:, :2], full[:, jnp.asarray([2, 7])], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(picked[:, 2], 0.0)  # the head skipped the padding slot

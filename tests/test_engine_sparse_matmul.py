@@ -215,3 +215,46 @@ def test_generic_build_matches_reference():
   assert proc.returncode == 0, proc.stderr[-3000:]
   lib = proc.stdout.strip().splitlines()[-1]
   assert lib != str(_cpu_kernels._build()), "the generic build must be its own library"
+
+
+@pytest.mark.parametrize("kind", ["packed", "packed-bf16", "2:4", "bitmask"])
+def test_rows_operand_multiplies_only_the_real_rows(kind):
+  """With ``rows = r`` (traced, as an engine step passes its real token count) every kernel gives
+  ``x[:r] @ W`` in the first r rows and zeros below (over poisoned memory), and r outside
+  [0, M] is clamped; without it, every row is computed."""
+  _require_kernels()
+  from jaxserve import weights
+  rng = np.random.default_rng(7)
+  k, n_out, m_rows = 64, 48, 12
+  w = rng.standard_normal((k, n_out)).astype(np.float32)
+  if kind.startswith("packed"):
+    dtype = jnp.bfloat16 if kind == "packed-bf16" else jnp.float32
+    packed = weights.PackedDense.pack(jnp.asarray(w, dtype))
+    w = np.asarray(packed.to_dense().astype(jnp.float32))
+    fn = lambda x, r: _cpu_kernels.packed_matmul(x.astype(dtype), packed.panels.reshape(packed.rows, n_out), rows=r)
+    tol = 3e-2 if dtype == jnp.bfloat16 else 2e-5
+  elif kind == "2:4":
+    idx, val = random_nm(rng, k, n_out, 2, 4)
+    values, meta = pack_nm(idx, val, 4)
+    w = nm_dense(idx, val, 4).astype(np.float32)
+    fn = lambda x, r: _cpu_kernels.nm_matmul(x, values, meta, n=2, m=4, n_out=n_out, rows=r)
+    tol = 2e-5
+  else:
+    keep = rng.random((k, n_out)) < 0.3
+    w = np.where(keep, w, 0.0).astype(np.float32)
+    bits, values, offsets = pack_bitmask(w, keep)
+    fn = lambda x, r: _cpu_kernels.bitmask_matmul(x, bits, values, offsets, n_out=n_out, rows=r)
+    tol = 2e-5
+  x = rng.standard_normal((m_rows, k)).astype(np.float32)
+  if kind == "packed-bf16":
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  want = x.astype(np.float64) @ w.astype(np.float64)
+  run = jax.jit(fn)
+  for r, real in [(0, 0), (1, 1), (5, 5), (m_rows, m_rows), (m_rows + 7, m_rows), (-3, 0)]:
+    got = _poisoned(run, x, jnp.int32(r), shape=(m_rows, n_out))
+    np.testing.assert_allclose(got[:real], want[:real], rtol=tol, atol=tol * 8)
+    np.testing.assert_array_equal(got[real:], 0.0)
+  np.testing.assert_allclose(_poisoned(jax.jit(lambda x: fn(x, None)), x, shape=(m_rows, n_out)), want,
+                             rtol=tol, atol=tol * 8)
+  with pytest.raises(ValueError, match="rows must be one integer"):
+    fn(x, jnp.ones(2, jnp.int32))

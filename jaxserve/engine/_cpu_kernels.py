@@ -53,7 +53,7 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-we
 BF16_DOT_MAX_ROWS = 4
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc")]
-_HEADERS = [Path(__file__).parent / "csrc" / "parallel.h"]
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("parallel.h", "valid_rows.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
@@ -299,7 +299,8 @@ def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[
   return seq, jnp.where(valid, pos + 1, 0)
 
 
-def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16_dot: bool | None = None) -> jax.Array:
+def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16_dot: bool | None = None,
+                  rows: jax.Array | int | None = None) -> jax.Array:
   """``x @ W`` for ``x`` ``[..., K]`` and ``W`` ``[K, N]`` in column panels, float32 out (call :func:`available` first).
 
   Args:
@@ -312,11 +313,14 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
     bf16_dot: bfloat16 only: True: AVX-512 BF16's ``vdpbf16ps`` (where the CPU has it; checked
       by the kernel); False: widen to float32 and FMA; None: per :func:`bf16_path`, ``vdpbf16ps``
       up to :data:`BF16_DOT_MAX_ROWS` rows of x (decode-sized calls) and widening above.
+    rows: how many leading rows of x (flattened) are real, an int or an int32 scalar (traced: an
+      engine step's real tokens); only those are multiplied, the other output rows are zeros.
+      None: all.
   """
-  rows, n = packed.shape
+  packed_rows, n = packed.shape
   k = x.shape[-1]
   bf16 = packed.dtype == jnp.bfloat16
-  if packed.dtype not in DTYPES or rows != (k + k % 2 if bf16 else k):
+  if packed.dtype not in DTYPES or packed_rows != (k + k % 2 if bf16 else k):
     raise ValueError(f"packed_matmul: need float32 [K, N] or bfloat16 [K rounded up to even, N] panels for K={k}, "
                      f"got {packed.dtype} {packed.shape}")
   lead = x.shape[:-1]
@@ -328,12 +332,23 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
     else:
       dot_rows = np.iinfo(np.int64).max if bf16_dot else 0
     call = jax.ffi.ffi_call(MATMUL_TARGET_BF16, out)
-    return call(x2, packed, num_threads=np.int64(num_threads), bf16_dot_rows=np.int64(dot_rows)).reshape(*lead, n)
+    return call(x2, packed, _valid_rows(rows, x2.shape[0]), num_threads=np.int64(num_threads),
+                bf16_dot_rows=np.int64(dot_rows)).reshape(*lead, n)
   call = jax.ffi.ffi_call(MATMUL_TARGET, out)
-  return call(x2, packed, num_threads=np.int64(num_threads)).reshape(*lead, n)
+  return call(x2, packed, _valid_rows(rows, x2.shape[0]), num_threads=np.int64(num_threads)).reshape(*lead, n)
 
 
 _PANEL = 16  # lanes of a sparse matmul's column panel
+
+
+def _valid_rows(rows: jax.Array | int | None, num_rows: int) -> jax.Array:
+  """The matmul kernels' ``rows`` operand: ``[1]`` int32, the leading rows of x that are real (default all)."""
+  if rows is None:
+    return jnp.full((1,), num_rows, jnp.int32)
+  rows = jnp.asarray(rows)
+  if rows.size != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
+    raise ValueError(f"rows must be one integer (the real rows of x), got {rows.dtype} {rows.shape}")
+  return rows.reshape(1).astype(jnp.int32)
 
 
 def _rows(x: jax.Array, k: int, name: str) -> jax.Array:
@@ -343,7 +358,7 @@ def _rows(x: jax.Array, k: int, name: str) -> jax.Array:
 
 
 def nm_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, n: int, m: int, n_out: int,
-              num_threads: int = 0) -> jax.Array:
+              num_threads: int = 0, rows: jax.Array | int | None = None) -> jax.Array:
   """``x @ W`` for a float32 ``W`` ``[K, n_out]`` stored N:M-sparse (call :func:`available` first).
 
   ``W`` keeps ``n`` of every ``m`` consecutive rows (a group) of each column, in column panels of
@@ -361,6 +376,7 @@ def nm_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, n: int, m: in
     n_out: ``N``, the output columns.
     num_threads: parts the panels are split into, run on XLA's intra-op thread pool (0: one per
       pool thread).
+    rows: as for :func:`packed_matmul`: the real leading rows of x (the other output rows are zeros).
 
   Returns:
     ``[..., n_out]`` float32.
@@ -379,12 +395,13 @@ def nm_matmul(x: jax.Array, values: jax.Array, meta: jax.Array, *, n: int, m: in
                      f"{values.dtype} values and {meta.dtype} meta {meta.shape}")
   lead, x2 = x.shape[:-1], _rows(x, k, "nm_matmul")
   call = jax.ffi.ffi_call(NM_MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n_out), jnp.float32))
-  out = call(x2, values, meta, n=np.int64(n), m=np.int64(m), num_threads=np.int64(num_threads))
+  out = call(x2, values, meta, _valid_rows(rows, x2.shape[0]), n=np.int64(n), m=np.int64(m),
+             num_threads=np.int64(num_threads))
   return out.reshape(*lead, n_out)
 
 
 def bitmask_matmul(x: jax.Array, bits: jax.Array, values: jax.Array, offsets: jax.Array, *, n_out: int,
-                   num_threads: int = 0) -> jax.Array:
+                   num_threads: int = 0, rows: jax.Array | int | None = None) -> jax.Array:
   """``x @ W`` for a float32 ``W`` ``[K, n_out]`` stored as a bitmask and values (call :func:`available` first).
 
   Column panels of 16 lanes (panel ``p``: columns ``16p .. 16p + 15``; ``NP = ceil(n_out / 16)``;
@@ -400,6 +417,7 @@ def bitmask_matmul(x: jax.Array, bits: jax.Array, values: jax.Array, offsets: ja
       each panel's bits count ``offsets[p + 1] - offsets[p]`` values (an error otherwise).
     n_out: ``N``, the output columns.
     num_threads: as for :func:`nm_matmul`.
+    rows: as for :func:`packed_matmul`.
 
   Returns:
     ``[..., n_out]`` float32.
@@ -414,4 +432,5 @@ def bitmask_matmul(x: jax.Array, bits: jax.Array, values: jax.Array, offsets: ja
                      f"{offsets.shape}")
   lead, x2 = x.shape[:-1], _rows(x, bits.shape[1], "bitmask_matmul")
   call = jax.ffi.ffi_call(BITMASK_MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n_out), jnp.float32))
-  return call(x2, bits, values, offsets, num_threads=np.int64(num_threads)).reshape(*lead, n_out)
+  return call(x2, bits, values, offsets, _valid_rows(rows, x2.shape[0]),
+              num_threads=np.int64(num_threads)).reshape(*lead, n_out)

@@ -20,7 +20,7 @@ from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, p
 from jaxserve.engine._input_batch import step_arrays
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample, sampling_tensors_spec
 from jaxserve.engine._scheduler import SchedulerOutput
-from jaxserve.engine._weight_forms import prepare_params
+from jaxserve.engine._weight_forms import fuse_projections, prepare_params
 from jaxserve.model import forward
 
 
@@ -109,6 +109,8 @@ class ModelRunner:
     # kernel (converted once, here; typed leaves dispatch in jaxserve.weights.matmul)
     self.uses_cpu_kernels = kv_pool_sharding is None and attention.use_cpu_kernel(cfg.dtype)
     self.params = prepare_params(params, sparse=sparse_weights, native=self.uses_cpu_kernels)
+    if self.uses_cpu_kernels:  # q/k/v and gate/up as one matmul each (sharded models keep them apart)
+      self.params = fuse_projections(self.params)
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
@@ -144,8 +146,10 @@ class ModelRunner:
       self.logits = jax.device_put(self.logits, NamedSharding(self.kv_pool_sharding.mesh, PartitionSpec()))
 
   def _forward_impl(self, params, kv_pools, logits_buf, tokens, positions, meta, logits_index):
+    # the step's real tokens and sequences lead its padded rows: the native matmuls skip the padding
+    lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
     out = forward(params, self.cfg, tokens, positions, kv=kv_pools, attn=self.attn, meta=meta,
-                  logits_index=logits_index)
+                  logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32))
     logits = out.logits[0]
     buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
     if self.kv_pool_sharding is not None:

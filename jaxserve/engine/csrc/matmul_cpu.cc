@@ -4,6 +4,9 @@
 // last N % 48 columns in panels of 16; a panel of width P starting at column n0 is the
 // contiguous run panel[k * P + j] = W[k, n0 + j], read front to back.
 //
+// Only the first `rows` rows of x (a scalar operand: an engine step's real tokens, the rest is
+// padding up to its program's size) are multiplied; the output's other rows are zeros.
+//
 // A decode step multiplies a few dozen activation rows by every weight matrix of the model, and
 // the matrices do not fit the caches: the step streams the weights from memory. XLA's matmul
 // packs them on every call and reads them at about a third of the memory bandwidth at a handful
@@ -36,6 +39,7 @@
 #endif
 
 #include "parallel.h"
+#include "valid_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -264,17 +268,28 @@ ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions
   return ffi::Error::Success();
 }
 
+constexpr char kRowsError[] = "matmul_cpu: rows must hold one int32 (the real rows of x)";
+
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
+                      ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
   if (ffi::Error e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), false); e.failure()) return e;
-  return Matmul<F32>(pool, x.typed_data(), w.typed_data(), out->typed_data(), x.dimensions()[0],
-                     x.dimensions()[1], w.dimensions()[1], num_threads);
+  const int64_t m_dim = jaxserve::ValidRows(rows, x.dimensions()[0]), n_dim = w.dimensions()[1];
+  if (m_dim < 0) return ffi::Error::InvalidArgument(kRowsError);
+  jaxserve::ZeroPaddingRows(out->typed_data(), m_dim, x.dimensions()[0], n_dim);
+  if (m_dim == 0) return ffi::Error::Success();
+  return Matmul<F32>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, x.dimensions()[1], n_dim,
+                     num_threads);
 }
 
 ffi::Error MatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                          ffi::ResultBuffer<ffi::F32> out, int64_t num_threads, int64_t bf16_dot_rows) {
+                          ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out, int64_t num_threads,
+                          int64_t bf16_dot_rows) {
   if (ffi::Error e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), true); e.failure()) return e;
-  const int64_t m_dim = x.dimensions()[0], k_dim = x.dimensions()[1], n_dim = w.dimensions()[1];
+  const int64_t m_dim = jaxserve::ValidRows(rows, x.dimensions()[0]), k_dim = x.dimensions()[1];
+  const int64_t n_dim = w.dimensions()[1];
+  if (m_dim < 0) return ffi::Error::InvalidArgument(kRowsError);
+  jaxserve::ZeroPaddingRows(out->typed_data(), m_dim, x.dimensions()[0], n_dim);
+  if (m_dim == 0) return ffi::Error::Success();
 #if defined(JAXSERVE_BF16_DOT)
   if (m_dim <= bf16_dot_rows && JaxserveCpuBf16Dot()) {
     return Matmul<Bf16Dot>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m_dim, k_dim, n_dim,
@@ -294,6 +309,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulCpu, MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // packed w, [K, N] elements
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [1]: x's real rows (the rest: 0 out)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
                                   .Attr<int64_t>("num_threads"));
 
@@ -302,6 +318,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulBf16Cpu, MatmulBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // packed w, [K rounded up to even, N] elements
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows [1]: x's real rows (the rest: 0 out)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [M, N]
                                   .Attr<int64_t>("num_threads")
                                   .Attr<int64_t>("bf16_dot_rows"));  // vdpbf16ps (where the CPU has it) up to

@@ -1,7 +1,8 @@
 // Float32 matmuls for the CPU over compressed (N:M or bitmask) weights, called from XLA as FFI
 // custom calls:
 //   out[M, N] = x[M, K] @ W[K, N]
-// W is held in column panels of 16 lanes (panel p: columns 16p .. 16p + 15, NP = ceil(N / 16);
+// for the first `rows` rows of x (a scalar operand, as in matmul_cpu.cc: the rest is an engine
+// step's padding, and its output rows are zeros). W is held in column panels of 16 lanes (panel p: columns 16p .. 16p + 15, NP = ceil(N / 16);
 // lanes past N hold zeros and index/bit 0; only the first N output columns are written):
 // - N:M: n values kept of every m consecutive rows (a group) of each column. values [NP, S, 16]
 //   float32 and meta [NP, S, words] uint32, S = K / m * n slot rows, slot r = g * n + j the j-th
@@ -44,6 +45,7 @@
 #endif
 
 #include "parallel.h"
+#include "valid_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -495,8 +497,8 @@ std::string Dims(ffi::Span<const int64_t> d) {
 }
 
 ffi::Error NmMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
-                        ffi::Buffer<ffi::U32> meta, ffi::ResultBuffer<ffi::F32> out, int64_t n, int64_t m,
-                        int64_t num_threads) {
+                        ffi::Buffer<ffi::U32> meta, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out,
+                        int64_t n, int64_t m, int64_t num_threads) {
   auto xd = x.dimensions(), vd = values.dimensions(), md = meta.dimensions(), od = out->dimensions();
   if (m < 2 || m > 16 || n <= 0 || n >= m) {
     return Invalid("nm_matmul_cpu: need 2 <= m <= 16 and 0 < n < m, got n=" + std::to_string(n) +
@@ -517,15 +519,18 @@ ffi::Error NmMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                    std::to_string(slots) + ", " + std::to_string(bits / 2) + "], got " + Dims(vd) + " and " +
                    Dims(md));
   }
+  const int64_t valid = jaxserve::ValidRows(rows, m_dim);
+  if (valid < 0) return Invalid("nm_matmul_cpu: rows must hold one int32 (the real rows of x)");
+  jaxserve::ZeroPaddingRows(out->typed_data(), valid, m_dim, n_dim);
   const NmWeights f{values.typed_data(), meta.typed_data(), n, m, bits, bits / 2, slots};
   std::vector<int64_t> end_cursor(vd[0]);
-  Run(pool, f, x.typed_data(), out->typed_data(), m_dim, k_dim, n_dim, num_threads, end_cursor.data());
+  Run(pool, f, x.typed_data(), out->typed_data(), valid, k_dim, n_dim, num_threads, end_cursor.data());
   return ffi::Error::Success();
 }
 
 ffi::Error BitmaskMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> bits,
-                             ffi::Buffer<ffi::F32> values, ffi::AnyBuffer offsets, ffi::ResultBuffer<ffi::F32> out,
-                             int64_t num_threads) {
+                             ffi::Buffer<ffi::F32> values, ffi::AnyBuffer offsets, ffi::Buffer<ffi::S32> rows,
+                             ffi::ResultBuffer<ffi::F32> out, int64_t num_threads) {
   auto xd = x.dimensions(), bd = bits.dimensions(), vd = values.dimensions(), od = out->dimensions();
   auto offd = offsets.dimensions();
   if (xd.size() != 2 || bd.size() != 2 || vd.size() != 1 || offd.size() != 1 || od.size() != 2) {
@@ -557,8 +562,11 @@ ffi::Error BitmaskMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     return Invalid("bitmask_matmul_cpu: values needs nnz + 16 = " + std::to_string(f.Start(panels) + kP) +
                    " floats (offsets[NP] = nnz), got " + std::to_string(vd[0]));
   }
+  const int64_t valid = jaxserve::ValidRows(rows, m_dim);
+  if (valid < 0) return Invalid("bitmask_matmul_cpu: rows must hold one int32 (the real rows of x)");
+  jaxserve::ZeroPaddingRows(out->typed_data(), valid, m_dim, n_dim);
   std::vector<int64_t> end_cursor(panels);
-  if (!Run(pool, f, x.typed_data(), out->typed_data(), m_dim, k_dim, n_dim, num_threads, end_cursor.data())) {
+  if (!Run(pool, f, x.typed_data(), out->typed_data(), valid, k_dim, n_dim, num_threads, end_cursor.data())) {
     return ffi::Error::Success();
   }
   for (int64_t p = 0; p < panels; ++p) {
@@ -579,6 +587,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveNmMatmulCpu, NmMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // values [NP, S, 16]
                                   .Arg<ffi::Buffer<ffi::U32>>()  // meta [NP, S, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [1]: x's real rows (the rest: 0 out)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("m")
@@ -591,5 +600,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveBitmaskMatmulCpu, BitmaskMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U16>>()  // bits [NP, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // values [nnz + 16]
                                   .Arg<ffi::AnyBuffer>()         // offsets [NP + 1], int64 or int32
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [1]: x's real rows (the rest: 0 out)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [M, N]
                                   .Attr<int64_t>("num_threads"));
