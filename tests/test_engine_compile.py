@@ -212,3 +212,17 @@ def test_a_users_jax_cache_dir_is_used_not_replaced(tmp_path):
   assert _compile_cache.resolve(False) is None
   with pytest.raises(ValueError, match="compilation_cache must be True, False or a directory path"):
     _compile_cache.resolve(3)
+
+
+def test_step_buckets_are_powers_of_two_where_padding_is_skipped(llm):
+  """On the C++ CPU kernels (which multiply only a step's real rows) decode batches pad to 8, 16, 32, ...;
+  elsewhere to multiples of 8 (then 32). Either set holds every token count up to the budget."""
+  from jaxserve.engine._model_runner import step_token_buckets
+  coarse, fine = step_token_buckets(256, 2048, cheap_padding=True), step_token_buckets(256, 2048)
+  assert coarse == (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+  assert {24, 40, 96, 160} <= set(fine) and len(fine) == 20
+  for buckets in (coarse, fine):
+    assert all(any(b >= n for b in buckets) for n in range(1, 2049))
+  runner = llm.engine.runner
+  if runner.uses_cpu_kernels:
+    assert runner.token_buckets == step_token_buckets(16, 64, cheap_padding=True) == (8, 16, 32, 64)

@@ -41,11 +41,17 @@ def token_bucket(n: int) -> int:
   return p * 3 // 4 if p >= 512 and n <= p * 3 // 4 else p
 
 
-def step_token_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, ...]:
+def step_token_buckets(max_num_seqs: int, max_num_batched_tokens: int, cheap_padding: bool = False) -> tuple[int, ...]:
   """Padded token counts of the step programs: each decode batch's bucket (up to ``max_num_seqs``
   sequences) and each token bucket (up to ``max_num_batched_tokens`` tokens); a step runs in the
-  smallest one that holds its tokens."""
-  decode = {decode_bucket(n) for n in range(1, min(max_num_seqs, max_num_batched_tokens) + 1)}
+  smallest one that holds its tokens.
+
+  ``cheap_padding``: the step's matmuls and attention skip its padding rows (the C++ CPU kernels
+  take the real row count), so decode batches pad to powers of two (8, 16, 32, ...) instead of
+  multiples of 8 and 32: fewer programs to compile, for the cost of elementwise work on padding.
+  """
+  bucket = (lambda n: pow2_bucket(n, 8)) if cheap_padding else decode_bucket
+  decode = {bucket(n) for n in range(1, min(max_num_seqs, max_num_batched_tokens) + 1)}
   return tuple(sorted(decode | {token_bucket(t) for t in range(1, max_num_batched_tokens + 1)}))
 
 
@@ -115,7 +121,7 @@ class ModelRunner:
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
     self.max_num_seqs = max_num_seqs
-    self.token_buckets = step_token_buckets(max_num_seqs, max_num_batched_tokens)
+    self.token_buckets = step_token_buckets(max_num_seqs, max_num_batched_tokens, cheap_padding=self.uses_cpu_kernels)
     self.max_slots = decode_bucket(max_num_seqs)
     self.row_buckets = row_buckets(max_num_seqs)
     # decode-only steps get programs of their own where the attention batches decodes apart
