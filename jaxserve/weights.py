@@ -108,22 +108,28 @@ class PackedDense(_Leaf):
     pairs = jnp.dtype(w.dtype) == jnp.bfloat16 if pairs is None else pairs
     k, n = w.shape
     wide = n // WIDE * WIDE
+    # a concrete kernel is rearranged on the host (numpy): loading a model packs every kernel, and
+    # eager jnp ops would compile a program for each new shape
+    xp = jnp if isinstance(w, jax.core.Tracer) else np
+    w = xp.asarray(w)
     if pairs:
-      w = jnp.pad(w, ((0, k % 2), (0, 0)))
-      panel = lambda a, p: jnp.transpose(a.reshape(a.shape[0] // 2, 2, -1, p), (2, 0, 3, 1)).reshape(-1)
+      w = xp.pad(w, ((0, k % 2), (0, 0)))
+      panel = lambda a, p: xp.transpose(a.reshape(a.shape[0] // 2, 2, -1, p), (2, 0, 3, 1)).reshape(-1)
     else:
-      panel = lambda a, p: jnp.transpose(a.reshape(a.shape[0], -1, p), (1, 0, 2)).reshape(-1)
-    return cls(jnp.concatenate([panel(w[:, :wide], WIDE), panel(w[:, wide:], NARROW)]), (k, n), pairs)
+      panel = lambda a, p: xp.transpose(a.reshape(a.shape[0], -1, p), (1, 0, 2)).reshape(-1)
+    return cls(jnp.asarray(xp.concatenate([panel(w[:, :wide], WIDE), panel(w[:, wide:], NARROW)])), (k, n), pairs)
 
   def to_dense(self) -> Array:
     k, n = self.shape
     rows, wide = self.rows, n // WIDE * WIDE
-    head, tail = self.panels[:rows * wide], self.panels[rows * wide:]
+    xp = jnp if isinstance(self.panels, jax.core.Tracer) else np  # concrete: on the host, as in pack
+    panels = xp.asarray(self.panels)
+    head, tail = panels[:rows * wide], panels[rows * wide:]
     if self.pairs:  # [panels, rows / 2, width, 2] -> [rows, cols]
-      unpanel = lambda a, p: jnp.transpose(a.reshape(-1, rows // 2, p, 2), (1, 3, 0, 2)).reshape(rows, -1)
+      unpanel = lambda a, p: xp.transpose(a.reshape(-1, rows // 2, p, 2), (1, 3, 0, 2)).reshape(rows, -1)
     else:
-      unpanel = lambda a, p: jnp.transpose(a.reshape(-1, rows, p), (1, 0, 2)).reshape(rows, -1)
-    return jnp.concatenate([unpanel(head, WIDE), unpanel(tail, NARROW)], axis=1)[:k]
+      unpanel = lambda a, p: xp.transpose(a.reshape(-1, rows, p), (1, 0, 2)).reshape(rows, -1)
+    return jnp.asarray(xp.concatenate([unpanel(head, WIDE), unpanel(tail, NARROW)], axis=1)[:k])
 
 
 # ----------------------------------------------------------------------------- N:M
@@ -354,7 +360,7 @@ def concat_columns(kernels: list[Any]) -> Any:
   if kind is PackedDense:
     if any(w.pairs != first.pairs for w in kernels):
       return None
-    return PackedDense.pack(jnp.concatenate([w.to_dense() for w in kernels], axis=1), pairs=first.pairs)
+    return PackedDense.pack(np.concatenate([np.asarray(w.to_dense()) for w in kernels], axis=1), pairs=first.pairs)
   if kind is NMSparse:
     if any((w.n, w.m, w.panel) != (first.n, first.m, first.panel) for w in kernels) or not aligned(first.panel):
       return None

@@ -36,6 +36,22 @@ class PagedMeta:
   num_seqs: Array  # [] int32: sequence slots S (decode + prefill, padding included: a padding slot has 0 tokens)
   # static: leading decode slots, padding included (the host's padded decode bucket; 0: no decode batch)
   num_decode: int = flax.struct.field(pytree_node=False, default=0)
+  # [T] int32 each row's sequence and visible length (the C++ kernel's view, ``_cpu_kernels.step_rows``):
+  # derived once per step on the device by :meth:`with_rows`, else by each layer
+  row_seq: Array | None = None
+  row_len: Array | None = None
+
+  def with_rows(self, num_rows: int) -> "PagedMeta":
+    """This metadata with ``row_seq``/``row_len`` for a ``num_rows``-token step (traced once, read by every layer)."""
+    from jaxserve.engine import _cpu_kernels
+    row_seq, row_len = _cpu_kernels.step_rows(jnp.asarray(self.cu_q_lens), jnp.asarray(self.kv_lens), num_rows)
+    return self.replace(row_seq=row_seq, row_len=row_len)
+
+  def rows(self, num_rows: int) -> tuple[Array, Array]:
+    if self.row_seq is not None and self.row_seq.shape[0] == num_rows:
+      return self.row_seq, self.row_len
+    from jaxserve.engine import _cpu_kernels
+    return _cpu_kernels.step_rows(self.cu_q_lens, self.kv_lens, num_rows)
 
 
 def make_meta(seqs: list[tuple[int, int, tuple[int, ...]]], num_decode: int, *, num_tokens: int,
@@ -331,7 +347,7 @@ class PagedAttention:
     if self.use_cpu_kernel(layer_pools[0].dtype):  # K/V write and attention in one kernel call, pools in place
       from jaxserve.engine import _cpu_kernels
       meta = jax.tree.map(jnp.asarray, meta)
-      row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, q.shape[1])
+      row_seq, row_len = meta.rows(q.shape[1])
       out, k_pages, v_pages = _cpu_kernels.write_paged_rows(
           q[0], k[0], v[0], meta.slot_mapping, *layer_pools, meta.block_tables, row_seq, row_len,
           scale=1.0 / math.sqrt(q.shape[-1]))
@@ -348,7 +364,7 @@ class PagedAttention:
     t = q.shape[0]
     if self.use_cpu_kernel(k_pages.dtype):  # every row (decodes and prefill chunks) in one kernel call
       from jaxserve.engine import _cpu_kernels
-      row_seq, row_len = _cpu_kernels.step_rows(meta.cu_q_lens, meta.kv_lens, t)
+      row_seq, row_len = meta.rows(t)
       return _cpu_kernels.paged_rows(q, k_pages, v_pages, meta.block_tables, row_seq, row_len,
                                        scale=1.0 / math.sqrt(q.shape[-1]))
     qp = jnp.pad(q, ((0, self.q_tile), (0, 0), (0, 0)))

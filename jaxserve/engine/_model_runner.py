@@ -154,6 +154,8 @@ class ModelRunner:
   def _forward_impl(self, params, kv_pools, logits_buf, tokens, positions, meta, logits_index):
     # the step's real tokens and sequences lead its padded rows: the native matmuls skip the padding
     lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+    if self.uses_cpu_kernels:  # every layer's attention reads the same row view: derive it once
+      meta = meta.with_rows(tokens.shape[1])
     out = forward(params, self.cfg, tokens, positions, kv=kv_pools, attn=self.attn, meta=meta,
                   logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32))
     logits = out.logits[0]
