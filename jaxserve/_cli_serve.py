@@ -13,6 +13,10 @@ from jaxserve._cli_args import add_model_args
 if TYPE_CHECKING:
   from jaxserve.server._limits import TransportLimits
 
+# a server's prompt tokens per step (LLM's max_num_prefill_tokens): the prompts of a burst are read about
+# one per step, so its requests get their first tokens one after another, not all after the whole burst
+SERVE_PREFILL_TOKENS = 128
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
@@ -32,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   e.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool (default: engine's choice)")
   e.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
   e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one engine step at most")
+  e.add_argument("--max-num-prefill-tokens", type=int, default=None,
+                 help="prompt tokens one engine step reads at most, so prompts arriving together are read one "
+                      f"after another and each gets its first token sooner (default: {SERVE_PREFILL_TOKENS}, at most "
+                      "--max-num-batched-tokens; 0: no limit but --max-num-batched-tokens, LLM's default)")
   e.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence "
                  "(default: the model's context)")
   e.add_argument("--kv-cache-memory-bytes", type=int, default=None,
@@ -65,6 +73,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.set_defaults(func=run)
 
 
+def prefill_tokens(args: argparse.Namespace) -> int | None:
+  """``--max-num-prefill-tokens`` as ``LLM`` takes it: the server's default where not given, None for 0."""
+  n = args.max_num_prefill_tokens
+  if n is None:
+    return min(SERVE_PREFILL_TOKENS, args.max_num_batched_tokens)
+  if n < 0:
+    raise ValueError(f"--max-num-prefill-tokens must be >= 0 (0: no limit), got {n}")
+  return n or None
+
+
 def model_path(args: argparse.Namespace) -> str | None:
   """The model to load: the positional MODEL or ``--model`` (one of them, or the same in both)."""
   if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
@@ -84,7 +102,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
   """The ``jaxserve.LLM`` keyword arguments (all but ``model``) the engine flags ask for."""
   return dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_prefill_tokens=prefill_tokens(args),
+              max_model_len=args.max_model_len, dtype=args.dtype,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
               attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
               background_compile=args.background_compile, sparse_weights=args.sparse_weights, compile=args.compile,

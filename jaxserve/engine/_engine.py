@@ -44,12 +44,13 @@ class EngineCore:
 
   def __init__(self, cfg: ModelConfig, runner: ModelRunner, tokenizer: Any, *, block_size: int, num_blocks: int,
                max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, enable_prefix_caching: bool,
-               seed: int):
+               seed: int, max_num_prefill_tokens: int | None = None, step_sizes: tuple[int, ...] = ()):
     self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
     self.max_num_seqs = max_num_seqs
     self.kv_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
     self.scheduler = Scheduler(self.kv_manager, max_num_seqs=max_num_seqs,
-                               max_num_batched_tokens=max_num_batched_tokens)
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               max_num_prefill_tokens=max_num_prefill_tokens, step_sizes=step_sizes)
     self.eos_id = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else cfg.eos_token_id
     self.input_processor = InputProcessor(cfg, tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                           block_size=block_size, num_usable_blocks=self.kv_manager.pool.num_usable,

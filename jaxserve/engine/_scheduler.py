@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+from typing import Sequence as Seq
 
 from jaxserve.engine._kv_cache_manager import KVCacheManager, PrefixHit
 from jaxserve.engine._request import Request, RequestStatus, Sequence
@@ -52,12 +53,22 @@ class Scheduler:
   its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
   (with prefix caching, mostly from cached blocks). Waiting requests are admitted in arrival
   order while sequences, budget and blocks allow, and not in a step that preempted.
+
+  ``max_num_prefill_tokens`` (None: no limit but ``max_num_batched_tokens``) bounds the prompt
+  tokens of one step, so that prompts arriving together are read one after another (first come,
+  first served) and each request samples its first token as soon as its own prompt is read,
+  instead of all of them after the whole burst. With ``step_sizes`` (the padded token counts of
+  the step programs), the prompt share is cut so that the step, decodes included, ends on the
+  largest step size within ``decodes + max_num_prefill_tokens``: no padding is run for it.
   """
 
-  def __init__(self, kv_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+  def __init__(self, kv_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+               max_num_prefill_tokens: int | None = None, step_sizes: Seq[int] = ()):
     self.kv_manager = kv_manager
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
+    self.max_num_prefill_tokens = max_num_prefill_tokens
+    self.step_sizes = tuple(sorted(step_sizes))
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: list[Request] = []  # sorted by arrival
     self.requests: dict[str, Request] = {}
@@ -99,8 +110,18 @@ class Scheduler:
     del self.requests[req.request_id]
 
   # ---- scheduling
+  def prefill_budget(self, num_decodes: int) -> int:
+    """Prompt tokens a step with ``num_decodes`` decodes may take (see the class docstring)."""
+    cap = self.max_num_prefill_tokens
+    if cap is None:
+      return self.max_num_batched_tokens
+    fits = [t for t in self.step_sizes if num_decodes < t <= num_decodes + cap]
+    return fits[-1] - num_decodes if fits else cap
+
   def schedule(self) -> SchedulerOutput:
     budget = self.max_num_batched_tokens
+    prompt_budget = self.prefill_budget(
+        sum(1 for r in self.running for s in r.seqs if s.num_uncomputed == 1))
     chosen: dict[int, ScheduledSeq] = {}
     copies: dict[int, tuple[tuple[int, int], ...]] = {}
     preempted: list[str] = []
@@ -117,11 +138,13 @@ class Scheduler:
     while i < len(self.running) and budget > 0:
       req = self.running[i]
       for seq in req.seqs:
-        if seq.num_uncomputed == 0 or budget == 0:
+        prompt = seq.num_uncomputed > 1
+        limit = min(budget, prompt_budget) if prompt else budget
+        if seq.num_uncomputed == 0 or limit == 0:
           continue
         scheduled = None
         while scheduled is None:
-          scheduled = self._try_schedule(req, seq, budget, chosen, copies)
+          scheduled = self._try_schedule(req, seq, limit, chosen, copies)
           if scheduled is None:
             victim = self.running.pop()
             budget += drop(victim)
@@ -132,23 +155,26 @@ class Scheduler:
         if scheduled is None:
           break
         budget -= scheduled
+        if prompt:
+          prompt_budget -= scheduled
       if req.status is RequestStatus.RUNNING:
         i += 1
       else:
         break
 
-    while not preempted and self.waiting and budget > 0:
+    while not preempted and self.waiting and min(budget, prompt_budget) > 0:
       req = self.waiting[0]
       if self.num_running_seqs + req.width > self.max_num_seqs:
         break
       admitted = False
       for seq in req.seqs:
-        if budget == 0:
+        if min(budget, prompt_budget) == 0:
           break
-        scheduled = self._try_schedule(req, seq, budget, chosen, copies)
+        scheduled = self._try_schedule(req, seq, min(budget, prompt_budget), chosen, copies)
         if scheduled is None:
           break
         budget -= scheduled
+        prompt_budget -= scheduled
         admitted = True
       if not admitted:
         break

@@ -41,6 +41,12 @@ class LLM:
       room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at 1 GiB.
     max_num_seqs: sequences batched in one step at most.
     max_num_batched_tokens: tokens (prefill chunks plus decodes) in one step at most.
+    max_num_prefill_tokens: prompt tokens one step reads at most (None: up to
+      ``max_num_batched_tokens``). A smaller value reads prompts that arrive together one after
+      another, so each request's first token comes once its own prompt is read rather than after
+      the whole burst's (lower mean time to first token on a server), at some cost in throughput;
+      a step's prompt share is cut so that the step, decodes included, fills a compiled step size
+      (no padding run). Greedy tokens are the same either way. ``jaxserve serve`` defaults to 128.
     max_model_len: longest sequence (prompt + output); default the model's context.
     dtype: ``"float32"`` or ``"bfloat16"`` (parameters and KV pools) when ``model`` is a path.
     enable_prefix_caching: reuse the KV blocks of earlier requests' identical prefixes.
@@ -74,14 +80,18 @@ class LLM:
   def __init__(self, model: Any = None, block_size: int = 16, num_kv_blocks: int | None = None,
                kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                max_model_len: int | None = None, dtype: str = "float32", enable_prefix_caching: bool = True,
-               seed: int = 0, *, attention_backend: str = "auto", pallas_interpret: bool | None = None,
-               tensor_parallel_size: int = 1, background_compile: bool = False, sparse_weights: str = "auto",
-               compile: str = "eager", compilation_cache: bool | str | os.PathLike = True):
+               seed: int = 0, *, max_num_prefill_tokens: int | None = None, attention_backend: str = "auto",
+               pallas_interpret: bool | None = None, tensor_parallel_size: int = 1, background_compile: bool = False,
+               sparse_weights: str = "auto", compile: str = "eager", compilation_cache: bool | str | os.PathLike = True):
     from jaxserve.loaders import LoadedModel, load_model
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
       if not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if max_num_prefill_tokens is not None and (not isinstance(max_num_prefill_tokens, int) or
+                                               not 1 <= max_num_prefill_tokens <= max_num_batched_tokens):
+      raise ValueError(f"max_num_prefill_tokens must be None or an int in [1, max_num_batched_tokens="
+                       f"{max_num_batched_tokens}], got {max_num_prefill_tokens!r}")
     if attention_backend not in ("auto", "xla", "pallas"):
       raise ValueError(f"attention_backend must be 'auto', 'xla' or 'pallas', got {attention_backend!r}")
     if sparse_weights not in SPARSE_MODES:
@@ -136,7 +146,8 @@ class LLM:
     self.model = loaded._replace(params=runner.params)
     self.engine = EngineCore(cfg, runner, loaded.tokenizer, block_size=block_size, num_blocks=num_kv_blocks + 1,
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed)
+                             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
+                             max_num_prefill_tokens=max_num_prefill_tokens, step_sizes=runner.token_buckets)
     self.max_model_len = max_model_len
     self.attention_backend = attention_backend
     self._ids = itertools.count()
