@@ -139,6 +139,8 @@ def test_llm_gives_the_same_greedy_tokens_with_a_prompt_budget():
   budgeted = LLM(loaded, max_num_prefill_tokens=32, **kw)
   out = budgeted.generate(prompts, greedy, use_tqdm=False)
   assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+  stats = budgeted.stats()  # prompts read in chunks of a step size still waste only partial last blocks
+  assert stats["kv_waste_fraction"] == stats["kv_waste_floor_fraction"]
   # the same fixed program set: the budget only changes which compiled step sizes the steps use
   assert budgeted.stats()["num_compiled_programs"] == LLM(loaded, **kw).stats()["num_compiled_programs"]
   with pytest.raises(ValueError, match="max_num_prefill_tokens"):
