@@ -150,7 +150,7 @@ _PROCESS = textwrap.dedent("""
     from tests.test_engine_compile import _tiny
     from jaxserve.engine import LLM, SamplingParams
     llm = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=32, compilation_cache=sys.argv[1])
-    engine = dict(counts, programs=llm.stats()["num_compiled_programs"])
+    engine = dict(counts, programs=llm.stats()["num_compiled_programs"], loaded=llm.engine.runner.executables.hits)
     out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     # the engine leaves JAX's settings alone: a user's own compile afterwards is not cached by it
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -173,11 +173,13 @@ def _process(cache_dir: Path) -> dict:
 def test_a_second_process_loads_the_programs_from_the_persistent_cache(tmp_path):
   cache = tmp_path / "xla"
   first = _process(cache)
-  assert first["engine"]["hits"] == 0 and first["files"] >= first["engine"]["programs"] > 0
+  assert first["engine"]["hits"] == first["engine"]["loaded"] == 0 and first["files"] > 0
   second = _process(cache)
   programs = second["engine"]["programs"]
-  assert second["engine"]["hits"] >= programs  # every engine program came from the disk cache
+  # every engine program came from disk whole (the executable cache: not even traced), none was compiled
+  assert second["engine"]["loaded"] == programs == first["engine"]["programs"] > 0
   assert second["engine"]["compiles"] - second["engine"]["hits"] <= first["engine"]["compiles"] - programs
+  assert len(list((cache / "jaxserve-executables").glob("*.exe"))) == programs
   assert second["tokens"] == first["tokens"]
   for run in (first, second):
     assert run["user_dir"] is None  # JAX's process-wide setting untouched
@@ -226,3 +228,30 @@ def test_step_buckets_are_powers_of_two_where_padding_is_skipped(llm):
   runner = llm.engine.runner
   if runner.uses_cpu_kernels:
     assert runner.token_buckets == step_token_buckets(16, 64, cheap_padding=True) == (8, 16, 32, 64)
+
+
+def test_the_executable_cache_hits_only_the_same_program_and_trusts_only_private_entries(tmp_path):
+  """Programs stored whole come back for the same model and settings (same tokens); other settings miss;
+  a corrupt entry is a miss (compiled again, same tokens); a directory others can write to is not used."""
+  cache = tmp_path / "cache"
+  kw = dict(block_size=8, max_num_seqs=8, max_num_batched_tokens=16, compilation_cache=str(cache))
+  greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+  run = lambda llm: [o.outputs[0].token_ids for o in llm.generate([[3, 4, 5], [9]], greedy, use_tqdm=False)]
+  first = LLM(_tiny(), **kw)
+  programs, want = first.stats()["num_compiled_programs"], run(first)
+  assert first.engine.runner.executables.hits == 0
+  again = LLM(_tiny(), **kw)
+  assert again.engine.runner.executables.hits == programs and run(again) == want
+  other = LLM(_tiny(), **dict(kw, block_size=16))  # another pool shape: nothing of the first may be reused
+  assert other.engine.runner.executables.hits == 0 and run(other) == want
+  for entry in (cache / "jaxserve-executables").glob("*.exe"):
+    entry.write_bytes(b"not a program")
+  corrupt = LLM(_tiny(), **kw)
+  assert corrupt.engine.runner.executables.hits == 0 and run(corrupt) == want
+  os.chmod(cache / "jaxserve-executables", 0o777)
+  try:
+    shared = LLM(_tiny(), **kw)
+    assert not shared.engine.runner.executables.ok and shared.engine.runner.executables.hits == 0
+    assert run(shared) == want
+  finally:
+    os.chmod(cache / "jaxserve-executables", 0o700)

@@ -24,6 +24,7 @@ of using AVX-512 BF16, for tests. :func:`info` says which paths run (also logged
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -93,6 +94,12 @@ def _isa() -> str:
   if isa not in ISAS:
     raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be one of {ISAS}, got {isa!r}")
   return isa
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> str:
+  """The CPU's instruction-set flags, once per process (what native code built here depends on)."""
+  return _cpu_flags()
 
 
 def _cpu_flags() -> str:

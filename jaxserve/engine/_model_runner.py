@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine import _compile_cache
+from jaxserve.engine._executable_cache import ExecutableCache, signature
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._input_batch import step_arrays
 from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample, sampling_tensors_spec
@@ -128,6 +129,9 @@ class ModelRunner:
     self.split_decodes = not attention.use_cpu_kernel(cfg.dtype)
     self.kv_pool_sharding = kv_pool_sharding
     self.compilation_cache = compilation_cache
+    # whole compiled programs on disk (a warm start skips tracing them); one device only
+    self.executables = (ExecutableCache(compilation_cache) if compilation_cache and kv_pool_sharding is None
+                        else None)
     self.reset_device_state()
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
     self._sample = jax.jit(sample, static_argnums=(2,))
@@ -199,13 +203,15 @@ class ModelRunner:
     return len(self._executables)
 
   def compile_all(self, progress: bool = False) -> int:
-    """Compiles every program of :meth:`program_keys` not compiled yet; returns how many it compiled.
+    """Makes every program of :meth:`program_keys` ready; returns how many it added.
 
-    Tracing runs on this thread (it holds the GIL) while XLA compiles the programs already traced
+    A program the executable cache holds (an earlier process with the same model, settings and
+    code) is loaded from it; the others are traced and compiled. Tracing runs on this thread (it holds the GIL) while XLA compiles the programs already traced
     on a pool of one thread per core, so a construction takes about the CPU time of its compiles
     divided by the cores.
     """
-    todo = [k for k in self.program_keys() if k not in self._executables]
+    missing = [k for k in self.program_keys() if k not in self._executables]
+    todo = [k for k in missing if not self._load(k)]  # what the executable cache does not hold
     bar = None
     if progress and todo:
       from tqdm.auto import tqdm
@@ -221,7 +227,7 @@ class ModelRunner:
           bar.update(1)
     if bar is not None:
       bar.close()
-    return len(todo)
+    return len(missing)
 
   def _spec(self, x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
@@ -245,11 +251,28 @@ class ModelRunner:
     fn = {"step": self._forward, "sample": self._sample, "copy": self._copy}[key[0]]
     return fn.lower(*self._example_args(key))
 
+  def _signature(self, key) -> str:
+    context = repr((self.cfg, self.attn, self.uses_cpu_kernels, self.split_decodes, self.block_size,
+                    self.table_width, self.max_slots))
+    return signature(key, self._example_args(key), context)
+
+  def _load(self, key) -> bool:
+    """Takes program ``key`` from the executable cache if it is there."""
+    exe = self.executables.load(self._signature(key)) if self.executables is not None else None
+    if exe is not None:
+      with self._lock:
+        self._executables[key] = exe
+    return exe is not None
+
   def _compile(self, key, lowered=None):
-    """Compiles program ``key`` (from its lowering, if given) and keeps it."""
+    """Compiles program ``key`` (from its lowering, if given) and keeps it (also on disk)."""
+    if lowered is None and self._load(key):
+      return self._executables[key]
     lowered = lowered or self._lower(key)
     with _compile_cache.scope(self.compilation_cache):  # the cache is read and written in compile()
       exe = lowered.compile()
+    if self.executables is not None:
+      self.executables.store(self._signature(key), exe)
     with self._lock:
       self._executables[key] = exe
     return exe
