@@ -137,7 +137,8 @@ def timeline_child(model_dir: str, workload_path: str, cache_dir: str, engine_kw
   first = time.perf_counter() - t0
   with open(out_path, "w") as f:
     # programs loaded whole from the engine's executable cache, else compiled by XLA from JAX's cache
-    cache_hits = counts["cache_hits"] + llm.engine.runner.executables.hits
+    program_cache = llm.engine.runner.program_cache
+    cache_hits = counts["cache_hits"] + (program_cache.hits if program_cache is not None else 0)
     json.dump(dict(construction_s=construction, first_pass_s=first, cache_hits=cache_hits,
                    programs=llm.stats()["num_compiled_programs"],
                    tokens=[o.outputs[0].token_ids for o in outs]), f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -150,14 +151,16 @@ _PROCESS = textwrap.dedent("""
     from tests.test_engine_compile import _tiny
     from jaxserve.engine import LLM, SamplingParams
     llm = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=32, compilation_cache=sys.argv[1])
-    engine = dict(counts, programs=llm.stats()["num_compiled_programs"], loaded=llm.engine.runner.executables.hits)
-    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    engine = dict(counts, programs=llm.stats()["num_compiled_programs"], loaded=llm.engine.runner.program_cache.hits)
+    out = llm.generate([[3, 4, 5], [6, 7]], [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       SamplingParams(temperature=0.9, top_p=0.8, seed=3, max_tokens=4, ignore_eos=True,
+                                      repetition_penalty=1.2)], use_tqdm=False)  # the sampler program runs too
     # the engine leaves JAX's settings alone: a user's own compile afterwards is not cached by it
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     files = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
     jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7)).block_until_ready()
     after_user = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
-    print(json.dumps(dict(engine=engine, tokens=out[0].outputs[0].token_ids, files=files,
+    print(json.dumps(dict(engine=engine, tokens=[o.outputs[0].token_ids for o in out], files=files,
                           user_dir=jax.config.jax_compilation_cache_dir, files_after_user_compile=after_user)))
 """)
 
@@ -174,6 +177,11 @@ def test_a_second_process_loads_the_programs_from_the_persistent_cache(tmp_path)
   cache = tmp_path / "xla"
   first = _process(cache)
   assert first["engine"]["hits"] == first["engine"]["loaded"] == 0 and first["files"] > 0
+  # programs stored by a process whose compiles could have come from JAX's own cache still run
+  # (JAX serializes an executable it loaded from its cache without its code)
+  shutil.rmtree(cache / "jaxserve-executables")
+  again = _process(cache)
+  assert again["engine"]["loaded"] == 0 and again["tokens"] == first["tokens"]
   second = _process(cache)
   programs = second["engine"]["programs"]
   # every engine program came from disk whole (the executable cache: not even traced), none was compiled
@@ -239,19 +247,19 @@ def test_the_executable_cache_hits_only_the_same_program_and_trusts_only_private
   run = lambda llm: [o.outputs[0].token_ids for o in llm.generate([[3, 4, 5], [9]], greedy, use_tqdm=False)]
   first = LLM(_tiny(), **kw)
   programs, want = first.stats()["num_compiled_programs"], run(first)
-  assert first.engine.runner.executables.hits == 0
+  assert first.engine.runner.program_cache.hits == 0
   again = LLM(_tiny(), **kw)
-  assert again.engine.runner.executables.hits == programs and run(again) == want
+  assert again.engine.runner.program_cache.hits == programs and run(again) == want
   other = LLM(_tiny(), **dict(kw, block_size=16))  # another pool shape: nothing of the first may be reused
-  assert other.engine.runner.executables.hits == 0 and run(other) == want
+  assert other.engine.runner.program_cache.hits == 0 and run(other) == want
   for entry in (cache / "jaxserve-executables").glob("*.exe"):
     entry.write_bytes(b"not a program")
   corrupt = LLM(_tiny(), **kw)
-  assert corrupt.engine.runner.executables.hits == 0 and run(corrupt) == want
+  assert corrupt.engine.runner.program_cache.hits == 0 and run(corrupt) == want
   os.chmod(cache / "jaxserve-executables", 0o777)
   try:
     shared = LLM(_tiny(), **kw)
-    assert not shared.engine.runner.executables.ok and shared.engine.runner.executables.hits == 0
+    assert shared.engine.runner.program_cache is None  # not trusted: JAX's own cache there instead
     assert run(shared) == want
   finally:
     os.chmod(cache / "jaxserve-executables", 0o700)

@@ -25,6 +25,7 @@ from jax._src import config as _jax_config
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state = {"active": 0, "bound_before": False}  # scopes open now; whether JAX's cache was bound before them
+_local = threading.local()  # set_here: the directories this thread's open scopes set
 
 
 def default_dir() -> Path:
@@ -68,6 +69,13 @@ def resolve(setting: bool | str | os.PathLike | None) -> str | None:
   return str(path)
 
 
+def is_users(path: str | None) -> bool:
+  """Whether ``path`` is the directory the user configured for JAX (``jax_compilation_cache_dir``), not
+  one this module set for the engine (inside a :func:`scope`)."""
+  user = _jax_config.compilation_cache_dir.value
+  return bool(path and user and Path(path) == Path(user) and user not in getattr(_local, "set_here", ()))
+
+
 @contextlib.contextmanager
 def scope(path: str | None) -> Iterator[None]:
   """Compiles inside this context read and write JAX's persistent cache at ``path`` (None: off).
@@ -90,6 +98,8 @@ def scope(path: str | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
       if not user:
         stack.enter_context(_jax_config.compilation_cache_dir(path))
+        _local.set_here = getattr(_local, "set_here", ()) + (path,)
+        stack.callback(lambda: setattr(_local, "set_here", _local.set_here[:-1]))
       stack.enter_context(_jax_config.persistent_cache_min_compile_time_secs(0.0))
       stack.enter_context(_jax_config.persistent_cache_min_entry_size_bytes(-1))
       yield

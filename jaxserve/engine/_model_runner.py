@@ -129,9 +129,13 @@ class ModelRunner:
     self.split_decodes = not attention.use_cpu_kernel(cfg.dtype)
     self.kv_pool_sharding = kv_pool_sharding
     self.compilation_cache = compilation_cache
-    # whole compiled programs on disk (a warm start skips tracing them); one device only
-    self.executables = (ExecutableCache(compilation_cache) if compilation_cache and kv_pool_sharding is None
-                        else None)
+    # whole compiled programs on disk (a warm start skips tracing them): one device, the engine's own
+    # directory (a JAX cache directory the user configured gets JAX's entries only)
+    self.program_cache = None
+    if compilation_cache and kv_pool_sharding is None and not _compile_cache.is_users(compilation_cache):
+      self.program_cache = ExecutableCache(compilation_cache)
+      if not self.program_cache.ok:
+        self.program_cache = None
     self.reset_device_state()
     self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
     self._sample = jax.jit(sample, static_argnums=(2,))
@@ -218,7 +222,7 @@ class ModelRunner:
       bar = tqdm(total=len(todo), desc="Compiling step programs", dynamic_ncols=True)
     workers = max(1, min(len(todo), os.cpu_count() or 1))
     # one scope held across the loop keeps JAX's cache bound until the last compile is done
-    with _compile_cache.scope(self.compilation_cache), \
+    with _compile_cache.scope(self._jax_cache_dir), \
          concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxserve-compile") as pool:
       futures = [pool.submit(self._compile, key, self._lower(key)) for key in todo]
       for f in concurrent.futures.as_completed(futures):
@@ -251,6 +255,12 @@ class ModelRunner:
     fn = {"step": self._forward, "sample": self._sample, "copy": self._copy}[key[0]]
     return fn.lower(*self._example_args(key))
 
+  @property
+  def _jax_cache_dir(self) -> str | None:
+    """JAX's persistent cache for the engine's compiles: off where the executable cache keeps them (JAX
+    serializes an executable it loaded from its own cache without its code: stored again, it would not run)."""
+    return None if self.program_cache is not None else self.compilation_cache
+
   def _signature(self, key) -> str:
     context = repr((self.cfg, self.attn, self.uses_cpu_kernels, self.split_decodes, self.block_size,
                     self.table_width, self.max_slots))
@@ -258,7 +268,7 @@ class ModelRunner:
 
   def _load(self, key) -> bool:
     """Takes program ``key`` from the executable cache if it is there."""
-    exe = self.executables.load(self._signature(key)) if self.executables is not None else None
+    exe = self.program_cache.load(self._signature(key)) if self.program_cache is not None else None
     if exe is not None:
       with self._lock:
         self._executables[key] = exe
@@ -269,10 +279,10 @@ class ModelRunner:
     if lowered is None and self._load(key):
       return self._executables[key]
     lowered = lowered or self._lower(key)
-    with _compile_cache.scope(self.compilation_cache):  # the cache is read and written in compile()
+    with _compile_cache.scope(self._jax_cache_dir):  # the cache is read and written in compile()
       exe = lowered.compile()
-    if self.executables is not None:
-      self.executables.store(self._signature(key), exe)
+    if self.program_cache is not None:
+      self.program_cache.store(self._signature(key), exe)
     with self._lock:
       self._executables[key] = exe
     return exe
