@@ -89,7 +89,12 @@ def train_step(trained: PyTree, opt_state: Any, frozen: PyTree, batch: Any, *, l
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
     (loss, grads), _ = jax.lax.scan(accumulate, zero, batch)
     loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
-  updates, opt_state = update(grads, opt_state, trained)
+  # optax's own transformations are not strict-promotion clean (Adam's bias correction computes
+  # ``decay ** count`` with an int32 count), so the update traces under standard promotion: a caller
+  # running with ``jax_numpy_dtype_promotion="strict"`` can still pass any optax ``tx``. The context
+  # manager is thread-local and scoped to this trace; the loss and gradients above stay strict.
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = update(grads, opt_state, trained)
   return optax.apply_updates(trained, updates), opt_state, loss
 
 

@@ -150,7 +150,7 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
   """cos and sin tables ``[B, T, 1, D]`` (rotate-half convention), float32."""
-  freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+  freqs = positions[:, :, None].astype(jnp.float32) * rope_inv_freq(cfg)[None, None, :]  # [B, T, D/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -172,7 +172,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return scale * xf.astype(self.dtype)
+    return scale.reshape((1,) * (x.ndim - 1) + (-1,)) * xf.astype(self.dtype)  # [1.., D]: no rank promotion
 
 
 class Linear(nn.Module):
@@ -195,7 +195,8 @@ class Linear(nn.Module):
       kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
     y = weights.matmul(x, kernel, self.dtype, rows=rows)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype).astype(self.dtype)
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype).astype(self.dtype)
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))  # as Flax Dense does: no rank promotion
     return y
 
 

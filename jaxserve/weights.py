@@ -209,7 +209,7 @@ class NMSparse(_Leaf):
     """Each kept value's index within its group, ``[NP, S, P]`` int32."""
     bits = _index_bits(self.m)
     per_word = 32 // bits
-    shifts = jnp.asarray(bits * np.arange(per_word), jnp.uint32)
+    shifts = jnp.asarray(bits * np.arange(per_word), jnp.uint32).reshape(1, 1, 1, per_word)
     lanes = (self.meta[..., None] >> shifts) & jnp.uint32((1 << bits) - 1)
     return lanes.reshape(self.values.shape).astype(jnp.int32)
 
@@ -264,7 +264,8 @@ class BitmaskSparse(_Leaf):
 
   def _lanes(self) -> Array:
     """``[NP, K, 16]`` bool: the kept lanes."""
-    return ((self.bits.astype(jnp.uint32)[..., None] >> jnp.arange(BITMASK_PANEL, dtype=jnp.uint32)) & 1) > 0
+    lanes = jnp.arange(BITMASK_PANEL, dtype=jnp.uint32).reshape(1, 1, BITMASK_PANEL)
+    return ((self.bits.astype(jnp.uint32)[..., None] >> lanes) & 1) > 0
 
   def _unpanel(self, a: Array) -> Array:
     k, cols = self.shape

@@ -31,7 +31,8 @@ def _train(cfg, params, batch, tx, steps, use_jit=True):
 
   def step(params, state):
     grads = jax.grad(loss)(params, batch)
-    updates, state = tx.update(grads, state, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam computes float ** int32 (its step count)
+      updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   step = jax.jit(step) if use_jit else step
   state = tx.init(params)
