@@ -1,7 +1,8 @@
-"""What a benchmark records about the machine it ran on: CPU model, cores, load average."""
+"""What a benchmark records about the machine it ran on (CPU model, cores, load average), and how it writes its results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -34,3 +35,11 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     return None
+
+
+def write_results(path: str | os.PathLike, res: dict[str, Any]) -> None:
+  """Writes ``res`` as JSON to ``path`` with the machine it ran on (CPU model, cores, load average now) added."""
+  res = dict(res, loadavg=list(os.getloadavg()), cpus=os.cpu_count(), cpu=cpu_model())
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Path(path).write_text(json.dumps(res, indent=1))
+  print(f"wrote {path}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._machine import write_results  # noqa: E402
 
 from serving import make_workload  # noqa: E402
 
@@ -129,6 +128,8 @@ def main() -> None:
   ap.add_argument("--threads", type=int, default=0, help="the kernel's num_threads (0: XLA's pool)")
   ap.add_argument("--reps", type=int, default=60)
   ap.add_argument("--baseline", type=Path, default=None, help="another paged_attention_cpu.cc to compare with")
+  ap.add_argument("--baseline-rev", default=None,
+                  help="a git revision whose paged_attention_cpu.cc is the baseline (instead of --baseline)")
   ap.add_argument("--smoke", action="store_true", help="a quick check that it runs (few reps, 2 layers)")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention_cpu.json"))
   args = ap.parse_args()
@@ -144,6 +145,12 @@ def main() -> None:
   lens, tables, slots = decode_batch(args.batch, args.num_blocks, rng)
   row_seq = np.arange(args.batch, dtype=np.int32)
   with tempfile.TemporaryDirectory() as tmp:
+    if args.baseline_rev:
+      args.baseline = Path(tmp) / "baseline_src" / "paged_attention_cpu.cc"
+      args.baseline.parent.mkdir()
+      args.baseline.write_bytes(subprocess.run(
+          ["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:jaxserve/engine/csrc/paged_attention_cpu.cc"],
+          check=True, capture_output=True).stdout)
     baseline = build_baseline(args.baseline, tmp) if args.baseline else None
     results = {}
     for dtype in args.dtype.split(","):
@@ -197,11 +204,9 @@ def main() -> None:
   res = dict(results=results, batch=args.batch, layers=args.layers, num_blocks=args.num_blocks,
              block_size=BLOCK, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
              mean_context=float(lens.mean()), threads=args.threads, reps=args.reps,
-             baseline=str(args.baseline) if args.baseline else None, isa=ck.info()["isa"],
-             loadavg=os.getloadavg(), cpus=os.cpu_count(), cpu=cpu_model(), smoke=args.smoke)
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(res, indent=1))
-  print(f"wrote {args.out}")
+             baseline=str(args.baseline) if args.baseline else None, baseline_commit=args.baseline_rev,
+             isa=ck.info()["isa"], smoke=args.smoke)
+  write_results(args.out, res)
 
 
 if __name__ == "__main__":

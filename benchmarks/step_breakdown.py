@@ -19,7 +19,6 @@ sequences with it and with XLA's matmul on the unpacked weights. Median of ``--r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._machine import write_results  # noqa: E402
 
 from serving import MAX_MODEL_LEN, make_model, make_workload  # noqa: E402
 
@@ -163,10 +162,8 @@ def main() -> None:
              decode_mean_context=float(lens.mean()), kv_bytes=kv_bytes, attention_read_GBps=rate,
              plain_read_GBps=plain_read, prefill_matmul_GFLOPs=prefill_gflops, reps=args.reps,
              decode_matmul_ms={b: {k: v * 1e3 for k, v in row.items()} for b, row in matmul.items()},
-             loadavg=os.getloadavg(), cpus=os.cpu_count(), cpu=cpu_model(), dtype=args.dtype)
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(res, indent=1))
-  print(f"wrote {args.out}")
+             dtype=args.dtype)
+  write_results(args.out, res)
 
 
 if __name__ == "__main__":
