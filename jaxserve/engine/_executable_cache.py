@@ -105,7 +105,8 @@ class ExecutableCache:
         return None
       from jax.experimental import serialize_executable
       payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-      exe = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+      # on the one device the engine runs on (by default JAX would spread it over every local device)
+      exe = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=jax.devices()[:1])
     except Exception as e:  # noqa: BLE001 - a bad entry is a miss: compile instead
       log.info("executable cache: %s unreadable (%s); compiling instead", path.name, e)
       return None
