@@ -262,6 +262,24 @@ def step_breakdown() -> str:
 
 
 @block
+def attention_cpu() -> str:
+  d = load("attention_cpu.json")
+  head = (f"Measured on {d['cpu']}, {d['cpus']} cores, load average {d['loadavg'][0]:.1f}; the fused K/V-write and "
+          f"attention call of a decode step alone, batch {d['batch']}, mean context {d['mean_context']:.0f}, "
+          f"{d['layers']} layers, {d['threads'] or 'XLA pool'} threads, median of {d['reps']} interleaved runs"
+          + (f", against the kernel of `{d['baseline_commit']}`" if d.get("baseline_commit") else "") + ":")
+  rows = []
+  for dt, r in d["results"].items():
+    old = r["ms"].get("old")
+    rows.append([dt, f"{r['kv_bytes'] / 1e6:.0f} MB", f"{old:.1f} ms" if old else "-", f"{r['ms']['new']:.1f} ms",
+                 x(r["old_over_new"]) if "old_over_new" in r else "-", f"{r['GBps']['new']:.1f} GB/s",
+                 f"{r['GBps']['plain read']:.1f} GB/s",
+                 f"{r['max_abs_diff_old_new']:.1e}" if "max_abs_diff_old_new" in r else "-"])
+  return head + "\n\n" + table(["pools", "K/V read", "old kernel", "this kernel", "old / this", "this kernel reads",
+                                  "plain read of the same bytes", "largest output difference"], rows)
+
+
+@block
 def kv_memory() -> str:
   d = load("serving.json")
   s, p, b, n4 = d["jaxserve"]["stats"], d["kv_waste_paper_lengths"], d["kv_budget"], d["n4_sharing"]
@@ -319,8 +337,9 @@ def sparse_serving() -> str:
   rep = "; ".join(f"{k} " + " / ".join(x(r["variants"][k][f]) for f in ("speedup_b1", "speedup_b8", "speedup_serving"))
                   for k in r["variants"] if k != "dense")
   tail = (f"\nWithout the no-blocks part, the blocks' share of a decode step is {share[0]}; and {share[1]}. "
-          f"A previous run of the same kernels (`benchmarks/results/sparse_serving_repeat.json`, "
-          f"{machine_line(r['machine'])}) gave {rep} (decode batch 1 / batch 8 / serving).\n")
+          f"A second run (`benchmarks/results/sparse_serving_repeat.json`, "
+          f"{machine_line(r['machine'])}" + (f", commit {r['git_commit']}" if r.get("git_commit") else "")
+          + f") gave {rep} (decode batch 1 / batch 8 / serving).\n")
   return head + t + tail
 
 
