@@ -32,7 +32,9 @@ def test_prune_then_eval_then_finetune(tmp_path, capsys):
   assert isinstance(load_model(out).params["layers_2"]["mlp"]["gate_proj"]["kernel"], weights.NMSparse)
   llm = LLM(model=out, max_model_len=64, num_kv_blocks=16, max_num_seqs=2)
   if _cpu_kernels.available():
-    assert llm.stats()["weight_formats"]["2:4"] == 5 * 7
+    # per block: q/k/v joined, o, gate, up, down (gate/up have 172 columns, not a multiple of the
+    # 16-lane panel, so they cannot be joined)
+    assert llm.stats()["weight_formats"]["2:4"] == 5 * 5
   text = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
   assert len(text.outputs[0].token_ids) == 8
   ft_out = str(tmp_path / "ft")
