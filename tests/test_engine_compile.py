@@ -225,12 +225,13 @@ def test_a_users_jax_cache_dir_is_used_not_replaced(tmp_path):
 
 
 def test_step_buckets_are_powers_of_two_where_padding_is_skipped(llm):
-  """On the C++ CPU kernels (which multiply only a step's real rows) decode batches pad to 8, 16, 32, ...;
-  elsewhere to multiples of 8 (then 32). Either set holds every token count up to the budget."""
+  """On the C++ CPU kernels (which multiply only a step's real rows) steps pad to powers of two (8, 16, 32, ...);
+  elsewhere decode batches pad to multiples of 8 (then 32), token counts with 1.5x steps from 384 on. Either
+  set holds every token count up to the budget."""
   from jaxserve.engine._model_runner import step_token_buckets
   coarse, fine = step_token_buckets(256, 2048, cheap_padding=True), step_token_buckets(256, 2048)
-  assert coarse == (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
-  assert {24, 40, 96, 160} <= set(fine) and len(fine) == 20
+  assert coarse == (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+  assert {24, 40, 96, 160, 384, 768, 1536} <= set(fine) and len(fine) == 20
   for buckets in (coarse, fine):
     assert all(any(b >= n for b in buckets) for n in range(1, 2049))
   runner = llm.engine.runner

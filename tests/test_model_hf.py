@@ -156,3 +156,24 @@ def test_missing_path_and_unknown_format(tmp_path):
   (tmp_path / "weights.pt").write_bytes(b"x")
   with pytest.raises(ValueError, match="unknown model format"):
     load_model(str(tmp_path / "weights.pt"))
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"tie_word_embeddings": True, "attention_bias": True, "attention_out_bias": True, "dtype": "bfloat16"},
+    {"layer_num_heads": (4, 2, 4), "layer_num_kv_heads": (2, 1, 2), "layer_intermediate_size": (96, 32, 16)},
+])
+def test_param_shapes_equal_the_whole_models_init(extra):
+  """param_shapes traces one layer per distinct layer shape: it must give exactly the tree a whole init gives."""
+  import jax
+
+  from jaxserve.config import ModelConfig
+  from jaxserve.model import init_params, param_shapes
+  cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                    head_dim=16, **extra)
+  got, want = param_shapes(cfg), jax.eval_shape(lambda: init_params(cfg))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert jax.tree.leaves(jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), got, want)) == \
+      [True] * len(jax.tree.leaves(want))
+  got["layers_0"] = None  # a fresh tree each call: the cached one is untouched
+  assert param_shapes(cfg)["layers_0"] is not None
