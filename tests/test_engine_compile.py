@@ -264,3 +264,27 @@ def test_the_executable_cache_hits_only_the_same_program_and_trusts_only_private
     assert run(shared) == want
   finally:
     os.chmod(cache / "jaxserve-executables", 0o700)
+
+
+def test_the_executable_cache_evicts_the_least_recently_used_entries(tmp_path):
+  """The directory stays under its bound: a store past it removes the entries used longest ago (a load counts
+  as a use)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxserve.engine._executable_cache import ExecutableCache
+  compiled = [jax.jit((lambda c: lambda x: x * c)(float(i))).lower(jnp.ones(4)).compile() for i in (2, 3, 5)]
+  cache = ExecutableCache(str(tmp_path))
+  cache.store("a", compiled[0])
+  size = (cache.dir / "a.exe").stat().st_size
+  cache.max_bytes = int(2.5 * size)  # room for two entries
+  cache.store("b", compiled[1])
+  os.utime(cache.dir / "a.exe", (1, 1))
+  os.utime(cache.dir / "b.exe", (2, 2))
+  assert cache.load("a") is not None  # "a" used now: "b" is the oldest
+  cache.store("c", compiled[2])
+  assert sorted(p.name for p in cache.dir.glob("*.exe")) == ["a.exe", "c.exe"]
+  assert float(cache.load("c")(jnp.ones(4))[0]) == 5.0
+  cache.max_bytes = 0  # below one entry: everything goes, also the one stored last
+  cache.evict()
+  assert list(cache.dir.glob("*.exe")) == []

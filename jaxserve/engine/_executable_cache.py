@@ -12,7 +12,10 @@ Pallas-kernel source files themselves, and the ``JAXSERVE_*`` and ``XLA_FLAGS`` 
 change to any of them is a miss, never a stale program.
 
 Entries are pickles of machine code: they are read only from a directory of this user's that
-nobody else can write to (else the cache is off, with a warning), and written atomically.
+nobody else can write to (else the cache is off, with a warning), and written atomically. The
+directory is kept under ``MAX_BYTES`` (least recently used entries go first: a load marks its entry
+used): every source edit or setting change makes a new set of entries, and the old ones would
+otherwise pile up.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 log = logging.getLogger(__name__)
 VERSION = 1
 SUBDIR = "jaxserve-executables"
+MAX_BYTES = 1 << 30  # the directory's size bound (one engine's programs: a few MB to a few hundred MB)
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
                  "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_threefry_partitionable")
 
@@ -81,8 +85,9 @@ def _private(path: Path) -> bool:
 class ExecutableCache:
   """Compiled programs under ``<root>/jaxserve-executables`` (``root``: the engine's compilation cache directory)."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, max_bytes: int = MAX_BYTES):
     self.dir = Path(root) / SUBDIR
+    self.max_bytes = max_bytes
     self.hits = 0
     try:
       self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,6 +116,10 @@ class ExecutableCache:
       log.info("executable cache: %s unreadable (%s); compiling instead", path.name, e)
       return None
     self.hits += 1
+    try:
+      os.utime(path)  # used now: the last to be evicted
+    except OSError:
+      pass
     return exe
 
   def store(self, sig: str, exe: Any) -> None:
@@ -126,3 +135,24 @@ class ExecutableCache:
       os.replace(tmp, self.dir / f"{sig}.exe")
     except Exception as e:  # noqa: BLE001 - caching is an optimisation
       log.info("executable cache: could not store a program (%s)", e)
+      return
+    self.evict()
+
+  def evict(self) -> None:
+    """Removes the least recently used entries until the directory holds at most ``max_bytes``."""
+    entries = []
+    for path in self.dir.glob("*.exe"):
+      try:
+        st = path.stat()
+      except OSError:  # removed by another process meanwhile
+        continue
+      entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+      if total <= self.max_bytes:
+        break
+      try:
+        path.unlink()
+      except OSError:
+        continue
+      total -= size

@@ -145,6 +145,7 @@ class ModelRunner:
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self._executables: dict[tuple, Any] = {}  # program key -> compiled program
+    self._signatures: dict[tuple, str] = {}  # program key -> its executable-cache key
     self._compiling: dict[tuple, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
     self._compiler = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-compile")
@@ -266,9 +267,12 @@ class ModelRunner:
     return None if self.program_cache is not None else self.compilation_cache
 
   def _signature(self, key) -> str:
-    context = repr((self.cfg, self.attn, self.uses_cpu_kernels, self.split_decodes, self.block_size,
-                    self.table_width, self.max_slots))
-    return signature(key, self._example_args(key), context)
+    sig = self._signatures.get(key)
+    if sig is None:  # once per program (looked up on load, again on store after a miss)
+      context = repr((self.cfg, self.attn, self.uses_cpu_kernels, self.split_decodes, self.block_size,
+                      self.table_width, self.max_slots))
+      sig = self._signatures[key] = signature(key, self._example_args(key), context)
+    return sig
 
   def _load(self, key) -> bool:
     """Takes program ``key`` from the executable cache if it is there."""
