@@ -86,6 +86,7 @@ def test_bf16_matmul_through_weights_dispatch():
 
 
 def test_bf16_path_is_reported_and_forced_by_the_environment(monkeypatch):
+  monkeypatch.setenv("JAXSERVE_CPU_AMX", "0")  # AMX (prefill-sized calls): test_engine_cpu_matmul.py
   cpu_has = "avx512_bf16" in _cpu_kernels._cpu_flags().split()
   assert _cpu_kernels.bf16_path() == ("avx512_bf16" if cpu_has else "widen")
   assert _cpu_kernels.info()["bf16_matmul"] == _cpu_kernels.bf16_path()
@@ -246,7 +247,7 @@ def test_stats_say_which_cpu_kernel_paths_run(monkeypatch):
   llm = LLM(LoadedModel(cfg, init_params(cfg, seed=0), None), max_num_seqs=2, compile="lazy", compilation_cache=False)
   got = llm.stats()["cpu_kernels"]
   assert got == {"used": True, **_cpu_kernels.info()}
-  assert got["available"] and got["error"] is None and got["bf16_matmul"] in ("avx512_bf16", "widen")
+  assert got["available"] and got["error"] is None and got["bf16_matmul"] in ("amx", "avx512_bf16", "widen")
   monkeypatch.setenv("JAXSERVE_CPU_KERNEL_ISA", "no-bf16")
   assert llm.stats()["cpu_kernels"]["bf16_matmul"] == "widen"
   windowed = cfg.replace(sliding_window=8)

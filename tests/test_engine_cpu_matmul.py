@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +111,109 @@ def test_forward_rows_skips_only_the_padding():
                                      logits_rows=jnp.int32(2)).logits)(packed)
   np.testing.assert_allclose(picked[:, :2], full[:, jnp.asarray([2, 7])], rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(picked[:, 2], 0.0)  # the head skipped the padding slot
+
+
+# --- bfloat16 on AMX tiles (csrc/matmul_cpu.cc's prefill-sized path) ---
+
+
+def _amx_cpu() -> bool:
+  """Whether this CPU has AMX for bfloat16 (the kernel also needs the OS's permission, asked at its first AMX call)."""
+  flags = _cpu_kernels.cpu_flags().split()
+  return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def _amx_calls() -> int:
+  lib = _cpu_kernels._state["lib"]
+  lib.JaxserveCpuAmxCalls.restype = ctypes.c_int64
+  return lib.JaxserveCpuAmxCalls()
+
+
+def _poisoned(fn, *args, shape):
+  """``fn(*args)`` right after NaN-filled arrays of the output's size were freed (a stale allocation the kernel
+  fails to overwrite shows as NaN); called twice, both results equal."""
+  outs = []
+  for _ in range(2):
+    poison = [jnp.full(shape, jnp.nan, jnp.float32) for _ in range(4)]
+    jax.block_until_ready(poison)
+    del poison
+    outs.append(np.asarray(fn(*args)))
+  assert not np.isnan(outs[0]).any()
+  np.testing.assert_array_equal(outs[0], outs[1])
+  return outs[0]
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 8, 16), (4, 32, 48), (5, 17, 16), (15, 31, 64), (16, 32, 80),
+                                     (17, 63, 48), (33, 100, 1408), (47, 1, 16), (64, 512, 96), (100, 257, 112),
+                                     (130, 64, 16)])
+def test_bf16_amx_matmul_matches_float32_numpy(m, k, n):
+  """The AMX path (forced with ``amx=True``) equals float32 numpy on the same bfloat16 values: K odd and not a
+  multiple of 32, rows not a multiple of 16, 48- and 16-column panels, 1 and 2 threads; the padding rows past
+  ``rows`` are zero; where the CPU has AMX the calls ran on it, elsewhere the fallback computed them."""
+  _require_kernels()
+  rng = np.random.default_rng(m * 1000 + n + k)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((m + 5, k)), jnp.bfloat16)  # 5 padding rows past the real ones
+  packed = weights.PackedDense.pack(w)
+  want = np.asarray(x, np.float32)[:m] @ np.asarray(w, np.float32)  # float32 accumulation of bf16 products
+  before = _amx_calls()
+  for threads in (1, 2):
+    fn = jax.jit(lambda x, p, t=threads: _cpu_kernels.packed_matmul(x, p.reshape(packed.rows, n), num_threads=t,
+                                                                     amx=True, rows=m))
+    got = _poisoned(fn, x, packed.panels, shape=(m + 5, n))
+    np.testing.assert_allclose(got[:m], want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    np.testing.assert_array_equal(got[m:], 0.0)
+  assert _amx_calls() - before == (4 if _amx_cpu() else 0)  # two threads settings x two poisoned calls
+
+
+def test_bf16_amx_threshold_and_report(monkeypatch):
+  """By default the bfloat16 matmul runs AMX from ``AMX_MIN_ROWS`` rows (where the CPU has it) and
+  ``vdpbf16ps`` or widening below; ``info()`` (``llm.stats()["cpu_kernels"]``) says ``"amx"``."""
+  _require_kernels()
+  monkeypatch.delenv("JAXSERVE_CPU_AMX", raising=False)
+  assert (_cpu_kernels._state["lib"].JaxserveCpuAmx() > 0) == _amx_cpu()  # the kernel's cpuid/XCR0 check
+  if not _amx_cpu():
+    assert _cpu_kernels.bf16_path() != "amx"
+    pytest.skip("this CPU has no AMX: the fallback is tested by test_bf16_amx_matmul_matches_float32_numpy")
+  assert _cpu_kernels.bf16_path() == "amx" and _cpu_kernels.info()["bf16_matmul"] == "amx"
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.standard_normal((70, 48)), jnp.bfloat16)
+  packed = weights.PackedDense.pack(w)
+  run = jax.jit(lambda x, p: _cpu_kernels.packed_matmul(x, p.reshape(packed.rows, 48)))
+  for m, on_amx in ((_cpu_kernels.AMX_MIN_ROWS - 1, False), (_cpu_kernels.AMX_MIN_ROWS, True), (40, True)):
+    x = jnp.asarray(rng.standard_normal((m, 70)), jnp.bfloat16)
+    assert f"amx_min_rows = {_cpu_kernels.AMX_MIN_ROWS}" in run.lower(x, packed.panels).as_text()
+    before = _amx_calls()
+    got = run(x, packed.panels)
+    assert _amx_calls() - before == int(on_amx), m
+    np.testing.assert_allclose(got, np.asarray(x, np.float32) @ np.asarray(w, np.float32), rtol=1e-4, atol=1e-3)
+
+
+_AMX_OFF = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxserve import weights
+from jaxserve.engine import _cpu_kernels
+assert _cpu_kernels.available(), _cpu_kernels._state.get("error")
+assert _cpu_kernels.info()["bf16_matmul"] != "amx"
+rng = np.random.default_rng(0)
+w = jnp.asarray(rng.standard_normal((65, 112)), jnp.bfloat16)
+x = jnp.asarray(rng.standard_normal((40, 65)), jnp.bfloat16)
+p = weights.PackedDense.pack(w)
+run = jax.jit(lambda x, q: _cpu_kernels.packed_matmul(x, q.reshape(p.rows, 112)))
+assert "amx_min_rows = 0" in run.lower(x, p.panels).as_text()
+np.testing.assert_allclose(run(x, p.panels), np.asarray(x, np.float32) @ np.asarray(w, np.float32), rtol=1e-4,
+                           atol=1e-3)
+assert _cpu_kernels._state["lib"].JaxserveCpuAmxCalls() == 0
+print("ok")
+"""
+
+
+def test_bf16_amx_switched_off_by_the_environment(monkeypatch):
+  """``JAXSERVE_CPU_AMX=0`` (a fresh process): the bfloat16 matmul never runs AMX and still computes the product;
+  a value other than 0 or 1 is refused."""
+  _require_kernels()
+  proc = subprocess.run([sys.executable, "-c", _AMX_OFF], capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "JAXSERVE_CPU_AMX": "0", "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stderr[-3000:]
+  monkeypatch.setenv("JAXSERVE_CPU_AMX", "yes")
+  with pytest.raises(ValueError, match="JAXSERVE_CPU_AMX must be"):
+    _cpu_kernels.bf16_path()

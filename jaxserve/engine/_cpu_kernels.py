@@ -18,7 +18,8 @@ file of this user's that nobody else can write), and registered with JAX. Withou
 path. float32 and bfloat16 (float32 accumulation) pools and packed weights; the sparse matmuls
 are float32 only. ``JAXSERVE_CPU_KERNEL_ISA=generic`` builds without AVX-512
 (the kernels' portable paths) and ``no-bf16`` makes the bfloat16 matmul widen to float32 instead
-of using AVX-512 BF16, for tests. :func:`info` says which paths run (also logged at load).
+of using AVX-512 BF16 or AMX, for tests; ``JAXSERVE_CPU_AMX=0`` keeps the bfloat16 matmul off AMX
+(its prefill-sized path, see :data:`AMX_MIN_ROWS`). :func:`info` says which paths run (also logged at load).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-we
 # Rows of x up to which the bfloat16 matmul uses vdpbf16ps (csrc/matmul_cpu.cc: it did half the
 # FMAs' multiply-adds per cycle on the Sapphire Rapids VM, so it pays only in memory-bound decodes)
 BF16_DOT_MAX_ROWS = 4
+# Rows of x from which the bfloat16 matmul uses AMX tiles where the CPU has them (csrc/matmul_cpu.cc):
+# measured on the Sapphire Rapids VM (loaded, interleaved, medians; shapes 512x512 .. 4096x4096, 1 and 2
+# threads), AMX beat the widening path by 1.3-3x from 5 rows (one of 20 cases at 5-6 rows 0.9x) and was
+# about even with vdpbf16ps at 1-4 rows (memory-bound)
+AMX_MIN_ROWS = BF16_DOT_MAX_ROWS + 1
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc")]
 _HEADERS = [Path(__file__).parent / "csrc" / name for name in ("parallel.h", "valid_rows.h")]
@@ -87,9 +93,18 @@ def _compile_flags() -> list[str]:
   return flags
 
 
+def _amx_allowed() -> bool:
+  """``$JAXSERVE_CPU_AMX``: ``1`` (default: the bfloat16 matmul may use AMX) or ``0`` (never); read when a call is
+  traced."""
+  amx = os.environ.get("JAXSERVE_CPU_AMX", "1")
+  if amx not in ("0", "1"):
+    raise ValueError(f"JAXSERVE_CPU_AMX must be '0' or '1', got {amx!r}")
+  return amx == "1"
+
+
 def _isa() -> str:
   """``$JAXSERVE_CPU_KERNEL_ISA``: ``native`` (default), ``no-bf16`` (the bfloat16 matmul widens to float32
-  instead of using AVX-512 BF16; read when a call is traced) or ``generic`` (built without AVX-512)."""
+  instead of using AVX-512 BF16 or AMX; read when a call is traced) or ``generic`` (built without AVX-512)."""
   isa = os.environ.get("JAXSERVE_CPU_KERNEL_ISA", "native")
   if isa not in ISAS:
     raise ValueError(f"JAXSERVE_CPU_KERNEL_ISA must be one of {ISAS}, got {isa!r}")
@@ -230,14 +245,19 @@ def supported(dtype, sliding_window) -> bool:
 
 
 def bf16_path() -> str:
-  """The bfloat16 matmul's path here: ``"avx512_bf16"`` (``vdpbf16ps`` up to :data:`BF16_DOT_MAX_ROWS` rows,
-  widening above) or ``"widen"`` (bfloat16 widened to float32, then FMAs), from the CPU (checked by the
-  library at run time) and ``$JAXSERVE_CPU_KERNEL_ISA``."""
+  """The bfloat16 matmul's path here: ``"amx"`` (AMX tiles from :data:`AMX_MIN_ROWS` rows, ``vdpbf16ps`` up to
+  :data:`BF16_DOT_MAX_ROWS` rows, widening between), ``"avx512_bf16"`` (``vdpbf16ps`` up to
+  :data:`BF16_DOT_MAX_ROWS` rows, widening above) or ``"widen"`` (bfloat16 widened to float32, then FMAs), from
+  the CPU (checked by the library at run time: AMX also needs the OS's permission, asked for at the first AMX
+  call; refused, the kernel falls back and this says so), ``$JAXSERVE_CPU_KERNEL_ISA`` and
+  ``$JAXSERVE_CPU_AMX``."""
   return _bf16_path(_state["lib"]) if available() else "widen"
 
 
 def _bf16_path(lib: ctypes.CDLL) -> str:
-  return "avx512_bf16" if _isa() == "native" and lib.JaxserveCpuBf16Dot() else "widen"
+  if _isa() != "native" or not lib.JaxserveCpuBf16Dot():
+    return "widen"
+  return "amx" if _amx_allowed() and lib.JaxserveCpuAmx() else "avx512_bf16"
 
 
 def info() -> dict[str, object]:
@@ -307,7 +327,7 @@ def step_rows(cu_q_lens: jax.Array, kv_lens: jax.Array, num_rows: int) -> tuple[
 
 
 def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16_dot: bool | None = None,
-                  rows: jax.Array | int | None = None) -> jax.Array:
+                  amx: bool | None = None, rows: jax.Array | int | None = None) -> jax.Array:
   """``x @ W`` for ``x`` ``[..., K]`` and ``W`` ``[K, N]`` in column panels, float32 out (call :func:`available` first).
 
   Args:
@@ -320,6 +340,9 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
     bf16_dot: bfloat16 only: True: AVX-512 BF16's ``vdpbf16ps`` (where the CPU has it; checked
       by the kernel); False: widen to float32 and FMA; None: per :func:`bf16_path`, ``vdpbf16ps``
       up to :data:`BF16_DOT_MAX_ROWS` rows of x (decode-sized calls) and widening above.
+    amx: bfloat16 only: True: AMX tiles for any number of rows (where the CPU and the OS let it run;
+      checked by the kernel, which otherwise takes ``bf16_dot``'s path); False: never; None: per
+      :func:`bf16_path`, AMX from :data:`AMX_MIN_ROWS` rows of x (prefill-sized calls).
     rows: how many leading rows of x (flattened) are real, an int or an int32 scalar (traced: an
       engine step's real tokens); only those are multiplied, the other output rows are zeros.
       None: all.
@@ -334,13 +357,15 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, num_threads: int = 0, bf16
   x2 = x.reshape(-1, k).astype(packed.dtype)
   out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
   if bf16:
+    path = bf16_path() if bf16_dot is None or amx is None else None
     if bf16_dot is None:
-      dot_rows = BF16_DOT_MAX_ROWS if bf16_path() == "avx512_bf16" else 0
+      dot_rows = BF16_DOT_MAX_ROWS if path in ("amx", "avx512_bf16") else 0
     else:
       dot_rows = np.iinfo(np.int64).max if bf16_dot else 0
+    amx_rows = (AMX_MIN_ROWS if path == "amx" else 0) if amx is None else int(amx)
     call = jax.ffi.ffi_call(MATMUL_TARGET_BF16, out)
     return call(x2, packed, _valid_rows(rows, x2.shape[0]), num_threads=np.int64(num_threads),
-                bf16_dot_rows=np.int64(dot_rows)).reshape(*lead, n)
+                bf16_dot_rows=np.int64(dot_rows), amx_min_rows=np.int64(amx_rows)).reshape(*lead, n)
   call = jax.ffi.ffi_call(MATMUL_TARGET, out)
   return call(x2, packed, _valid_rows(rows, x2.shape[0]), num_threads=np.int64(num_threads)).reshape(*lead, n)
 

@@ -254,7 +254,7 @@ class LLM:
     bytes) and ``weight_formats`` counts the Dense kernels run in each form. ``cpu_kernels`` says
     which C++ CPU kernel paths run: ``used`` (this engine's steps run attention and every Dense on
     them) and, on a CPU backend, ``_cpu_kernels.info()``: ``available``, ``isa``, ``bf16_matmul``
-    (``"avx512_bf16"`` or ``"widen"``) and ``error`` (why the library did not load)."""
+    (``"amx"``, ``"avx512_bf16"`` or ``"widen"``) and ``error`` (why the library did not load)."""
     runner = self.engine.runner
     return {**self.engine.stats(), "weight_bytes": weights.nbytes(runner.params),
             "weight_formats": weight_formats(runner.params), "cpu_kernels": self._cpu_kernel_stats()}
