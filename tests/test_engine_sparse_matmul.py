@@ -132,6 +132,32 @@ def test_nm_matmul_matches_reference(n, m, k, n_out):
     _check(fn, rng.standard_normal((rows, k)).astype(np.float32), w, THREADS[i % 3])
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (1, 2), (2, 3), (3, 7), (15, 16), (3, 16)])
+@pytest.mark.parametrize("k, n_out", [(48, 37), (200, 20), (1040, 33)])
+def test_nm_matmul_many_rows_matches_reference(n, m, k, n_out):
+  """Prefill-sized row counts (not multiples of the 8-row tiles; K and N not multiples of 16 or 64,
+  an odd number of groups, n:m up to 15:16) on 1 and 2 threads, and only the first ``rows`` rows
+  real (the others must be zeros over poisoned memory)."""
+  _require_kernels()
+  k = _round_up(k, m) + (m if (_round_up(k, m) // m) % 2 == 0 else 0)  # an odd number of groups
+  assert (k // m) % 2 == 1
+  rng = np.random.default_rng(k * 1000 + n_out * 10 + m + n)
+  idx, val = random_nm(rng, k, n_out, n, m, duplicates=True)
+  values, meta = pack_nm(idx, val, m)
+  w = nm_dense(idx, val, m)
+  for i, rows in enumerate((63, 64, 65, 129, 200 + m)):
+    threads = 1 + i % 2
+    fn = lambda x, t: _cpu_kernels.nm_matmul(x, values, meta, n=n, m=m, n_out=n_out, num_threads=t)
+    _check(fn, rng.standard_normal((rows, k)).astype(np.float32), w, threads)
+  x = rng.standard_normal((134, k)).astype(np.float32)
+  for real in (67, 134):  # padding rows from the rows operand: zeros over poisoned memory
+    run = jax.jit(lambda x, r: _cpu_kernels.nm_matmul(x, values, meta, n=n, m=m, n_out=n_out, num_threads=2, rows=r))
+    got = _poisoned(run, x, jnp.int32(real), shape=(x.shape[0], n_out))
+    want = x[:real].astype(np.float64) @ w
+    np.testing.assert_allclose(got[:real], want, rtol=2e-5, atol=2e-5 * np.sqrt(k) * max(1.0, np.abs(w).max()))
+    np.testing.assert_array_equal(got[real:], 0.0)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("k, n_out", [(4, 5), (12, 20), (100, 37), (172, 1408), (512, 20)])
 def test_bitmask_matmul_matches_reference(density, k, n_out):
