@@ -119,7 +119,7 @@ def _attention_case(rng, heads, kv_heads, bs, d):
 
 
 @pytest.mark.parametrize("heads, kv_heads, bs, d", [(8, 4, 16, 64), (4, 4, 8, 16), (8, 1, 4, 32), (6, 2, 16, 8),
-                                                   (4, 2, 16, 128), (6, 2, 5, 64)])
+                                                   (4, 2, 16, 128), (6, 2, 5, 64), (3, 1, 32, 64), (2, 2, 16, 48)])
 def test_bf16_attention_matches_float32_numpy(heads, kv_heads, bs, d):
   rng = np.random.default_rng(heads * 7 + bs + d)
   meta, kb, vb, q, t = _attention_case(rng, heads, kv_heads, bs, d)

@@ -290,6 +290,114 @@ inline void TileValues(__m512 (&acc)[kP][kC], const float* w, int64_t stride, co
   }
 }
 
+// bfloat16 pools, head dims of 32m: K and V read 32 elements (one vector) at a time and widened
+// without a cross-lane shuffle: a shift gives the 16 even elements, a mask the 16 odd ones, so a
+// chunk c of the widened row is even (c = 2m) or odd (c = 2m + 1) elements of 32-element chunk m.
+// The query (pre-scaled) is rearranged once per row to match (QEvenOdd); the value sums come out
+// in that order and are interleaved back when stored (StoreEvenOdd). A dot product's order of
+// summation changes; every product is the same. With Scores16's reduction: the serving decode
+// shape (64 rows, mean context 121, 8 heads of 64 in 4 KV heads, 8 layers), old / new 1.05-1.14
+// (benchmarks/attention_cpu.py --baseline-rev, interleaved pairs, loaded 2-core Xeon). vdpbf16ps on
+// a query of bfloat16 values (exact products) measured slower than this, 0.91-0.94: not used.
+inline __m512 WidenEven(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 WidenOdd(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+inline __m512i Load32(const uint16_t* p) { return _mm512_loadu_si512(p); }
+
+// dst[32m + 2i] -> even chunk, dst[32m + 2i + 1] -> odd chunk, for n elements (n % 32 == 0).
+inline void QEvenOdd(const float* q, float scale, int64_t n, float* dst) {
+  for (int64_t m = 0; m < n; m += 32)
+    for (int i = 0; i < 16; ++i) dst[m + i] = q[m + 2 * i] * scale, dst[m + 16 + i] = q[m + 2 * i + 1] * scale;
+}
+
+inline void StoreEvenOdd(float* o, __m512 even, __m512 odd) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  _mm512_storeu_ps(o, _mm512_permutex2var_ps(even, lo, odd));
+  _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(even, hi, odd));
+}
+
+// The sums of 16 vectors at once: lane j of the result = the sum of v[j]'s lanes (a transposing
+// tree, 45 shuffles and adds for the 16, where _mm512_reduce_add_ps takes about 8 each and a chain).
+// Level 1: keys j, j+1 -> (j, j+1, j, j+1) partial sums per 128-bit lane.
+inline __m512 Sum2(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); }
+// Level 2: (j, j+1) and (j+2, j+3) -> (j..j+3) per 128-bit lane.
+inline __m512 Sum4(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+}
+// Levels 3 and 4: 128-bit lanes.
+inline __m512 SumLanes(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+
+// Scores of up to 16 keys (n) for kP query heads, each key's kP partial-sum vectors from
+// part(j, out[kP]) (keys past n: zero vectors), reduced together into sc[p * stride + j].
+template <int kP, typename Part>
+inline void Scores16(const Part& part, int64_t n, float* sc, int64_t stride) {
+  __m512 quad[kP][4];
+  for (int qd = 0; qd < 4; ++qd) {
+    __m512 pair[kP][2];
+    for (int u = 0; u < 2; ++u) {
+      __m512 a[kP], b[kP];
+      const int j = qd * 4 + u * 2;
+      if (j < n) part(j, a); else for (int p = 0; p < kP; ++p) a[p] = _mm512_setzero_ps();
+      if (j + 1 < n) part(j + 1, b); else for (int p = 0; p < kP; ++p) b[p] = _mm512_setzero_ps();
+      for (int p = 0; p < kP; ++p) pair[p][u] = Sum2(a[p], b[p]);
+    }
+    for (int p = 0; p < kP; ++p) quad[p][qd] = Sum4(pair[p][0], pair[p][1]);
+  }
+  const __mmask16 mask = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  for (int p = 0; p < kP; ++p) {
+    const __m512 s = SumLanes(SumLanes(quad[p][0], quad[p][1]), SumLanes(quad[p][2], quad[p][3]));
+    _mm512_mask_storeu_ps(sc + p * stride, mask, s);
+  }
+}
+
+// TileScores for bfloat16 keys with the query in QEvenOdd's order (pre-scaled).
+template <int kC, int kP>
+inline void TileScoresEvenOdd(const float* q, const uint16_t* keys, int64_t n, float* sc, int64_t stride) {
+  __m512 qv[kP][kC];
+  for (int p = 0; p < kP; ++p)
+    for (int c = 0; c < kC; ++c) qv[p][c] = _mm512_loadu_ps(q + (p * kC + c) * 16);
+  auto part = [&](int64_t j, __m512 (&out)[kP]) {
+    const uint16_t* key = keys + j * kC * 16;
+    __m512 a[kP], b[kP];
+    for (int m = 0; m < kC / 2; ++m) {
+      const __m512i x = Load32(key + m * 32);
+      const __m512 e = WidenEven(x), o = WidenOdd(x);
+      for (int p = 0; p < kP; ++p) {
+        a[p] = m ? _mm512_fmadd_ps(qv[p][2 * m], e, a[p]) : _mm512_mul_ps(qv[p][0], e);
+        b[p] = m ? _mm512_fmadd_ps(qv[p][2 * m + 1], o, b[p]) : _mm512_mul_ps(qv[p][1], o);
+      }
+    }
+    for (int p = 0; p < kP; ++p) out[p] = _mm512_add_ps(a[p], b[p]);
+  };
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    auto at = [&](int64_t j, __m512 (&out)[kP]) { part(j0 + j, out); };
+    Scores16<kP>(at, std::min<int64_t>(16, n - j0), sc + j0, stride);
+  }
+}
+
+// TileValues for bfloat16 values, acc in even/odd order (see QEvenOdd).
+template <int kC, int kP>
+inline void TileValuesEvenOdd(__m512 (&acc)[kP][kC], const float* w, int64_t stride, const uint16_t* vals,
+                              int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* v = vals + j * kC * 16;
+    __m512 wp[kP];
+    for (int p = 0; p < kP; ++p) wp[p] = _mm512_set1_ps(w[p * stride + j]);
+    for (int m = 0; m < kC / 2; ++m) {
+      const __m512i x = Load32(v + m * 32);
+      const __m512 e = WidenEven(x), o = WidenOdd(x);
+      for (int p = 0; p < kP; ++p) {
+        acc[p][2 * m] = _mm512_fmadd_ps(wp[p], e, acc[p][2 * m]);
+        acc[p][2 * m + 1] = _mm512_fmadd_ps(wp[p], o, acc[p][2 * m + 1]);
+      }
+    }
+  }
+}
+
 template <int kC, typename T>
 void OneRowFast(const Step<T>& st, int64_t r, Scratch& s) {
   constexpr int64_t kD = kC * 16;
@@ -299,7 +407,12 @@ void OneRowFast(const Step<T>& st, int64_t r, Scratch& s) {
   s.scores.resize(heads * stride);
   s.qt.resize(heads * kD);
   const float* q = st.q + r * heads * kD;
-  for (int64_t i = 0; i < heads * kD; ++i) s.qt[i] = q[i] * st.scale;
+  constexpr bool kEvenOdd = std::is_same_v<T, uint16_t> && kC % 2 == 0;  // bfloat16, head dim 32m
+  if constexpr (kEvenOdd) {
+    QEvenOdd(q, st.scale, heads * kD, s.qt.data());
+  } else {
+    for (int64_t i = 0; i < heads * kD; ++i) s.qt[i] = q[i] * st.scale;
+  }
   // the tiles in the order they are read: K of head 0, blocks 0..nb-1, ..., then V likewise
   const int64_t count = 2 * kvh * num_blocks;
   auto tile_at = [&](int64_t i) {
@@ -319,7 +432,14 @@ void OneRowFast(const Step<T>& st, int64_t r, Scratch& s) {
         const T* keys = st.BlockOf(st.k_pages, seq, b) + k * tile;
         const int64_t n = std::min(bs, len - b * bs);
         float* sc = s.scores.data() + h * stride + b * bs;
-        if (g + 1 < group) {
+        const bool pair = g + 1 < group;
+        if constexpr (kEvenOdd) {
+          if (pair) {
+            TileScoresEvenOdd<kC, 2>(s.qt.data() + h * kD, keys, n, sc, stride);
+          } else {
+            TileScoresEvenOdd<kC, 1>(s.qt.data() + h * kD, keys, n, sc, stride);
+          }
+        } else if (pair) {
           TileScores<kC, 2>(s.qt.data() + h * kD, keys, n, sc, stride);
         } else {
           TileScores<kC, 1>(s.qt.data() + h * kD, keys, n, sc, stride);
@@ -341,13 +461,26 @@ void OneRowFast(const Step<T>& st, int64_t r, Scratch& s) {
         const T* vals = st.BlockOf(st.v_pages, seq, b) + k * tile;
         const int64_t n = std::min(bs, len - b * bs);
         const float* w = s.scores.data() + h * stride + b * bs;
-        if (pair) {
+        if constexpr (kEvenOdd) {
+          if (pair) {
+            TileValuesEvenOdd<kC, 2>(acc2, w, stride, vals, n);
+          } else {
+            TileValuesEvenOdd<kC, 1>(acc1, w, stride, vals, n);
+          }
+        } else if (pair) {
           TileValues<kC, 2>(acc2, w, stride, vals, n);
         } else {
           TileValues<kC, 1>(acc1, w, stride, vals, n);
         }
       }
       float* o = st.out + (r * heads + h) * kD;
+      if constexpr (kEvenOdd) {
+        for (int c = 0; c < kC; c += 2) {
+          StoreEvenOdd(o + c * 16, pair ? acc2[0][c] : acc1[0][c], pair ? acc2[0][c + 1] : acc1[0][c + 1]);
+          if (pair) StoreEvenOdd(o + kD + c * 16, acc2[1][c], acc2[1][c + 1]);
+        }
+        continue;
+      }
       for (int c = 0; c < kC; ++c) {
         _mm512_storeu_ps(o + c * 16, pair ? acc2[0][c] : acc1[0][c]);
         if (pair) _mm512_storeu_ps(o + kD + c * 16, acc2[1][c]);
