@@ -161,3 +161,20 @@ def test_cpu_kernel_matches_reference(heads, kv_heads, bs, d):
   np.testing.assert_allclose(with_kernel, without, atol=2e-5, rtol=2e-5)
   assert not PagedAttention().use_cpu_kernel(jnp.float16) and not PagedAttention(sliding_window=4).use_cpu_kernel(
       jnp.float32)  # bfloat16 pools: tests/test_engine_bf16.py
+
+
+@pytest.mark.parametrize("v_shape", [(1, 1, 4), (1, 2, 8)])
+def test_the_fused_write_rejects_new_values_of_another_shape(v_shape):
+  """The step's new V must be [N, KV heads, D] like its K: a smaller one was read past its end."""
+  from jaxserve.engine import _cpu_kernels
+  if not _cpu_kernels.available():
+    assert not _compiler_present(), f"the kernel did not build: {_cpu_kernels._state.get('error')}"
+    pytest.skip("no C++ compiler")
+  pools = jnp.zeros((4, 1, 4, 8), jnp.float32)
+  call = jax.jit(_cpu_kernels.write_paged_rows, static_argnames="scale")
+  args = (jnp.ones((1, 2, 8)), jnp.ones((1, 1, 8)), jnp.ones(v_shape), jnp.int32([4]), pools, pools,
+          jnp.int32([[1]]), jnp.int32([0]), jnp.int32([1]))
+  with pytest.raises(Exception, match="expected new K/V"):
+    jax.block_until_ready(call(*args, scale=0.5))
+  out, _, _ = call(*args[:2], jnp.ones((1, 1, 8)), *args[3:], scale=0.5)  # the same call, shapes right
+  assert float(out[0, 0, 0]) == 1.0

@@ -731,7 +731,8 @@ ffi::Error WriteAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, Poo
   auto nd = k_new.dimensions();
   const int64_t count = slots.dimensions().size() == 1 ? slots.dimensions()[0] : -1;
   if (nd.size() != 3 || nd[0] != count || nd[1] != st.kv_heads || nd[2] != st.dim ||
-      v_new.dimensions().size() != 3 || v_new.dimensions()[0] != count) {
+      v_new.dimensions().size() != 3 || v_new.dimensions()[0] != count || v_new.dimensions()[1] != st.kv_heads ||
+      v_new.dimensions()[2] != st.dim) {
     return ffi::Error::InvalidArgument("paged_attention_cpu: expected new K/V [N,KVH,D] and slots [N]");
   }
   // the pools are aliased to the outputs (updated in place); copy first if XLA did not alias them
