@@ -243,24 +243,22 @@ void OneRow(const Step<T>& st, int64_t r, Scratch& s) {
 // its value sums keep their accumulators on the stack). Measured on the Xeon, one thread, 64 rows
 // of ~114 positions, 8 heads of 64 in 4 KV heads, blocks in L2: 0.65 -> 0.37 ms (float32), 1.08 ->
 // 0.34 ms (bfloat16). Tiles are visited in a fixed order (K: head by head, block by block; then V
-// likewise) and the tile kAheadOf<T> places further on is prefetched (float32, on the Xeon,
-// blocks out of cache, 2 ahead measured the same as no software prefetch, and as 4 or 8 ahead or
-// into L2 only; visiting a block's heads in turn instead was no faster). There a row reads its blocks at about 80% of a
-// plain sum over the same blocks, one thread: memory bound.
+// likewise) and the tile kAhead places further on is prefetched (visiting a block's heads in turn
+// instead was no faster). There a row reads its blocks at about 80% of a plain sum over the same
+// blocks, one thread: memory bound.
 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 Load16(const uint16_t* p) {  // 16 bfloat16 widened to float32
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
 
-constexpr int kAhead = 2;  // tiles prefetched ahead of the one being read (float32)
-// bfloat16: 64 tiles ahead (128 KiB at D = 64: within L2), i.e. a whole decode row of the serving
-// shape asked for at its start. Measured on the Xeon, the serving decode shape (batch 64, mean
-// context 121, 8 layers, pools of 2048 blocks), benchmarks/attention_cpu.py with the other build
-// as --baseline, 80 interleaved pairs, loaded machine: 2 ahead / 64 ahead 0.81 and 0.81 (128: 0.80,
-// 32: 0.91 once, 8: 0.93 once). float32 (0.93 once with 64) is left at 2 until measured idle.
-template <typename T>
-constexpr int kAheadOf = std::is_same_v<T, float> ? kAhead : 64;
+// 64 tiles ahead (float32 256 KiB, bfloat16 128 KiB at D = 64: within L2), i.e. a whole decode row of
+// the serving shape asked for at its start. Measured on the Xeon, the serving decode shape (batch 64,
+// mean context 121, 8 layers), benchmarks/attention_cpu.py with the other build as baseline,
+// interleaved pairs, time with N ahead / time with 2 ahead: bfloat16, loaded machine, 64: 0.81 and 0.81
+// (128: 0.80, 32: 0.91 once, 8: 0.93 once); float32, idle machine, 40 pairs, 64: 0.91 (14.7 GB/s
+// against a plain read's 15.9). Earlier, float32 2 ahead had measured the same as no prefetch, 4 or 8.
+constexpr int kAhead = 64;
 
 // sc[p * stride + j] = q_p . keys[j] for the kP query heads at q (rows of kC * 16, pre-scaled).
 template <int kC, int kP, typename T>
@@ -426,9 +424,9 @@ void OneRowFast(const Step<T>& st, int64_t r, Scratch& s) {
     const int64_t b = i % num_blocks, k = (i / num_blocks) % kvh;
     return st.BlockOf(i < kvh * num_blocks ? st.k_pages : st.v_pages, seq, b) + k * tile;
   };
-  for (int64_t i = 0; i < kAheadOf<T> && i < count; ++i) Prefetch(tile_at(i), tile);
+  for (int64_t i = 0; i < kAhead && i < count; ++i) Prefetch(tile_at(i), tile);
   auto ahead = [&](int64_t i) {
-    if (i + kAheadOf<T> < count) Prefetch(tile_at(i + kAheadOf<T>), tile);
+    if (i + kAhead < count) Prefetch(tile_at(i + kAhead), tile);
   };
   // pass 1: scores[h, p]
   for (int64_t k = 0; k < kvh; ++k) {
