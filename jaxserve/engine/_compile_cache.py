@@ -86,18 +86,8 @@ def scope(path: str | None) -> Iterator[None]:
   compiles see JAX as before.
   """
   if path is None:
-    checked = _jax_cache._cache_checked
-    try:
-      with _jax_config.enable_compilation_cache(False):
-        yield
-    finally:
-      # JAX decides once per process, at the first compile that asks, whether its cache is used:
-      # asked in here (off), the answer would stay "off" for every later compile of the process,
-      # a cache directory the user configures afterwards included. Undo that decision.
-      if not checked:
-        with _jax_cache._cache_initialized_mutex:
-          if not _jax_cache._cache_used:
-            _jax_cache._cache_checked = False
+    with _jax_config.enable_compilation_cache(False):
+      yield
     return
   user = _jax_config.compilation_cache_dir.value
   with _lock:
