@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import ModelConfig
+from jaxserve.testing import poisoned_call
 from jaxserve import weights
 from jaxserve.engine import _cpu_kernels
 from jaxserve.engine._weight_forms import prepare_params, weight_formats
@@ -128,18 +129,7 @@ def _amx_calls() -> int:
   return lib.JaxserveCpuAmxCalls()
 
 
-def _poisoned(fn, *args, shape):
-  """``fn(*args)`` right after NaN-filled arrays of the output's size were freed (a stale allocation the kernel
-  fails to overwrite shows as NaN); called twice, both results equal."""
-  outs = []
-  for _ in range(2):
-    poison = [jnp.full(shape, jnp.nan, jnp.float32) for _ in range(4)]
-    jax.block_until_ready(poison)
-    del poison
-    outs.append(np.asarray(fn(*args)))
-  assert not np.isnan(outs[0]).any()
-  np.testing.assert_array_equal(outs[0], outs[1])
-  return outs[0]
+_poisoned = poisoned_call
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 8, 16), (4, 32, 48), (5, 17, 16), (15, 31, 64), (16, 32, 80),

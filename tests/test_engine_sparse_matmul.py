@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.testing import poisoned_call
 from jaxserve.engine import _cpu_kernels
 
 P = 16  # lanes of a panel
@@ -88,18 +89,7 @@ def pack_bitmask(w: np.ndarray, keep: np.ndarray):
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def _poisoned(fn, *args, shape):
-  """``fn(*args)`` right after NaN-filled arrays of the output's size were freed (so a stale
-  allocation the kernel fails to overwrite shows as NaN); called twice, both results equal."""
-  outs = []
-  for _ in range(2):
-    poison = [jnp.full(shape, jnp.nan, jnp.float32) for _ in range(4)]
-    jax.block_until_ready(poison)
-    del poison
-    outs.append(np.asarray(fn(*args)))
-  assert not np.isnan(outs[0]).any() and not np.isnan(outs[1]).any()
-  np.testing.assert_array_equal(outs[0], outs[1])
-  return outs[0]
+_poisoned = poisoned_call
 
 
 def _check(fn, x, w_ref, threads):
