@@ -11,6 +11,7 @@ Library code never sets these flags; a test that deliberately mixes dtypes opts 
 ``jax.numpy_dtype_promotion("standard")``.
 """
 
+import gc
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -19,6 +20,22 @@ os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_each_modules_programs():
+  """After each test module: drop JAX's in-memory caches and run a full collection.
+
+  Every compiled XLA program keeps its code mapped (on the order of a hundred memory maps each); the
+  suite compiles thousands (each test's shapes, interpret-mode Pallas kernels, tracing helpers that
+  JAX's own caches keep, objects in reference cycles that only a full collection frees) and one
+  process may hold at most ``vm.max_map_count`` maps (65530 by default): XLA crashed compiling once
+  the suite had passed that. The engine itself frees its programs when dropped (test_engine_compile).
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()

@@ -3,12 +3,14 @@ sampling setting, and a persistent cache that a second process loads instead of 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +290,26 @@ def test_the_executable_cache_evicts_the_least_recently_used_entries(tmp_path):
   cache.max_bytes = 0  # below one entry: everything goes, also the one stored last
   cache.evict()
   assert list(cache.dir.glob("*.exe")) == []
+
+
+@pytest.mark.parametrize("background_compile", [False, True])
+def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(background_compile):
+  # Python's full collection runs rarely in a big process: anything of the engine's kept alive only
+  # by a reference cycle (its compiled programs' code is mapped memory, its KV pools device memory)
+  # stayed until then; a process building engine after engine ran out of memory maps (CI died so).
+  gc.collect()
+  gc.disable()
+  try:
+    llm = LLM(_tiny(), block_size=8, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache=False,
+              background_compile=background_compile)
+    out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 5 for o in out)
+    runner = weakref.ref(llm.engine.runner)
+    forward = weakref.ref(llm.engine.runner._forward)
+    pools = [weakref.ref(k) for k, _ in llm.engine.runner.kv_pools]
+    del llm, out
+    assert runner() is None, "the model runner outlived its engine (a reference cycle holds it)"
+    assert forward() is None, "the jitted step (and its compiled programs) outlived the engine"
+    assert all(p() is None for p in pools), "the KV pools outlived the engine"
+  finally:
+    gc.enable()

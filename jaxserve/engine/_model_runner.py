@@ -89,6 +89,22 @@ class SequenceInputError(Exception):
     self.indices, self.cause = indices, cause
 
 
+def _forward_step(params, kv_pools, logits_buf, tokens, positions, meta, logits_index, *, cfg: ModelConfig,
+                  attn: PagedAttention, native_rows: bool, kv_pool_sharding: NamedSharding | None):
+  """One step's model forward: greedy tokens, the new KV pools and the logits buffer (what the runner jits)."""
+  # the step's real tokens and sequences lead its padded rows: the native matmuls skip the padding
+  lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+  if native_rows:  # every layer's attention reads the same row view: derive it once
+    meta = meta.with_rows(tokens.shape[1])
+  out = forward(params, cfg, tokens, positions, kv=kv_pools, attn=attn, meta=meta,
+                logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32))
+  logits = out.logits[0]
+  buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
+  if kv_pool_sharding is not None:
+    buf = jax.lax.with_sharding_constraint(buf, NamedSharding(kv_pool_sharding.mesh, PartitionSpec()))
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv, buf
+
+
 class ModelRunner:
   """Owns the device state (parameters, per-layer KV pools, the last step's logits) and the compiled step programs.
 
@@ -141,7 +157,12 @@ class ModelRunner:
       if not self.program_cache.ok:
         self.program_cache = None
     self.reset_device_state()
-    self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
+    # a function of its own, not a bound method: a jitted method would hold the runner, and the
+    # runner the jitted function (with every compiled program), in a reference cycle that only
+    # Python's full collection frees (each dropped engine then kept its programs' code mapped)
+    self._forward = jax.jit(functools.partial(_forward_step, cfg=cfg, attn=attention,
+                                              native_rows=self.uses_cpu_kernels,
+                                              kv_pool_sharding=kv_pool_sharding), donate_argnums=(1, 2))
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self._executables: dict[tuple, Any] = {}  # program key -> compiled program
@@ -163,19 +184,6 @@ class ModelRunner:
     if self.kv_pool_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
       self.kv_pools = jax.device_put(self.kv_pools, self.kv_pool_sharding)
       self.logits = jax.device_put(self.logits, NamedSharding(self.kv_pool_sharding.mesh, PartitionSpec()))
-
-  def _forward_impl(self, params, kv_pools, logits_buf, tokens, positions, meta, logits_index):
-    # the step's real tokens and sequences lead its padded rows: the native matmuls skip the padding
-    lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
-    if self.uses_cpu_kernels:  # every layer's attention reads the same row view: derive it once
-      meta = meta.with_rows(tokens.shape[1])
-    out = forward(params, self.cfg, tokens, positions, kv=kv_pools, attn=self.attn, meta=meta,
-                  logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32))
-    logits = out.logits[0]
-    buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
-    if self.kv_pool_sharding is not None:
-      buf = jax.lax.with_sharding_constraint(buf, NamedSharding(self.kv_pool_sharding.mesh, PartitionSpec()))
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv, buf
 
   # ---- the program set
   def step_key(self, num_tokens: int, decode_only: bool) -> tuple[str, int, int, int]:
