@@ -162,8 +162,15 @@ _PROCESS = textwrap.dedent("""
     files = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
     jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(7)).block_until_ready()
     after_user = len(list(__import__("pathlib").Path(sys.argv[1]).iterdir()))
+    # ... and a cache directory the user configures afterwards is used (JAX decides once per process
+    # whether its cache is on; the engine's compiles must not have decided "off" for the process)
+    user_dir = jax.config.jax_compilation_cache_dir
+    mine = __import__("pathlib").Path(sys.argv[1] + "-user")
+    jax.config.update("jax_compilation_cache_dir", str(mine))
+    jax.jit(lambda x: x * 5 - 2)(jax.numpy.ones(9)).block_until_ready()
     print(json.dumps(dict(engine=engine, tokens=[o.outputs[0].token_ids for o in out], files=files,
-                          user_dir=jax.config.jax_compilation_cache_dir, files_after_user_compile=after_user)))
+                          user_dir=user_dir, files_after_user_compile=after_user,
+                          users_own_cache_files=len(list(mine.iterdir())) if mine.exists() else 0)))
 """)
 
 
@@ -194,6 +201,7 @@ def test_a_second_process_loads_the_programs_from_the_persistent_cache(tmp_path)
   for run in (first, second):
     assert run["user_dir"] is None  # JAX's process-wide setting untouched
     assert run["files_after_user_compile"] == run["files"]  # the user's program did not land in the engine's cache
+    assert run["users_own_cache_files"] > 0  # a cache the user configures afterwards is on
   assert (os.stat(cache).st_mode & 0o777) == 0o700
 
 

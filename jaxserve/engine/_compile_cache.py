@@ -69,6 +69,11 @@ def resolve(setting: bool | str | os.PathLike | None) -> str | None:
   return str(path)
 
 
+def _backend():
+  import jax.extend.backend  # noqa: PLC0415 (jax.extend is not imported with jax)
+  return jax.extend.backend.get_backend()
+
+
 def is_users(path: str | None) -> bool:
   """Whether ``path`` is the directory the user configured for JAX (``jax_compilation_cache_dir``), not
   one this module set for the engine (inside a :func:`scope`)."""
@@ -86,6 +91,10 @@ def scope(path: str | None) -> Iterator[None]:
   compiles see JAX as before.
   """
   if path is None:
+    # JAX decides once per process, at the first compile that asks, whether its cache is used: ask
+    # now, under the process's own settings, so that a compile here (cache off for this thread) is
+    # not the one that decides "off" for every later compile of the user's
+    _jax_cache.is_cache_used(_backend())
     with _jax_config.enable_compilation_cache(False):
       yield
     return
