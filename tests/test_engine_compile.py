@@ -300,16 +300,16 @@ def test_the_executable_cache_evicts_the_least_recently_used_entries(tmp_path):
   assert list(cache.dir.glob("*.exe")) == []
 
 
-@pytest.mark.parametrize("background_compile", [False, True])
-def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(background_compile):
+@pytest.mark.parametrize("kw", [{}, {"background_compile": True}, {"tensor_parallel_size": 2}],
+                         ids=["eager", "background", "tp2"])
+def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(kw):
   # Python's full collection runs rarely in a big process: anything of the engine's kept alive only
   # by a reference cycle (its compiled programs' code is mapped memory, its KV pools device memory)
   # stayed until then; a process building engine after engine ran out of memory maps (CI died so).
   gc.collect()
   gc.disable()
   try:
-    llm = LLM(_tiny(), block_size=8, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache=False,
-              background_compile=background_compile)
+    llm = LLM(_tiny(), block_size=8, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache=False, **kw)
     out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 5 for o in out)
     runner = weakref.ref(llm.engine.runner)
