@@ -18,6 +18,7 @@ import pytest
 from jax import monitoring
 
 from jaxserve.engine import LLM, BeamSearchParams, SamplingParams
+from jaxserve.engine._block_pool import KVBlock
 from jaxserve.loaders import LoadedModel
 from jaxserve.model import init_params
 from jaxserve.testing import tiny_config
@@ -300,6 +301,10 @@ def test_the_executable_cache_evicts_the_least_recently_used_entries(tmp_path):
   assert list(cache.dir.glob("*.exe")) == []
 
 
+def _live(cls) -> int:
+  return sum(type(o) is cls for o in gc.get_objects())
+
+
 @pytest.mark.parametrize("kw", [{}, {"background_compile": True}, {"tensor_parallel_size": 2}],
                          ids=["eager", "background", "tp2"])
 def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(kw):
@@ -309,6 +314,7 @@ def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(kw):
   gc.collect()
   gc.disable()
   try:
+    blocks_before = _live(KVBlock)
     llm = LLM(_tiny(), block_size=8, max_num_seqs=4, max_num_batched_tokens=32, compilation_cache=False, **kw)
     out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 5 for o in out)
@@ -319,5 +325,6 @@ def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(kw):
     assert runner() is None, "the model runner outlived its engine (a reference cycle holds it)"
     assert forward() is None, "the jitted step (and its compiled programs) outlived the engine"
     assert all(p() is None for p in pools), "the KV pools outlived the engine"
+    assert _live(KVBlock) == blocks_before, "the block pool's blocks outlived the engine"
   finally:
     gc.enable()
