@@ -141,3 +141,34 @@ def test_ban_masks_stop_tokens():
   out = sample(logits, _tensors(2, temperature=np.zeros(2, np.float32), banned=banned, prompt_mask=np.zeros((2, V), bool),
                                 output_counts=np.zeros((2, V), np.int32)), SamplerConfig(vocab_arrays=True))
   assert int(out.tokens[0]) != 2 and int(out.tokens[1]) == 2
+
+
+def test_masks_of_a_batch_match_the_reference_row_by_row():
+  # the cut-offs are per-row bisections over the logits' integer keys: rows must not leak into each
+  # other, and negative, huge, tiny and banned (-inf) logits must order as floats do
+  rng = np.random.default_rng(7)
+  rows, v = 24, 203
+  x = (rng.standard_normal((rows, v)) * rng.choice([1e-3, 1.0, 30.0, 1e30], (rows, 1))).astype(np.float32)
+  x[rng.random((rows, v)) < 0.2] = -np.inf
+  x[:, 0] = rng.standard_normal(rows)  # every row keeps a finite logit
+  x[3] = -np.abs(x[3])  # all negative
+  top_k = rng.choice([0, 1, 2, 7, v, v + 5], rows).astype(np.int32)
+  top_p = rng.choice([0.0, 1e-6, 0.3, 0.9, 0.999, 1.0], rows).astype(np.float32)
+  min_p = rng.choice([0.0, 0.1], rows).astype(np.float32)
+  got = np.asarray(top_k_top_p_min_p(jnp.asarray(x), jnp.asarray(np.where(top_k == 0, v, top_k)), jnp.asarray(top_p),
+                                     jnp.asarray(min_p)), np.float64)
+  for r in range(rows):
+    ref = reference_processed_logits(x[r], prompt=[], output=[], temperature=1.0, top_k=int(top_k[r]),
+                                     top_p=float(top_p[r]), min_p=float(min_p[r]), repetition_penalty=1.0,
+                                     presence_penalty=0.0, frequency_penalty=0.0)
+    assert np.array_equal(np.isinf(got[r]), np.isinf(ref)), (r, top_k[r], top_p[r], min_p[r])
+    np.testing.assert_array_equal(got[r][~np.isinf(ref)], x[r][~np.isinf(ref)])
+
+
+def test_tokens_tied_at_a_cut_off_are_kept_together():
+  x = jnp.float32([[3.0, 1.0, 2.0, 2.0, 0.5, 2.0]])
+  kept = lambda out: np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist()  # noqa: E731
+  # top-2: the 2nd largest is 2.0, held by three tokens: all three stay
+  assert kept(top_k_top_p_min_p(x, jnp.int32([2]), jnp.float32([1.0]), jnp.float32([0.0]))) == [0, 2, 3, 5]
+  # top-p 0: only the most likely token
+  assert kept(top_k_top_p_min_p(x, jnp.int32([6]), jnp.float32([0.0]), jnp.float32([0.0]))) == [0]

@@ -76,25 +76,50 @@ def apply_penalties(logits: Array, prompt_mask: Array, output_counts: Array, rep
   return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).astype(logits.dtype)
 
 
+def _ordered_keys(x: Array) -> Array:
+  """float32 -> int32 keys in the same order (the sign-magnitude bits made two's complement; no NaN)."""
+  b = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+
+
+def _smallest_true(pred, lo: Array, hi: Array) -> Array:
+  """Per row, the smallest int32 ``t`` in ``[lo, hi]`` with ``pred(t)`` (``pred`` monotone: false, then true;
+  ``pred(hi)`` true): a bisection of 32 halvings, exact over the whole int32 range."""
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    ok = pred(mid)
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
+
+
 def top_k_top_p_min_p(logits: Array, top_k: Array, top_p: Array, min_p: Array, *, use_top_k_top_p: bool = True,
                       use_min_p: bool = True) -> Array:
   """Masks (to -inf) tokens outside the top k, outside the top-p nucleus, or below min_p times the max.
 
   Top-p is taken over the distribution left after top-k, as vLLM does; the most likely token always survives.
+  No sort: XLA's CPU sort took 170 ms for 128 rows of 8,192 logits. Both cut-offs are thresholds found
+  by bisection over the logits' order-preserving integer keys (32 counting passes each, exact): the
+  k-th largest logit, and the smallest logit whose strictly larger tokens hold less than top_p of the
+  mass. Tokens equal to a cut-off are kept together (a sort would split ties in index order).
   """
   if use_top_k_top_p:
     v = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)
+    key = _ordered_keys(logits)
+    lo, hi = key.min(-1), key.max(-1)
     k = jnp.clip(top_k, 1, v)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    in_top_k = jnp.arange(v)[None, :] < k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
-    keep = keep.at[:, 0].set(True)
-    last_kept = jnp.sum(keep, axis=-1, keepdims=True) - 1
-    cutoff = jnp.maximum(kth, jnp.take_along_axis(sorted_desc, last_kept, axis=-1))
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    kth = jax.lax.cond(jnp.any(k < v),  # the k-th largest key: the smallest t with fewer than k keys above it
+                       lambda: _smallest_true(lambda t: jnp.sum(key > t[:, None], -1) < k, lo, hi), lambda: lo)
+    in_top_k = key >= kth[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, logits, -jnp.inf), axis=-1)
+
+    def nucleus():  # the smallest t whose strictly larger tokens hold less than top_p (the max: none above)
+      def above_less_than_p(t):
+        return jnp.sum(jnp.where(key > t[:, None], probs, 0.0), -1) < top_p
+      return jnp.where(top_p >= 1.0, lo, _smallest_true(above_less_than_p, lo, hi))
+
+    cut = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda: lo)
+    logits = jnp.where(key < jnp.maximum(kth, cut)[:, None], -jnp.inf, logits)
   if use_min_p:
     probs = jax.nn.softmax(logits, axis=-1)
     logits = jnp.where(probs < min_p[:, None] * probs.max(-1, keepdims=True), -jnp.inf, logits)
