@@ -37,6 +37,13 @@ def git_commit() -> str | None:
     return None
 
 
+def file_at(rev: str, path: str) -> bytes:
+  """The bytes of ``path`` (relative to the repository root) at git revision ``rev`` (a baseline to compare with)."""
+  import subprocess
+  return subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "show", f"{rev}:{path}"],
+                        check=True, capture_output=True).stdout
+
+
 def write_results(path: str | os.PathLike, res: dict[str, Any]) -> None:
   """Writes ``res`` as JSON to ``path`` with the machine it ran on (CPU model, cores, load average now) added."""
   res = dict(res, loadavg=list(os.getloadavg()), cpus=os.cpu_count(), cpu=cpu_model())

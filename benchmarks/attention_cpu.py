@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmarks._machine import write_results  # noqa: E402
+from benchmarks._machine import file_at, write_results  # noqa: E402
 
 from serving import make_workload  # noqa: E402
 
@@ -148,9 +148,7 @@ def main() -> None:
     if args.baseline_rev:
       args.baseline = Path(tmp) / "baseline_src" / "paged_attention_cpu.cc"
       args.baseline.parent.mkdir()
-      args.baseline.write_bytes(subprocess.run(
-          ["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:jaxserve/engine/csrc/paged_attention_cpu.cc"],
-          check=True, capture_output=True).stdout)
+      args.baseline.write_bytes(file_at(args.baseline_rev, "jaxserve/engine/csrc/paged_attention_cpu.cc"))
     baseline = build_baseline(args.baseline, tmp) if args.baseline else None
     results = {}
     for dtype in args.dtype.split(","):

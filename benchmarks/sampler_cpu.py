@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._machine import git_commit, machine, write_results  # noqa: E402
+from benchmarks._machine import file_at, git_commit, machine, write_results  # noqa: E402
 
 CASES = {  # name -> (top_k or 0 for none, top_p, min_p)
     "top-p 0.9": (0, 0.9, 0.0),
@@ -34,10 +33,8 @@ CASES = {  # name -> (top_k or 0 for none, top_p, min_p)
 
 
 def _load_baseline(rev: str, tmp: str):
-  src = subprocess.run(["git", "show", f"{rev}:jaxserve/engine/_sampler.py"], capture_output=True, text=True,
-                       check=True, cwd=ROOT).stdout
   path = os.path.join(tmp, "baseline_sampler.py")
-  Path(path).write_text(src)
+  Path(path).write_bytes(file_at(rev, "jaxserve/engine/_sampler.py"))
   spec = importlib.util.spec_from_file_location("baseline_sampler", path)
   mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._machine import cpu_model, file_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,9 +76,7 @@ def build_baseline(rev: str, tmp: str) -> str:
   src_dir = Path(tmp) / "csrc"
   src_dir.mkdir()
   for name in ("sparse_matmul_cpu.cc", "parallel.h", "valid_rows.h"):
-    (src_dir / name).write_bytes(subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:jaxserve/engine/csrc/{name}"], capture_output=True,
-        check=True).stdout)
+    (src_dir / name).write_bytes(file_at(rev, f"jaxserve/engine/csrc/{name}"))
   lib_path = os.path.join(tmp, "baseline_sparse_matmul.so")
   cmd = [ck._compiler(), *ck._compile_flags(), "-I", str(src_dir), "-I", jax.ffi.include_dir(),
          str(src_dir / "sparse_matmul_cpu.cc"), "-o", lib_path]

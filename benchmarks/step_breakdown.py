@@ -19,7 +19,6 @@ sequences with it and with XLA's matmul on the unpacked weights. Median of ``--r
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -52,7 +51,6 @@ def main() -> None:
   from jaxserve.engine import LLM
   from jaxserve import weights
   from jaxserve.engine._attention import PagedAttention, make_meta
-  from jaxserve.engine._model_runner import _forward_step
   from jaxserve.engine._weight_forms import weight_formats
 
   class NoAttention(PagedAttention):
@@ -109,8 +107,7 @@ def main() -> None:
   packed_params = runner.params  # every packable kernel a PackedDense when the C++ kernels run
 
   def time_step(attn, inputs, params=packed_params):
-    fwd = jax.jit(functools.partial(_forward_step, cfg=runner.cfg, attn=attn, native_rows=runner.uses_cpu_kernels,
-                                    kv_pool_sharding=None), donate_argnums=(1, 2))
+    fwd = jax.jit(runner.step_function(attn), donate_argnums=(1, 2))
     times = []
     for i in range(args.reps + 1):
       t0 = time.perf_counter()

@@ -160,9 +160,7 @@ class ModelRunner:
     # a function of its own, not a bound method: a jitted method would hold the runner, and the
     # runner the jitted function (with every compiled program), in a reference cycle that only
     # Python's full collection frees (each dropped engine then kept its programs' code mapped)
-    self._forward = jax.jit(functools.partial(_forward_step, cfg=cfg, attn=attention,
-                                              native_rows=self.uses_cpu_kernels,
-                                              kv_pool_sharding=kv_pool_sharding), donate_argnums=(1, 2))
+    self._forward = jax.jit(self.step_function(attention), donate_argnums=(1, 2))
     self._sample = jax.jit(sample, static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self._executables: dict[tuple, Any] = {}  # program key -> compiled program
@@ -173,6 +171,12 @@ class ModelRunner:
                       if background_compile else None)
     self.num_fallback_steps = 0  # steps run in a larger program while their own compiled
     self.num_blocking_compiles = 0  # steps that waited for their program to compile
+
+  def step_function(self, attention: PagedAttention) -> Any:
+    """The step's forward (to jit; donate arguments 1 and 2) with this runner's settings and ``attention``;
+    it holds no reference to the runner."""
+    return functools.partial(_forward_step, cfg=self.cfg, attn=attention, native_rows=self.uses_cpu_kernels,
+                             kv_pool_sharding=self.kv_pool_sharding)
 
   def reset_device_state(self) -> None:
     """Allocates fresh (zeroed) KV pools and logits buffer: at start, and after a failed step took the old ones."""
