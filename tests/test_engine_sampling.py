@@ -172,3 +172,23 @@ def test_tokens_tied_at_a_cut_off_are_kept_together():
   assert kept(top_k_top_p_min_p(x, jnp.int32([2]), jnp.float32([1.0]), jnp.float32([0.0]))) == [0, 2, 3, 5]
   # top-p 0: only the most likely token
   assert kept(top_k_top_p_min_p(x, jnp.int32([6]), jnp.float32([0.0]), jnp.float32([0.0]))) == [0]
+
+
+def test_argmax_equals_jnp_argmax_on_ties_infinities_and_nans():
+  from jaxserve.engine._sampler import argmax
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((9, 1000)).astype(np.float32)
+  x[1, [7, 300, 999]] = 50.0  # a tie: the first index wins
+  x[2] = -np.inf  # nothing finite: index 0
+  x[3, 5] = np.inf
+  x[4, [10, 20]] = np.nan  # the first NaN, as jnp.argmax
+  x[5, 999] = 1e30  # the last column
+  x[6] = 3.0  # all tied
+  x[7, :] = rng.integers(-2, 2, 1000).astype(np.float32)  # many ties at the max
+  x[8, [0, 1]] = [np.nan, 1e38]
+  got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+  np.testing.assert_array_equal(got[:4], [int(np.argmax(x[0])), 7, 0, 5])
+  assert got[4] == 10 and got[5] == 999 and got[6] == 0 and got[8] == 0
+  np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x[1]))), 7)  # one row, no batch axis

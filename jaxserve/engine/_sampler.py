@@ -126,6 +126,15 @@ def top_k_top_p_min_p(logits: Array, top_k: Array, top_p: Array, min_p: Array, *
   return logits
 
 
+def argmax(x: Array) -> Array:
+  """``jnp.argmax(x, axis=-1)`` as int32, the same index (the first maximum; the first NaN where a row
+  has one), from two vectorized reductions: XLA's CPU argmax reduces (value, index) pairs one element
+  at a time, 2x slower for 64 rows of 32,000 logits (3.8 against 1.9 ms)."""
+  hit = (x == x.max(axis=-1, keepdims=True)) | jnp.isnan(x)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def _row_keys(seed: Array, counter: Array) -> Array:
   def one(s, c):
     key = jax.random.fold_in(jax.random.PRNGKey(s[0]), s[1])
@@ -147,7 +156,7 @@ def sample(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutp
     x = jnp.where(t.banned, -jnp.inf, x)
     x = apply_penalties(x, t.prompt_mask, t.output_counts, t.repetition_penalty, t.presence_penalty,
                         t.frequency_penalty)
-  greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+  greedy = argmax(x)
   v = x.shape[-1]
   random = t.temperature > 0
 
@@ -160,7 +169,7 @@ def sample(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutp
                      lambda x: x, x)
     keys = _row_keys(t.seed, t.counter)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
-    return jnp.where(random, jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32), greedy)  # Gumbel-max == categorical
+    return jnp.where(random, argmax(x + gumbel), greedy)  # Gumbel-max == categorical
 
   tokens = jax.lax.cond(jnp.any(random), sampled, lambda x: greedy, x)
   k = num_top_logprobs(v)
