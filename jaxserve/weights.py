@@ -72,6 +72,12 @@ class _Leaf:
                     f"jaxserve.weights.matmul(x, w), or expand it with w.to_dense()")
 
 
+def on_device(a: Any) -> Array:
+  """``a`` as a jax.Array; a host (numpy) array is put on the device as it is: ``jnp.asarray`` compiles
+  a copy program for each new shape (ten of them slowed an engine's start by a third of a second)."""
+  return jax.device_put(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else jnp.asarray(a)
+
+
 # ----------------------------------------------------------------------------- packed dense
 
 
@@ -117,7 +123,7 @@ class PackedDense(_Leaf):
       panel = lambda a, p: xp.transpose(a.reshape(a.shape[0] // 2, 2, -1, p), (2, 0, 3, 1)).reshape(-1)
     else:
       panel = lambda a, p: xp.transpose(a.reshape(a.shape[0], -1, p), (1, 0, 2)).reshape(-1)
-    return cls(jnp.asarray(xp.concatenate([panel(w[:, :wide], WIDE), panel(w[:, wide:], NARROW)])), (k, n), pairs)
+    return cls(on_device(xp.concatenate([panel(w[:, :wide], WIDE), panel(w[:, wide:], NARROW)])), (k, n), pairs)
 
   def to_dense(self) -> Array:
     k, n = self.shape
@@ -129,7 +135,7 @@ class PackedDense(_Leaf):
       unpanel = lambda a, p: xp.transpose(a.reshape(-1, rows // 2, p, 2), (1, 3, 0, 2)).reshape(rows, -1)
     else:
       unpanel = lambda a, p: xp.transpose(a.reshape(-1, rows, p), (1, 0, 2)).reshape(rows, -1)
-    return jnp.asarray(xp.concatenate([unpanel(head, WIDE), unpanel(tail, NARROW)], axis=1)[:k])
+    return on_device(xp.concatenate([unpanel(head, WIDE), unpanel(tail, NARROW)], axis=1)[:k])
 
 
 # ----------------------------------------------------------------------------- N:M
@@ -203,7 +209,7 @@ class NMSparse(_Leaf):
     to_panels = lambda a: a.reshape(slots, num_panels, panel).transpose(1, 0, 2)  # [NP, S, P]
     lanes = to_panels(idx.astype(np.uint32)).reshape(num_panels, slots, panel // per_word, per_word)
     meta = (lanes << (bits * np.arange(per_word, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
-    return cls(jnp.asarray(np.ascontiguousarray(to_panels(vals))), jnp.asarray(meta), n, m, (k, cols), panel)
+    return cls(on_device(to_panels(vals)), on_device(meta), n, m, (k, cols), panel)
 
   def indices(self) -> Array:
     """Each kept value's index within its group, ``[NP, S, P]`` int32."""
@@ -260,7 +266,7 @@ class BitmaskSparse(_Leaf):
     if values.size >= 2**31:
       raise ValueError(f"{name}: {values.size} kept values do not fit int32 offsets")
     offsets = np.concatenate([[0], np.cumsum(mp.sum(axis=(1, 2)))]).astype(np.int32)
-    return cls(jnp.asarray(bits.astype(np.uint16)), jnp.asarray(values), jnp.asarray(offsets), (k, cols))
+    return cls(on_device(bits.astype(np.uint16)), on_device(values), on_device(offsets), (k, cols))
 
   def _lanes(self) -> Array:
     """``[NP, K, 16]`` bool: the kept lanes."""
@@ -357,7 +363,9 @@ def concat_columns(kernels: list[Any]) -> Any:
   n = sum(w.shape[1] for w in kernels)
   aligned = lambda panel: all(w.shape[1] % panel == 0 for w in kernels[:-1])
   if not is_typed(first):
-    return jnp.concatenate(kernels, axis=1)
+    if any(isinstance(w, jax.core.Tracer) for w in kernels):
+      return jnp.concatenate(kernels, axis=1)
+    return on_device(np.concatenate([np.asarray(w) for w in kernels], axis=1))
   if kind is PackedDense:
     if any(w.pairs != first.pairs for w in kernels):
       return None
@@ -440,7 +448,7 @@ def compress(w, mask=None, *, formats: tuple[str, ...] = ("nm", "bitmask"), max_
   allowed = {key: v for key, v in options.items()
              if key != "dense" and ("nm" if ":" in key else key) in formats and v[0] <= max_fraction * dense_bytes}
   if not allowed:
-    return jnp.asarray(np.where(mask_np, w_np, 0)) if mask is not None else w
+    return on_device(np.where(mask_np, w_np, 0)) if mask is not None else w
   # N:M decodes cheaper than a bitmask: preferred unless the bitmask is over 10% smaller
   key = min(allowed, key=lambda kk: allowed[kk][0] * (1.1 if kk == "bitmask" else 1.0))
   if key == "bitmask":
@@ -470,7 +478,7 @@ def from_record(arrays: dict[str, Any], spec: dict[str, Any]) -> Typed:
     raise ValueError(f"unknown weight type {spec.get('type')!r}; expected one of {sorted(kinds)}")
   static = {k: v for k, v in spec.items() if k not in ("type", "arrays")}
   static["shape"] = tuple(static["shape"])
-  return kinds[spec["type"]](**{k: jnp.asarray(v) for k, v in arrays.items()}, **static)
+  return kinds[spec["type"]](**{k: on_device(v) for k, v in arrays.items()}, **static)
 
 
 def compress_params(params: Any, masks: Any = None, **kwargs) -> Any:

@@ -328,3 +328,32 @@ def test_a_dropped_engine_frees_its_programs_without_a_garbage_collection(kw):
     assert _live(KVBlock) == blocks_before, "the block pool's blocks outlived the engine"
   finally:
     gc.enable()
+
+
+def test_loading_and_preparing_a_model_lowers_no_program(tmp_path):
+  """Reading a Hugging Face directory, packing and fusing its kernels run on the host: an eager jnp
+  op (a transpose, ``jnp.asarray`` of a host array) lowers and compiles a program for each new shape,
+  which cost a warm start about a third of its construction."""
+  import dataclasses
+
+  from jaxserve.engine._weight_forms import prepare_params, weight_formats
+  from jaxserve.loaders import load_model, save_hf
+
+  cfg = dataclasses.replace(tiny_config(vocab_size=211, max_position_embeddings=64), intermediate_size=80)
+  save_hf(cfg, init_params(cfg, seed=3), str(tmp_path / "hf"))  # shapes no other test compiles for
+  lowered = []
+
+  def on_lower(event: str, duration: float, **kw) -> None:
+    del duration, kw
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+
+  monitoring.register_event_duration_secs_listener(on_lower)
+  try:
+    loaded = load_model(str(tmp_path / "hf"))
+    params = prepare_params(loaded.params, native=True, fuse=True)
+  finally:
+    monitoring.unregister_event_duration_listener(on_lower)
+  assert lowered == []
+  assert weight_formats(params).get("packed", 0) > 0
+  assert "qkv_proj" in params["layers_0"]["self_attn"] and "gate_up_proj" in params["layers_0"]["mlp"]

@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import threading
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class ExecutableCache:
     self.dir = Path(root) / SUBDIR
     self.max_bytes = max_bytes
     self.hits = 0
+    self._lock = threading.Lock()
     try:
       self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
       self.ok = _private(self.dir)
@@ -115,7 +117,8 @@ class ExecutableCache:
     except Exception as e:  # noqa: BLE001 - a bad entry is a miss: compile instead
       log.info("executable cache: %s unreadable (%s); compiling instead", path.name, e)
       return None
-    self.hits += 1
+    with self._lock:  # programs load on several threads
+      self.hits += 1
     try:
       os.utime(path)  # used now: the last to be evicted
     except OSError:

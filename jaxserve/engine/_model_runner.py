@@ -19,9 +19,10 @@ from jaxserve.engine import _compile_cache
 from jaxserve.engine._executable_cache import ExecutableCache, signature
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._input_batch import step_arrays
-from jaxserve.engine._sampler import SamplerConfig, SamplerOutput, SamplingTensors, sample, sampling_tensors_spec
+from jaxserve.engine._sampler import (SamplerConfig, SamplerOutput, SamplingTensors, argmax, sample,
+                                      sampling_tensors_spec)
 from jaxserve.engine._scheduler import SchedulerOutput
-from jaxserve.engine._weight_forms import fuse_projections, prepare_params
+from jaxserve.engine._weight_forms import prepare_params
 from jaxserve.model import forward
 
 
@@ -102,7 +103,7 @@ def _forward_step(params, kv_pools, logits_buf, tokens, positions, meta, logits_
   buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
   if kv_pool_sharding is not None:
     buf = jax.lax.with_sharding_constraint(buf, NamedSharding(kv_pool_sharding.mesh, PartitionSpec()))
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32), out.kv, buf
+  return argmax(logits), out.kv, buf
 
 
 class ModelRunner:
@@ -135,9 +136,9 @@ class ModelRunner:
     # with the C++ CPU kernels, every Dense runs on a native matmul over its packed or compressed
     # kernel (converted once, here; typed leaves dispatch in jaxserve.weights.matmul)
     self.uses_cpu_kernels = kv_pool_sharding is None and attention.use_cpu_kernel(cfg.dtype)
-    self.params = prepare_params(params, sparse=sparse_weights, native=self.uses_cpu_kernels)
-    if self.uses_cpu_kernels:  # q/k/v and gate/up as one matmul each (sharded models keep them apart)
-      self.params = fuse_projections(self.params)
+    # q/k/v and gate/up as one matmul each with the C++ kernels (sharded models keep them apart)
+    self.params = prepare_params(params, sparse=sparse_weights, native=self.uses_cpu_kernels,
+                                 fuse=self.uses_cpu_kernels)
     self.block_size, self.num_blocks = block_size, num_blocks
     blocks_per_seq = -(-max_model_len // block_size)
     self.table_width = -(-blocks_per_seq // attention.kv_chunk) * attention.kv_chunk
@@ -232,7 +233,12 @@ class ModelRunner:
     divided by the cores.
     """
     missing = [k for k in self.program_keys() if k not in self._executables]
-    todo = [k for k in missing if not self._load(k)]  # what the executable cache does not hold
+    todo = missing
+    if self.program_cache is not None and missing:  # loads on one thread per core (they release the GIL)
+      with concurrent.futures.ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1)),
+                                                 thread_name_prefix="jaxserve-load") as pool:
+        loaded = list(pool.map(self._load, missing))
+      todo = [k for k, ok in zip(missing, loaded) if not ok]  # what the executable cache does not hold
     bar = None
     if progress and todo:
       from tqdm.auto import tqdm

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve import weights
 from jaxserve.weights import BitmaskSparse, NMSparse, PackedDense
@@ -54,7 +55,7 @@ def _is_dense_kernel(path: tuple, x: Any) -> bool:
   return getattr(path[-1], "key", None) == "kernel" and len(x.shape) == 2
 
 
-def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -> Any:
+def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False, fuse: bool = False) -> Any:
   """The engine's parameters: each Dense kernel in the form it runs fastest in.
 
   Args:
@@ -66,6 +67,8 @@ def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -
       ``N % 16 == 0`` are packed (bfloat16 ones in pairs of rows: ``PackedDense.pairs``); float32
       sparse ones are kept compressed (the sparse kernels are float32 only: bfloat16 ones run
       packed dense). False: plain arrays only (XLA, GPU, sharded).
+    fuse: also join each block's projections that read one input (:func:`fuse_projections`), before
+      the dense ones are packed (joining packed kernels would unpack and pack them again).
 
   Returns:
     The parameters with no dense copy of a kernel kept beside its compressed or packed form.
@@ -88,12 +91,18 @@ def prepare_params(params: Any, *, sparse: str = "auto", native: bool = False) -
         x = NMSparse.compress(x.to_dense(), x.mask(), n=x.n, m=x.m, name=name)
     elif weights.is_typed(x):
       x = x.to_dense()
-    if native and not weights.is_typed(x) and x.dtype in (jnp.float32, jnp.bfloat16) and PackedDense.packable(
-        x.shape):
+    return x
+
+  def pack(path, x):
+    if native and _is_dense_kernel(path, x) and not weights.is_typed(x) and x.dtype in (
+        jnp.float32, jnp.bfloat16) and PackedDense.packable(x.shape):
       x = PackedDense.pack(x)
     return x
 
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=weights.is_typed)
+  params = jax.tree_util.tree_map_with_path(one, params, is_leaf=weights.is_typed)
+  if fuse:
+    params = fuse_projections(params)
+  return jax.tree_util.tree_map_with_path(pack, params, is_leaf=weights.is_typed)
 
 
 # Projections that read the same input, run as one matmul where their kernels are of one kind:
@@ -121,7 +130,7 @@ def fuse_projections(params: Any) -> Any:
         continue
       joined = {"kernel": kernel}
       if has_bias == {True}:
-        joined["bias"] = jnp.concatenate([module[p]["bias"] for p in parts])
+        joined["bias"] = weights.on_device(np.concatenate([np.asarray(module[p]["bias"]) for p in parts]))
       for p in parts:
         del module[p]
       module[fused] = joined
