@@ -408,6 +408,7 @@ def main() -> None:
     print(f"jaxserve second process (same cache): construction {second['construction_s']:.1f} s "
           f"({second['cache_hits']} programs from the cache), first pass {second['first_pass_s']:.2f} s", flush=True)
   engines = {"jaxserve": js["tokens"]}
+  hb_tokens = None  # transformers' bfloat16 greedy tokens, once run
   if args.bfloat16:
     bf = run_jaxserve(model_dir, workload, repeats=args.repeats, cache_dir=cache_dir, dtype="bfloat16", **engine_kw)
     res["jaxserve_bfloat16"] = dict(elapsed_s=bf["elapsed_s"], runs_s=bf["runs_s"], construction_s=bf["construction_s"],
@@ -425,6 +426,7 @@ def main() -> None:
       res["jaxserve_bfloat16"]["greedy_equal_to_transformers_bfloat16"] = sum(
           a == b for a, b in zip(bf["tokens"], hb["tokens"]))
       res["transformers_bfloat16"] = dict(elapsed_s=hb["elapsed_s"], tok_s=out_tokens / hb["elapsed_s"], batch_size=1)
+      hb_tokens = hb["tokens"]  # the other engines' bfloat16 tokens are compared with these too
       print(f"bfloat16 greedy tokens equal to transformers' bfloat16: "
             f"{res['jaxserve_bfloat16']['greedy_equal_to_transformers_bfloat16']}/{len(workload)}", flush=True)
   if not args.skip_hf:
@@ -432,6 +434,9 @@ def main() -> None:
     res["transformers"] = dict(elapsed_s=hf["elapsed_s"], tok_s=out_tokens / hf["elapsed_s"],
                                torch_threads=hf["torch_threads"], batch_size=16)
     engines["transformers"] = hf["tokens"]
+    if hb_tokens is not None:  # bfloat16 against float32 within transformers itself
+      res["transformers_bfloat16"]["greedy_equal_to_transformers_float32"] = sum(
+          a == b for a, b in zip(hb_tokens, hf["tokens"]))
     print(f"transformers: {out_tokens / hf['elapsed_s']:.1f} tok/s ({hf['elapsed_s']:.1f} s)", flush=True)
   if args.smoke:
     res["vllm"] = dict(error="skipped (--smoke)")
@@ -466,6 +471,9 @@ def main() -> None:
           if "jaxserve_bfloat16" in res:
             res["jaxserve_bfloat16"]["greedy_equal_to_vllm_bfloat16"] = sum(
                 a == b for a, b in zip(bf["tokens"], vb["tokens"]))
+          if hb_tokens is not None:  # how far two reference engines agree in bfloat16 on this model
+            res["vllm_bfloat16"]["greedy_equal_to_transformers_bfloat16"] = sum(
+                a == b for a, b in zip(vb["tokens"], hb_tokens))
           print(f"vllm bfloat16: {out_tokens / vb['elapsed_s']:.1f} tok/s", flush=True)
       print(f"vllm: {out_tokens / vl['elapsed_s']:.1f} tok/s ({vl['elapsed_s']:.1f} s, threads {mode}; "
             + ", ".join(f"{m} {out_tokens / r['elapsed_s']:.1f}" for m, r in ok.items()) + ")", flush=True)
