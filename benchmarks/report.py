@@ -290,6 +290,36 @@ def attention_cpu() -> str:
 
 
 @block
+def sampler_cpu() -> str:
+  d = load("sampler_cpu.json")
+  m = d["machine"]
+  head = (f"Measured on {machine_line(m)}, code at `{d['commit']}`; temperature {d['temperature']}, every row sampling "
+          f"with the case's settings, median of {d['reps']} calls"
+          + (f", against the sampler of `{d['baseline_rev']}` (sorted logits) in the same process" if d.get(
+              "baseline_rev") else "") + ":")
+  vocabs = sorted({r["vocab"] for r in d["rows"]})
+  cases = list(dict.fromkeys(r["case"] for r in d["rows"]))
+  rows = []
+  for case in cases:
+    for n in sorted({r["rows"] for r in d["rows"] if r["case"] == case}):
+      line = [case, str(n)]
+      for v in vocabs:
+        r = next((r for r in d["rows"] if (r["case"], r["rows"], r["vocab"]) == (case, n, v)), None)
+        if r is None:
+          line += ["-", "-"]
+          continue
+        old = r.get("baseline_ms")
+        line += [f"{old:.1f} -> {r['ms']:.1f} ms" if old is not None else f"{r['ms']:.1f} ms",
+                 x(r["speedup"]) if "speedup" in r else "-"]
+      rows.append(line)
+  same = all(r.get("same_tokens", r["rows"]) == r["rows"] for r in d["rows"])
+  header = ["case", "rows"] + [h for v in vocabs for h in (f"V = {v:,}: old -> new", "speed-up")]
+  return (head + "\n\n" + table(header, rows) + "\n"
+          + ("The sampled tokens were the same in every case." if same else
+             "The sampled tokens differed in some cases (see the JSON).") + "\n")
+
+
+@block
 def kv_memory() -> str:
   d = load("serving.json")
   s, p, b, n4 = d["jaxserve"]["stats"], d["kv_waste_paper_lengths"], d["kv_budget"], d["n4_sharing"]
