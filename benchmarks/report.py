@@ -265,12 +265,9 @@ def step_breakdown() -> str:
         f"{d['attention_read_GBps']['C++ kernel']:.1f} GB/s with the kernel (including its K/V write) and "
         f"{d['attention_read_GBps']['XLA loops']:.1f} GB/s with XLA's loops (a plain read of the same bytes: "
         f"{d['plain_read_GBps']:.1f} GB/s); "
-        + (f"the prefill step without attention or K/V write runs its matmuls at "
-           f"{d['prefill_matmul_GFLOPs']:.0f} GFLOP/s (the elementwise work between them included); "
-           if "no attention, no KV write" in pre else
-           f"the prefill's matmuls ran at {d['prefill_matmul_GFLOPs']:.0f} GFLOP/s (measured with XLA's K/V "
-           "write, slow in bfloat16); ")
-        + "a decode step of " + ", ".join(mm) + " sequences takes "
+        + f"the prefill step without attention or K/V write runs its matmuls at "
+        f"{d['prefill_matmul_GFLOPs']:.0f} GFLOP/s (the elementwise work between them included); "
+        "a decode step of " + ", ".join(mm) + " sequences takes "
         + " / ".join(f"{mm[b]['packed C++ matmul']:.1f}" for b in mm) + " ms with the packed matmul and "
         + " / ".join(f"{mm[b]['XLA matmul']:.1f}" for b in mm) + " ms with XLA's.")
   return head.strip() + "\n\n" + table(["step (serving model)"] + cols, rows) + "\n" + " ".join(tails) + "\n"

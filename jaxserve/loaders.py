@@ -87,10 +87,7 @@ def _load(path: str | None, dtype: str, tokenizer: str | None) -> LoadedModel:
 def _cast(params: Params, dtype: str) -> Params:
   """Every parameter in ``dtype`` (typed kernels: their values; their index arrays keep their types)."""
   def cast(x):
-    if weights.is_typed(x):
-      return x.astype(jnp.dtype(dtype))
-    return weights.on_device(np.asarray(x, jnp.dtype(dtype))) if isinstance(x, np.ndarray) else jnp.asarray(
-        x, dtype=jnp.dtype(dtype))
+    return x.astype(jnp.dtype(dtype)) if weights.is_typed(x) else weights.on_device(x, jnp.dtype(dtype))
   return jax.tree.map(cast, params, is_leaf=weights.is_typed)
 
 
@@ -276,11 +273,12 @@ def load_hf(path: str, dtype: str = "float32", tokenizer: str | None = None) -> 
   key_map = _hf_key_map(cfg)
   for file, names in by_file.items():
     try:
-      with safe_open(file, framework="numpy") as f:  # host arrays: a transpose here compiles nothing
+      # host arrays: a transpose here compiles nothing, and it is copied once, by _cast
+      with safe_open(file, framework="numpy") as f:
         for name in names:
           ours, transpose = key_map[name]
           x = f.get_tensor(name)
-          _set_path(params, ours, np.ascontiguousarray(x.T) if transpose else x)
+          _set_path(params, ours, x.T if transpose else x)
     except ValueError:
       raise
     except Exception as e:

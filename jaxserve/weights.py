@@ -72,10 +72,20 @@ class _Leaf:
                     f"jaxserve.weights.matmul(x, w), or expand it with w.to_dense()")
 
 
-def on_device(a: Any) -> Array:
-  """``a`` as a jax.Array; a host (numpy) array is put on the device as it is: ``jnp.asarray`` compiles
-  a copy program for each new shape (ten of them slowed an engine's start by a third of a second)."""
-  return jax.device_put(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else jnp.asarray(a)
+def on_device(a: Any, dtype: Any = None) -> Array:
+  """``a`` (in ``dtype``, if given) as a jax.Array; a host (numpy) array is converted on the host and put
+  on the device: ``jnp.asarray`` compiles a copy program for each new shape (ten of them slowed an
+  engine's start by a third of a second)."""
+  if isinstance(a, np.ndarray):
+    return jax.device_put(np.ascontiguousarray(a, dtype))
+  return jnp.asarray(a, dtype)
+
+
+def concatenate(parts: list[Any], axis: int = 0) -> Array:
+  """``jnp.concatenate``; concrete arrays are joined on the host (:func:`on_device`), traced ones by jnp."""
+  if any(isinstance(p, jax.core.Tracer) for p in parts):
+    return jnp.concatenate(parts, axis=axis)
+  return on_device(np.concatenate([np.asarray(p) for p in parts], axis=axis))
 
 
 # ----------------------------------------------------------------------------- packed dense
@@ -363,9 +373,7 @@ def concat_columns(kernels: list[Any]) -> Any:
   n = sum(w.shape[1] for w in kernels)
   aligned = lambda panel: all(w.shape[1] % panel == 0 for w in kernels[:-1])
   if not is_typed(first):
-    if any(isinstance(w, jax.core.Tracer) for w in kernels):
-      return jnp.concatenate(kernels, axis=1)
-    return on_device(np.concatenate([np.asarray(w) for w in kernels], axis=1))
+    return concatenate(kernels, axis=1)
   if kind is PackedDense:
     if any(w.pairs != first.pairs for w in kernels):
       return None
@@ -373,19 +381,20 @@ def concat_columns(kernels: list[Any]) -> Any:
   if kind is NMSparse:
     if any((w.n, w.m, w.panel) != (first.n, first.m, first.panel) for w in kernels) or not aligned(first.panel):
       return None
-    return NMSparse(jnp.concatenate([w.values for w in kernels]), jnp.concatenate([w.meta for w in kernels]),
+    return NMSparse(concatenate([w.values for w in kernels]), concatenate([w.meta for w in kernels]),
                     first.n, first.m, (k, n), first.panel)
   odt = first.offsets.dtype
   if not aligned(BITMASK_PANEL) or any(w.offsets.dtype != odt for w in kernels):
     return None
-  nnz = [int(w.offsets[-1]) for w in kernels]
+  offs = [np.asarray(w.offsets) for w in kernels]  # concrete: each part's value count is needed here
+  nnz = [int(o[-1]) for o in offs]
   if sum(nnz) + BITMASK_PANEL >= np.iinfo(odt).max:
     return None
   base = np.concatenate([[0], np.cumsum(nnz)])
-  offsets = [w.offsets[:-1] + jnp.asarray(b, odt) for w, b in zip(kernels, base)] + [jnp.asarray([base[-1]], odt)]
-  values = [w.values[:c] for w, c in zip(kernels, nnz)] + [jnp.zeros(BITMASK_PANEL, first.dtype)]
-  return BitmaskSparse(jnp.concatenate([w.bits for w in kernels]), jnp.concatenate(values),
-                       jnp.concatenate(offsets), (k, n))
+  offsets = [o[:-1] + odt.type(b) for o, b in zip(offs, base)]  # on the host, as every part here
+  offsets.append(np.asarray([base[-1]], odt))
+  values = [np.asarray(w.values)[:c] for w, c in zip(kernels, nnz)] + [np.zeros(BITMASK_PANEL, first.dtype)]
+  return BitmaskSparse(concatenate([w.bits for w in kernels]), concatenate(values), concatenate(offsets), (k, n))
 
 
 def nbytes(tree: Any) -> int:

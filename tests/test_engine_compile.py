@@ -337,7 +337,10 @@ def test_loading_and_preparing_a_model_lowers_no_program(tmp_path):
   import dataclasses
 
   from jaxserve.engine._weight_forms import prepare_params, weight_formats
+  import jax
+
   from jaxserve.loaders import load_model, save_hf
+  from jaxserve.weights import on_device
 
   cfg = dataclasses.replace(tiny_config(vocab_size=211, max_position_embeddings=64), intermediate_size=80)
   save_hf(cfg, init_params(cfg, seed=3), str(tmp_path / "hf"))  # shapes no other test compiles for
@@ -348,12 +351,26 @@ def test_loading_and_preparing_a_model_lowers_no_program(tmp_path):
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
       lowered.append(event)
 
+  def pruned(params, zero):  # the blocks' kernels with zeros where zero(kernel) says
+    def one(path, x):
+      name = jax.tree_util.keystr(path)
+      return on_device(np.where(zero(np.asarray(x)), 0, x)) if "layers_" in name and "kernel" in name else x
+    return jax.tree_util.tree_map_with_path(one, params)
+
+  rng = np.random.default_rng(0)
+  two_four = lambda w: (np.arange(w.shape[0]) % 4 < 2)[:, None] & np.ones(w.shape, bool)  # noqa: E731
+  seventy = lambda w: rng.random(w.shape) < 0.7  # noqa: E731
   monitoring.register_event_duration_secs_listener(on_lower)
   try:
     loaded = load_model(str(tmp_path / "hf"))
     params = prepare_params(loaded.params, native=True, fuse=True)
+    after_dense = list(lowered)
+    sparse = [prepare_params(p, native=True, fuse=True) for p in
+              [pruned(loaded.params, z) for z in (two_four, seventy)]]
   finally:
     monitoring.unregister_event_duration_listener(on_lower)
-  assert lowered == []
+  assert after_dense == [] and lowered == []  # also joining compressed (2:4, bitmask) kernels
   assert weight_formats(params).get("packed", 0) > 0
   assert "qkv_proj" in params["layers_0"]["self_attn"] and "gate_up_proj" in params["layers_0"]["mlp"]
+  assert weight_formats(sparse[0]).get("2:4", 0) > 0 and weight_formats(sparse[1]).get("bitmask", 0) > 0
+  assert "qkv_proj" in sparse[0]["layers_0"]["self_attn"] and "gate_up_proj" in sparse[1]["layers_0"]["mlp"]

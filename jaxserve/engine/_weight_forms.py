@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxserve import weights
 from jaxserve.weights import BitmaskSparse, NMSparse, PackedDense
@@ -130,7 +129,7 @@ def fuse_projections(params: Any) -> Any:
         continue
       joined = {"kernel": kernel}
       if has_bias == {True}:
-        joined["bias"] = weights.on_device(np.concatenate([np.asarray(module[p]["bias"]) for p in parts]))
+        joined["bias"] = weights.concatenate([module[p]["bias"] for p in parts])
       for p in parts:
         del module[p]
       module[fused] = joined
