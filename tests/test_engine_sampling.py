@@ -8,9 +8,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxserve.engine import BeamSearchParams, SamplingParams
-from jaxserve.engine._sampler import (SamplerConfig, SamplingTensors, apply_penalties, reference_processed_logits,
-                                      sample, top_k_top_p_min_p)
+from jaxserve.engine import BeamSearchParams, SamplingParams, _cpu_kernels
+from jaxserve.engine._sampler import (SamplerConfig, SamplerOutput, SamplingTensors, _row_keys, apply_penalties,
+                                      num_top_logprobs, reference_processed_logits, sample, sample_native, sample_xla,
+                                      top_k_top_p_min_p)
 
 V = 64
 
@@ -192,3 +193,198 @@ def test_argmax_equals_jnp_argmax_on_ties_infinities_and_nans():
   np.testing.assert_array_equal(got[:4], [int(np.argmax(x[0])), 7, 0, 5])
   assert got[4] == 10 and got[5] == 999 and got[6] == 0 and got[8] == 0
   np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x[1]))), 7)  # one row, no batch axis
+
+
+# ---- the C++ sampler for the CPU (csrc/sampler_cpu.cc) against the XLA sampler, its specification
+
+native = pytest.mark.skipif(jax.default_backend() != "cpu" or not _cpu_kernels.available(),
+                            reason="the C++ CPU kernels are not available")
+
+
+def _poison_allocator(elements: int) -> None:
+  """Leaves freed NaN-filled buffers about the size of a call's outputs behind: an output the kernel failed
+  to write would likely read one of them."""
+  for size in (elements, 2 * elements):
+    jax.block_until_ready(jnp.full((size,), jnp.nan, jnp.float32)).delete()
+
+
+def _random_batch(rng, rows: int, v: int, vocab: bool, n: int = 8) -> tuple[np.ndarray, SamplingTensors]:
+  x = (rng.standard_normal((n, v)) * rng.choice([0.3, 3.0, 12.0], (n, 1))).astype(np.float32)
+  x[rng.random((n, v)) < 0.02] = -np.inf
+  pick = lambda *values: rng.choice(values, rows)  # noqa: E731
+  t = SamplingTensors(
+      row_index=rng.integers(0, n, rows).astype(np.int32),
+      temperature=pick(0.0, 0.0, 0.7, 1.0, 1.6, 1e-4, 60.0).astype(np.float32),
+      top_k=pick(v, v, v + 9, 0, 1, 2, 7, 50, v - 1).astype(np.int32),
+      top_p=pick(1.0, 1.0, 0.9, 0.5, 0.99, 1e-6).astype(np.float32),
+      min_p=pick(0.0, 0.0, 0.05, 0.3).astype(np.float32),
+      repetition_penalty=pick(1.0, 1.3, 0.8).astype(np.float32),
+      presence_penalty=pick(0.0, 0.5, -0.3).astype(np.float32),
+      frequency_penalty=pick(0.0, 0.7, -0.4).astype(np.float32),
+      seed=rng.integers(0, 2**32, (rows, 2), dtype=np.uint32),
+      counter=rng.integers(-2**31, 2**31 - 1, (rows, 2)).astype(np.int32),
+      prompt_mask=rng.random((rows, v)) < 0.05 if vocab else None,
+      output_counts=np.where(rng.random((rows, v)) < 0.05, rng.integers(0, 4, (rows, v)), 0).astype(np.int32)
+      if vocab else None,
+      banned=rng.random((rows, v)) < 0.01 if vocab else None,
+      logprobs=np.bool_(rng.random() < 0.5))
+  return x, t
+
+
+@jax.jit
+def _xla_processed(x: jax.Array, t: SamplingTensors) -> jax.Array:
+  """The XLA sampler's logits before the noise: bans and penalties; sampled rows also temperature and masks."""
+  raw = jnp.where(t.banned, -jnp.inf, x[t.row_index])
+  raw = apply_penalties(raw, t.prompt_mask, t.output_counts, t.repetition_penalty, t.presence_penalty,
+                        t.frequency_penalty)
+  random = t.temperature > 0
+  y = raw / jnp.where(random, t.temperature, 1.0)[:, None]
+  return jnp.where(random[:, None], top_k_top_p_min_p(y, t.top_k, t.top_p, t.min_p), raw)
+
+
+@native
+def test_native_noise_is_jax_random_bit_for_bit():
+  rng = np.random.default_rng(11)
+  v = 1003  # not a multiple of 16
+  seed = np.concatenate([rng.integers(0, 2**32, (6, 2), dtype=np.uint32), np.uint32([[0, 0], [2**32 - 1, 7]])])
+  counter = np.concatenate([rng.integers(-2**31, 2**31 - 1, (6, 2)), [[0, 0], [-1, 2**31 - 1]]]).astype(np.int32)
+  bits, uniform, gumbel = jax.jit(_cpu_kernels.sample_noise, static_argnums=2)(seed, counter, v)
+  keys = _row_keys(jnp.asarray(seed), jnp.asarray(counter))
+  tiny = float(np.finfo(np.float32).tiny)
+  np.testing.assert_array_equal(bits, jax.vmap(lambda k: jax.random.bits(k, (v,), jnp.uint32))(keys))
+  np.testing.assert_array_equal(uniform, jax.vmap(lambda k: jax.random.uniform(k, (v,), jnp.float32, tiny, 1.0))(keys))
+  # the noise: XLA's log may differ from the C library's in the last bit
+  want = np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys))
+  np.testing.assert_allclose(gumbel, want, rtol=2e-6, atol=2e-6)
+  assert np.mean(np.asarray(gumbel) == want) > 0.5
+
+
+@native
+@pytest.mark.parametrize("vocab", [False, True])
+def test_native_sampler_equals_the_xla_sampler(vocab):
+  rng = np.random.default_rng(12 + vocab)
+  cfg = SamplerConfig(vocab_arrays=vocab)
+  xla, cpp = jax.jit(sample_xla, static_argnums=2), jax.jit(sample_native, static_argnums=2)
+  same = total = 0
+  for trial, rows in enumerate([1, 2, 7, 16, 33, 64] * 2):
+    v = [203, 1003][trial % 2]
+    x, t = _random_batch(rng, rows, v, vocab)
+    x = jnp.asarray(x)
+    want = xla(x, t, cfg)
+    _poison_allocator(rows * (v + 2 * num_top_logprobs(v)))
+    got = cpp(x, t, cfg)
+    for name, a, b in zip(SamplerOutput._fields, want, got):
+      assert a.shape == b.shape and a.dtype == b.dtype, name
+    same += int(np.sum(np.asarray(got.tokens) == np.asarray(want.tokens)))
+    total += rows
+    if t.logprobs:
+      np.testing.assert_allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
+      np.testing.assert_array_equal(got.rank, want.rank)
+      np.testing.assert_array_equal(got.top_ids, want.top_ids)
+      np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+    else:
+      for out in got[1:]:
+        assert not np.any(np.asarray(out)), "logprobs off: zeros"
+    # the processed logits (the masks' survivors and their values) exactly
+    if not vocab:
+      t = t._replace(prompt_mask=np.zeros((rows, v), bool), output_counts=np.zeros((rows, v), np.int32),
+                     banned=np.zeros((rows, v), bool))
+    arrays = [t.row_index, t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.counter, t.logprobs]
+    vocab_arrays = dict(repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
+                        frequency_penalty=t.frequency_penalty, prompt_mask=t.prompt_mask,
+                        output_counts=t.output_counts, banned=t.banned)
+    call = jax.jit(lambda x, *a, **kw: _cpu_kernels.sample(x, *a, num_top_logprobs=num_top_logprobs(v),
+                                                             processed=True, **kw))
+    processed = np.asarray(call(x, *arrays, **vocab_arrays)[5])
+    np.testing.assert_array_equal(processed, np.asarray(_xla_processed(x, t)), err_msg=f"trial {trial}")
+  # a draw can flip only where XLA's log and the C library's differ in the last bit at a near-tie
+  assert same >= 0.99 * total, (same, total)
+
+
+@native
+def test_native_sampler_on_rows_with_infinities_and_nans():
+  rng = np.random.default_rng(13)
+  v = 515
+  x = rng.standard_normal((8, v)).astype(np.float32) * 2
+  x[0] = -np.inf  # nothing finite: token 0
+  x[1, rng.random(v) < 0.5] = -np.inf
+  x[2, [17, 400]] = np.inf  # the first +inf, sampled or not
+  x[3, [40, 300]] = np.nan  # the first NaN, sampled or not
+  x[4, 510] = np.nan
+  x[5] = 1.0  # all tied
+  x[6] = rng.integers(-2, 2, v)
+  x[7, 0] = np.nan
+  settings = [(0.0, v, 1.0, 0.0), (1.0, v, 1.0, 0.0), (0.8, 5, 1.0, 0.0), (1.2, v, 0.6, 0.0), (0.9, 3, 0.9, 0.1),
+              (1.0, v, 1.0, 0.3), (1e-4, v, 0.9, 0.0), (50.0, 40, 1.0, 0.0)]
+  rows = np.repeat(np.arange(8), len(settings)).astype(np.int32)
+  temperature, top_k, top_p, min_p = (np.array([s[i] for s in settings] * 8) for i in range(4))
+  t = _tensors(rows.size, row_index=rows, temperature=temperature.astype(np.float32), top_k=top_k.astype(np.int32),
+               top_p=top_p.astype(np.float32), min_p=min_p.astype(np.float32), logprobs=np.bool_(True),
+               seed=rng.integers(0, 2**32, (rows.size, 2), dtype=np.uint32))
+  got = jax.jit(sample_native, static_argnums=2)(jnp.asarray(x), t, SamplerConfig())
+  want = jax.jit(sample_xla, static_argnums=2)(jnp.asarray(x), t, SamplerConfig())
+  tokens = np.asarray(got.tokens).reshape(8, len(settings))
+  assert np.all(tokens[0] == 0) and np.all(tokens[2] == 17) and np.all(tokens[3] == 40)
+  assert np.all(tokens[4] == 510) and np.all(tokens[7] == 0)
+  assert np.all(np.isfinite(x[1, tokens[1]]))
+  # XLA's row reductions on the CPU can miss a NaN (its argmax then differs): compare rows without NaN
+  finite = ~np.isnan(x[rows]).any(1)
+  np.testing.assert_array_equal(np.asarray(got.tokens)[finite], np.asarray(want.tokens)[finite])
+  np.testing.assert_array_equal(np.asarray(got.rank)[finite], np.asarray(want.rank)[finite])
+  np.testing.assert_allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5, equal_nan=True)
+  # top ids where the logprobs are numbers (a NaN or +inf logit makes them all NaN, in an order of NaN bit patterns)
+  numbers = ~np.isnan(x[rows]).any(1) & ~np.isposinf(x[rows]).any(1) & ~np.isneginf(x[rows]).all(1)
+  np.testing.assert_array_equal(np.asarray(got.top_ids)[numbers], np.asarray(want.top_ids)[numbers])
+
+
+@native
+def test_native_argmax_is_the_first_maximum_or_the_first_nan():
+  rng = np.random.default_rng(14)
+  for rows, v in [(1, 1), (1, 31), (3, 32), (70, 1003), (2, 32000), (5, 20000), (64, 515)]:
+    x = rng.standard_normal((rows, v)).astype(np.float32)
+    x[rng.random((rows, v)) < 0.01] = np.nan
+    x[rng.random((rows, v)) < 0.01] = np.inf
+    x[:, -1][rng.random(rows) < 0.3] = np.nan  # in the tail after the vector loop
+    if rows > 2:
+      x[0] = -np.inf
+      x[1] = 2.0
+      x[2, :] = rng.integers(-2, 2, v)
+    got = np.asarray(jax.jit(_cpu_kernels.argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.shape == (rows,)
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1), err_msg=f"{rows} x {v}")
+  x = jnp.asarray(rng.standard_normal((2, 3, 77)).astype(np.float32))
+  np.testing.assert_array_equal(_cpu_kernels.argmax(x), jnp.argmax(x, -1))
+  np.testing.assert_array_equal(_cpu_kernels.argmax(x.astype(jnp.bfloat16)), jnp.argmax(x.astype(jnp.bfloat16), -1))
+
+
+@native
+def test_native_sampler_reads_penalties_only_with_vocab_arrays():
+  # as sample_xla: without vocab arrays the penalty fields may be None
+  x = jnp.asarray(np.random.default_rng(15).standard_normal((4, 40)).astype(np.float32))
+  t = _tensors(4, repetition_penalty=None, presence_penalty=None, frequency_penalty=None)
+  np.testing.assert_array_equal(sample_native(x, t, SamplerConfig()).tokens, sample_xla(x, t, SamplerConfig()).tokens)
+
+
+@native
+def test_native_sampler_rejects_bad_inputs_clearly():
+  x = jnp.zeros((4, 32), jnp.float32)
+  t = _tensors(3)
+  args = lambda t: (t.row_index, t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.counter,  # noqa: E731
+                    t.logprobs)
+  with pytest.raises(ValueError, match=r"logits must be float32 \[N, V\]"):
+    _cpu_kernels.sample(x.astype(jnp.bfloat16), *args(t), num_top_logprobs=4)
+  with pytest.raises(ValueError, match=r"seed must be uint32 \[3, 2\], got int32"):
+    _cpu_kernels.sample(x, *args(t._replace(seed=t.seed.astype(np.int32))), num_top_logprobs=4)
+  with pytest.raises(ValueError, match=r"top_p must be float32 \[3\]"):
+    _cpu_kernels.sample(x, *args(t._replace(top_p=np.ones(2, np.float32))), num_top_logprobs=4)
+  with pytest.raises(ValueError, match=r"num_top_logprobs must be in \[1, 32\]"):
+    _cpu_kernels.sample(x, *args(t), num_top_logprobs=33)
+  with pytest.raises(ValueError, match="together"):
+    _cpu_kernels.sample(x, *args(t), num_top_logprobs=4, banned=np.zeros((3, 32), bool))
+  vocab = dict(repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
+               frequency_penalty=t.frequency_penalty, output_counts=np.zeros((3, 32), np.int32),
+               banned=np.zeros((3, 32), bool))
+  with pytest.raises(ValueError, match=r"prompt_mask must be bool \[3, 32\]"):
+    _cpu_kernels.sample(x, *args(t), num_top_logprobs=4, prompt_mask=np.zeros((3, 31), bool), **vocab)
+  with pytest.raises(ValueError, match=r"argmax: x must be float32 or bfloat16"):
+    _cpu_kernels.argmax(jnp.zeros((2, 0)))

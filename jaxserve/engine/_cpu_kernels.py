@@ -1,4 +1,5 @@
-"""C++ kernels for the CPU (paged attention, dense and sparse matmuls), called from jitted code as XLA FFI custom calls.
+"""C++ kernels for the CPU (paged attention, dense and sparse matmuls, the sampler), called from jitted code as XLA FFI
+custom calls.
 
 A small model's decode step on a small CPU is mostly reading memory: the K/V blocks and every
 weight matrix. XLA reads gathered KV blocks at about a third of the memory bandwidth and packs
@@ -7,7 +8,9 @@ writes the step's K/V into their slots in place and handles every query row of a
 and causal prefill chunks), reading each block once per pass; the matmul
 (``csrc/matmul_cpu.cc``) reads weights packed once, at load time, into column panels
 (:class:`jaxserve.weights.PackedDense`); the sparse matmuls (``csrc/sparse_matmul_cpu.cc``, :func:`nm_matmul`,
-:func:`bitmask_matmul`) read N:M or bitmask-compressed weights, fewer bytes than dense. All split
+:func:`bitmask_matmul`) read N:M or bitmask-compressed weights, fewer bytes than dense; the sampler
+(``csrc/sampler_cpu.cc``, :func:`sample`, :func:`argmax`) is ``jaxserve.engine._sampler.sample`` in one
+pass per row, and makes each sampler program a single call (trivial to compile). All split
 their work between the threads of XLA's own intra-op pool.
 They are compiled on first use with the system C++ compiler against the FFI headers shipped in
 jaxlib (without ``-ffast-math``: loading them leaves the process's floating-point modes alone),
@@ -48,6 +51,11 @@ BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 TARGET_BF16 = "jaxserve_paged_attention_bf16_cpu"
 WRITE_TARGET_BF16 = "jaxserve_write_paged_attention_bf16_cpu"
 MATMUL_TARGET_BF16 = "jaxserve_matmul_bf16_cpu"
+SAMPLE_TARGET = "jaxserve_sample_cpu"
+SAMPLE_VOCAB_TARGET = "jaxserve_sample_vocab_cpu"  # with [R, V] penalty and ban arrays
+SAMPLE_PROCESSED_TARGET = "jaxserve_sample_processed_cpu"  # also returns the processed logits (tests)
+SAMPLE_NOISE_TARGET = "jaxserve_sample_noise_cpu"  # each row's random bits, uniforms and Gumbel noise (tests)
+ARGMAX_TARGET = "jaxserve_argmax_cpu"
 ISAS = ("native", "no-bf16", "generic")  # values of $JAXSERVE_CPU_KERNEL_ISA
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # pool and packed-weight dtypes the kernels take
 # Rows of x up to which the bfloat16 matmul uses vdpbf16ps (csrc/matmul_cpu.cc: it did half the
@@ -59,7 +67,7 @@ BF16_DOT_MAX_ROWS = 4
 # about even with vdpbf16ps at 1-4 rows (memory-bound)
 AMX_MIN_ROWS = BF16_DOT_MAX_ROWS + 1
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc")]
+            for name in ("paged_attention_cpu.cc", "matmul_cpu.cc", "sparse_matmul_cpu.cc", "sampler_cpu.cc")]
 _HEADERS = [Path(__file__).parent / "csrc" / name for name in ("parallel.h", "valid_rows.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -231,6 +239,12 @@ def available() -> bool:
         jax.ffi.register_ffi_target(NM_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveNmMatmulCpu), platform="cpu")
         jax.ffi.register_ffi_target(BITMASK_MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveBitmaskMatmulCpu),
                                     platform="cpu")
+        for target, symbol in ((SAMPLE_TARGET, lib.JaxserveSampleCpu),
+                               (SAMPLE_VOCAB_TARGET, lib.JaxserveSampleVocabCpu),
+                               (SAMPLE_PROCESSED_TARGET, lib.JaxserveSampleProcessedCpu),
+                               (SAMPLE_NOISE_TARGET, lib.JaxserveSampleNoiseCpu),
+                               (ARGMAX_TARGET, lib.JaxserveArgmaxCpu)):
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         _state["ok"], _state["lib"] = True, lib
         log.info("jaxserve: CPU kernels loaded (%s); bfloat16 matmul: %s", lib._name, _bf16_path(lib))
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
@@ -466,3 +480,97 @@ def bitmask_matmul(x: jax.Array, bits: jax.Array, values: jax.Array, offsets: ja
   call = jax.ffi.ffi_call(BITMASK_MATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n_out), jnp.float32))
   return call(x2, bits, values, offsets, _valid_rows(rows, x2.shape[0]),
               num_threads=np.int64(num_threads)).reshape(*lead, n_out)
+
+
+def argmax(x: jax.Array, *, num_threads: int = 0) -> jax.Array:
+  """``jaxserve.engine._sampler.argmax`` of ``x`` ``[..., V]`` (float32, or bfloat16 widened): int32 ``[...]``, the
+  first maximum of each row, the first NaN where a row has one (call :func:`available` first).
+
+  One pass over each row; rows (and parts of rows, when there are fewer rows than twice the threads) are split
+  over XLA's intra-op thread pool (``num_threads`` parts; 0: one per pool thread).
+  """
+  if x.ndim < 1 or x.shape[-1] < 1 or x.dtype not in DTYPES:
+    raise ValueError(f"argmax: x must be float32 or bfloat16 [..., V] with V >= 1, got {x.dtype} {x.shape}")
+  lead, v = x.shape[:-1], x.shape[-1]
+  x2 = x.reshape(-1, v).astype(jnp.float32)
+  call = jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct((x2.shape[0],), jnp.int32))
+  return call(x2, num_threads=np.int64(num_threads)).reshape(lead)
+
+
+def sample(logits: jax.Array, row_index: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           min_p: jax.Array, seed: jax.Array, counter: jax.Array, logprobs: jax.Array, *, num_top_logprobs: int,
+           repetition_penalty: jax.Array | None = None, presence_penalty: jax.Array | None = None,
+           frequency_penalty: jax.Array | None = None, prompt_mask: jax.Array | None = None,
+           output_counts: jax.Array | None = None, banned: jax.Array | None = None, processed: bool = False,
+           num_threads: int = 0) -> tuple[jax.Array, ...]:
+  """``jaxserve.engine._sampler.sample`` in one C++ call (call :func:`available` first).
+
+  Args:
+    logits: ``[N, V]`` float32; row ``r`` samples from ``logits[row_index[r]]``.
+    row_index, top_k: ``[R]`` int32.
+    temperature, top_p, min_p: ``[R]`` float32.
+    seed: ``[R, 2]`` uint32; counter: ``[R, 2]`` int32 (the row's random stream, as ``_sampler._row_keys``).
+    logprobs: ``[]`` bool: compute the logprob outputs (zeros otherwise).
+    num_top_logprobs: K, the top logprobs returned per row (``1 <= K <= V``).
+    repetition_penalty, presence_penalty, frequency_penalty: ``[R]`` float32, and prompt_mask, output_counts,
+      banned: ``[R, V]`` bool, int32, bool: penalties and bans, all six or none.
+    processed: also return the processed logits ``[R, V]`` (for tests; needs the six penalty and ban arrays).
+    num_threads: parts the rows are split into, on XLA's intra-op thread pool (0: one per pool thread).
+
+  Returns:
+    ``(tokens [R] int32, logprob [R] float32, rank [R] int32, top_ids [R, K] int32, top_logprobs [R, K] float32)``,
+    then ``processed`` where asked for.
+  """
+  if logits.ndim != 2 or logits.dtype != jnp.float32 or 0 in logits.shape:
+    raise ValueError(f"sample: logits must be float32 [N, V] with N, V >= 1, got {logits.dtype} {logits.shape}")
+  v = logits.shape[1]
+  if row_index.ndim != 1:
+    raise ValueError(f"sample: row_index must be [R], got {row_index.shape}")
+  r = row_index.shape[0]
+  if not 1 <= num_top_logprobs <= v:
+    raise ValueError(f"sample: num_top_logprobs must be in [1, {v}] (the vocabulary), got {num_top_logprobs}")
+  args = dict(row_index=(row_index, jnp.int32, (r,)), temperature=(temperature, jnp.float32, (r,)),
+              top_k=(top_k, jnp.int32, (r,)), top_p=(top_p, jnp.float32, (r,)), min_p=(min_p, jnp.float32, (r,)),
+              seed=(seed, jnp.uint32, (r, 2)), counter=(counter, jnp.int32, (r, 2)),
+              logprobs=(logprobs, jnp.bool_, ()))
+  vocab = dict(repetition_penalty=(repetition_penalty, jnp.float32, (r,)),
+               presence_penalty=(presence_penalty, jnp.float32, (r,)),
+               frequency_penalty=(frequency_penalty, jnp.float32, (r,)), prompt_mask=(prompt_mask, jnp.bool_, (r, v)),
+               output_counts=(output_counts, jnp.int32, (r, v)), banned=(banned, jnp.bool_, (r, v)))
+  given = [a is not None for a, _, _ in vocab.values()]
+  if any(given) and not all(given):
+    raise ValueError(f"sample: pass {', '.join(vocab)} together, or none of them")
+  if processed and not all(given):
+    raise ValueError("sample: processed=True needs the penalty and ban arrays")
+  if all(given):
+    args.update(vocab)
+  for name, (a, dtype, shape) in args.items():
+    if a.shape != shape or a.dtype != dtype:
+      raise ValueError(f"sample: {name} must be {jnp.dtype(dtype)} {list(shape)}, got {a.dtype} {list(a.shape)}")
+  k = num_top_logprobs
+  out = [jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.float32),
+         jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((r, k), jnp.int32),
+         jax.ShapeDtypeStruct((r, k), jnp.float32)]
+  target = SAMPLE_VOCAB_TARGET if all(given) else SAMPLE_TARGET
+  if processed:
+    out.append(jax.ShapeDtypeStruct((r, v), jnp.float32))
+    target = SAMPLE_PROCESSED_TARGET
+  call = jax.ffi.ffi_call(target, out)
+  return tuple(call(logits, *(a for a, _, _ in args.values()), num_threads=np.int64(num_threads)))
+
+
+def sample_noise(seed: jax.Array, counter: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The random stream :func:`sample` draws for each row, for tests (call :func:`available` first).
+
+  ``seed`` ``[R, 2]`` uint32 and ``counter`` ``[R, 2]`` int32 -> ``(bits, uniform, gumbel)``, each ``[R, V]``: the
+  uint32 ``jax.random.bits`` of the row's key, the float32 uniforms in ``[tiny, 1)`` of ``jax.random.gumbel`` and
+  its noise ``-log(-log(uniform))``.
+  """
+  if seed.ndim != 2 or seed.shape[1] != 2 or seed.dtype != jnp.uint32 or counter.shape != seed.shape or \
+     counter.dtype != jnp.int32:
+    raise ValueError(f"sample_noise: need seed uint32 [R, 2] and counter int32 [R, 2], got {seed.dtype} "
+                     f"{seed.shape} and {counter.dtype} {counter.shape}")
+  r = seed.shape[0]
+  out = (jax.ShapeDtypeStruct((r, vocab_size), jnp.uint32), jax.ShapeDtypeStruct((r, vocab_size), jnp.float32),
+         jax.ShapeDtypeStruct((r, vocab_size), jnp.float32))
+  return tuple(jax.ffi.ffi_call(SAMPLE_NOISE_TARGET, out)(seed, counter))

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.engine import _compile_cache, _huge_pages
+from jaxserve.engine import _compile_cache, _cpu_kernels, _huge_pages
 from jaxserve.engine._executable_cache import ExecutableCache, signature
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._input_batch import step_arrays
@@ -103,7 +103,8 @@ def _forward_step(params, kv_pools, logits_buf, tokens, positions, meta, logits_
   buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
   if kv_pool_sharding is not None:
     buf = jax.lax.with_sharding_constraint(buf, NamedSharding(kv_pool_sharding.mesh, PartitionSpec()))
-  return argmax(logits), out.kv, buf
+  greedy = _cpu_kernels.argmax(logits) if native_rows else argmax(logits)  # native_rows: the C++ kernels are in use
+  return greedy, out.kv, buf
 
 
 class ModelRunner:
@@ -119,6 +120,7 @@ class ModelRunner:
     per decode bucket. The step writes its logits into a persistent ``[slots, V]`` buffer.
   * the sampler, one per row bucket (:func:`row_buckets`) and with or without ``[R, V]``
     penalty/ban arrays; every other sampling choice is data, so client settings add no program.
+    With the C++ CPU kernels each is one call of the C++ sampler (cheap to compile).
   * the copy-on-write block copy, one per copy-count bucket.
 
   The pools and the logits buffer are donated to each step so XLA updates them in place; after a
@@ -162,7 +164,7 @@ class ModelRunner:
     # runner the jitted function (with every compiled program), in a reference cycle that only
     # Python's full collection frees (each dropped engine then kept its programs' code mapped)
     self._forward = jax.jit(self.step_function(attention), donate_argnums=(1, 2))
-    self._sample = jax.jit(sample, static_argnums=(2,))
+    self._sample = jax.jit(functools.partial(sample, native=self.uses_cpu_kernels), static_argnums=(2,))
     self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
     self._executables: dict[tuple, Any] = {}  # program key -> compiled program
     self._signatures: dict[tuple, str] = {}  # program key -> its executable-cache key

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine import _cpu_kernels
 from jaxserve.engine._sampling_params import MAX_LOGPROBS
 
 Array = jax.Array
@@ -142,8 +143,33 @@ def _row_keys(seed: Array, counter: Array) -> Array:
   return jax.vmap(one)(seed, counter)
 
 
-def sample(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
+def sample(logits: Array, t: SamplingTensors, cfg: SamplerConfig, *, native: bool | None = None) -> SamplerOutput:
   """Samples one token per row of ``t`` from ``logits[t.row_index]`` (``[N, V]`` float32).
+
+  ``native``: True runs the C++ kernel for the CPU (:func:`jaxserve.engine._cpu_kernels.sample`: the same
+  results, the noise bit for bit; only the last bit of a log or exp may differ from XLA's), False the XLA
+  program :func:`sample_xla`; None (default) the kernel where JAX's default backend is the CPU and the kernels
+  are available. A kernel program is a single custom call, cheap to compile.
+  """
+  if native is None:
+    native = jax.default_backend() == "cpu" and _cpu_kernels.available()
+  return sample_native(logits, t, cfg) if native else sample_xla(logits, t, cfg)
+
+
+def sample_native(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
+  """:func:`sample_xla` in one C++ call for the CPU (call :func:`jaxserve.engine._cpu_kernels.available` first)."""
+  vocab = {}
+  if cfg.vocab_arrays:  # the penalties are read with the vocab arrays only (as sample_xla does)
+    vocab = dict(repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
+                 frequency_penalty=t.frequency_penalty, prompt_mask=t.prompt_mask, output_counts=t.output_counts,
+                 banned=t.banned)
+  out = _cpu_kernels.sample(logits, t.row_index, t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.counter,
+                            t.logprobs, num_top_logprobs=num_top_logprobs(logits.shape[-1]), **vocab)
+  return SamplerOutput(*out)
+
+
+def sample_xla(logits: Array, t: SamplingTensors, cfg: SamplerConfig) -> SamplerOutput:
+  """:func:`sample` as an XLA program (any backend): the specification the C++ kernel follows.
 
   Rows with temperature 0 take the argmax. The batch's choices are tested on the device and the
   work they need runs under ``lax.cond`` (sampling at all, top-k/top-p, min-p, logprobs), so one
