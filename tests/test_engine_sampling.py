@@ -211,6 +211,8 @@ def _poison_allocator(elements: int) -> None:
 def _random_batch(rng, rows: int, v: int, vocab: bool, n: int = 8) -> tuple[np.ndarray, SamplingTensors]:
   x = (rng.standard_normal((n, v)) * rng.choice([0.3, 3.0, 12.0], (n, 1))).astype(np.float32)
   x[rng.random((n, v)) < 0.02] = -np.inf
+  x[0] = rng.integers(-3, 3, v)  # ties at every cut-off
+  x[1] = 4 + rng.random(v) * 1e-3  # one crowded bucket of keys
   pick = lambda *values: rng.choice(values, rows)  # noqa: E731
   t = SamplingTensors(
       row_index=rng.integers(0, n, rows).astype(np.int32),
