@@ -286,11 +286,9 @@ def attention_cpu() -> str:
     rows.append([dt, f"{r['kv_bytes'] / 1e6:.0f} MB", f"{old:.1f} ms" if old else "-", f"{r['ms']['new']:.1f} ms",
                  x(r["old_over_new"]) if "old_over_new" in r else "-", f"{r['GBps']['new']:.1f} GB/s",
                  f"{r['GBps']['plain read']:.1f} GB/s",
-                 f"{r['max_abs_diff_old_new']:.1e}" if "max_abs_diff_old_new" in r else "-",
-                 x(r["small_pages_over_huge"]) if "small_pages_over_huge" in r else "-"])
+                 f"{r['max_abs_diff_old_new']:.1e}" if "max_abs_diff_old_new" in r else "-"])
   return head + "\n\n" + table(["pools", "K/V read", "old kernel", "this kernel", "old / this", "this kernel reads",
-                                  "plain read of the same bytes", "largest output difference",
-                                  "this kernel, pools on 4 KiB pages / on huge pages"], rows)
+                                  "plain read of the same bytes", "largest output difference"], rows)
 
 
 @block
