@@ -9,10 +9,8 @@ whose context lengths are drawn as in ``benchmarks/step_breakdown.py`` (each req
 plus half its output); each sequence's blocks sit at random places in a pool of ``--num-blocks``.
 Read rate = K/V bytes the batch must read (every position of every sequence, K and V, every layer)
 / the time per call (the median, and the best: on a loaded machine the times come in steps of the
-scheduler's slice). The pools sit on transparent huge pages, as the engine's do
-(:mod:`jaxserve.engine._huge_pages`); where the system has them, the same kernel also runs over
-pools on 4 KiB pages ("new, 4 KiB pages", interleaved). For comparison: a plain read of as many
-bytes (numpy's sum of a contiguous float32 array, one thread), measured between the kernel's calls.
+scheduler's slice). For comparison: a plain read of as many bytes (numpy's sum of a
+contiguous float32 array, one thread), measured between the kernel's calls.
 
 With ``--baseline FILE.cc`` (e.g. an earlier ``paged_attention_cpu.cc``: ``git show
 REV:jaxserve/engine/csrc/paged_attention_cpu.cc > /tmp/old/paged_attention_cpu.cc``), that
@@ -115,21 +113,6 @@ def decode_batch(batch: int, num_blocks: int, rng: np.random.Generator):
   return lens, tables, slots.astype(np.int32)
 
 
-SMALL_PAGES = "new, 4 KiB pages"  # the kernel over pools left on small pages (where huge pages are available)
-
-
-def pool_like(x, huge: bool):
-  """A copy of ``x`` in a fresh buffer, made as the engine makes its pools: zeros, on huge pages (``huge``,
-  see :mod:`jaxserve.engine._huge_pages`), then written in place."""
-  import jax
-  import jax.numpy as jnp
-  from jaxserve.engine import _huge_pages
-  pool = jnp.zeros(x.shape, x.dtype)
-  if huge:
-    _huge_pages.advise_zeroed([pool])
-  return jax.jit(lambda p, v: p.at[...].set(v), donate_argnums=0)(pool, x)
-
-
 def plain_read_seconds(buf: np.ndarray) -> float:
   t0 = time.perf_counter()
   buf.sum()
@@ -168,19 +151,13 @@ def main() -> None:
       args.baseline.write_bytes(file_at(args.baseline_rev, "jaxserve/engine/csrc/paged_attention_cpu.cc"))
     baseline = build_baseline(args.baseline, tmp) if args.baseline else None
     results = {}
-    from jaxserve.engine import _huge_pages
-    huge_pages = _huge_pages.available()
     for dtype in args.dtype.split(","):
       dt = jnp.dtype(dtype)
       names = {"new": None, **({"old": baseline[dtype]} if baseline else {})}
-      if huge_pages:
-        names[SMALL_PAGES] = None
       shape = (args.num_blocks, KV_HEADS, BLOCK, HEAD_DIM)
       layers = [(jnp.asarray(rng.standard_normal(shape), dt), jnp.asarray(rng.standard_normal(shape), dt))
                 for _ in range(args.layers)]
-      # same contents each; on huge pages as the engine's pools (but SMALL_PAGES)
-      pools = {name: [(pool_like(k, name != SMALL_PAGES), pool_like(v, name != SMALL_PAGES)) for k, v in layers]
-               for name in names}
+      pools = {name: [(jnp.copy(k), jnp.copy(v)) for k, v in layers] for name in names}  # same contents each
       del layers
       q = jnp.asarray(rng.standard_normal((args.batch, HEADS, HEAD_DIM)), jnp.float32)
       k_new = jnp.asarray(rng.standard_normal((args.batch, KV_HEADS, HEAD_DIM)), dt)
@@ -209,8 +186,6 @@ def main() -> None:
              "GBps": {name: kv_bytes / m / 1e9 for name, m in med.items()},
              "best_ms": {name: m * 1e3 for name, m in best.items()},
              "kv_bytes": kv_bytes}
-      if huge_pages:
-        row["small_pages_over_huge"] = float(np.median(np.array(times[SMALL_PAGES]) / np.array(times["new"])))
       if baseline:
         row["old_over_new"] = float(np.median(np.array(times["old"]) / np.array(times["new"])))
         # same inputs and pools: the two builds' outputs (after every layer and rep) should agree
@@ -219,11 +194,8 @@ def main() -> None:
       print(f"{dtype}: batch {args.batch}, mean context {lens.mean():.0f}, {args.layers} layers, "
             f"{kv_bytes / 1e6:.1f} MB of K/V")
       for name in times:
-        print(f"  {name:<16} median {med[name] * 1e3:8.3f} ms {kv_bytes / med[name] / 1e9:6.1f} GB/s, "
+        print(f"  {name:<12} median {med[name] * 1e3:8.3f} ms {kv_bytes / med[name] / 1e9:6.1f} GB/s, "
               f"best {best[name] * 1e3:8.3f} ms {kv_bytes / best[name] / 1e9:6.1f} GB/s")
-      if huge_pages:
-        print(f"  4 KiB pages / huge pages (median of {args.reps} interleaved pairs): "
-              f"{row['small_pages_over_huge']:.3f}")
       if baseline:
         print(f"  old / new (median of {args.reps} interleaved pairs): {row['old_over_new']:.3f}; "
               f"outputs differ by at most {row['max_abs_diff_old_new']:.2e}")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.engine import _compile_cache, _cpu_kernels, _huge_pages
+from jaxserve.engine import _compile_cache, _cpu_kernels
 from jaxserve.engine._executable_cache import ExecutableCache, signature
 from jaxserve.engine._attention import PagedAttention, copy_blocks, make_meta, pool_shape
 from jaxserve.engine._input_batch import step_arrays
@@ -187,8 +187,6 @@ class ModelRunner:
     shapes = [pool_shape(self.cfg.kv_heads(i), self.num_blocks, self.block_size, self.cfg.head_dim,
                          self.attn.kv_layout) for i in range(self.cfg.num_layers)]
     self.kv_pools = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in shapes]
-    if self.uses_cpu_kernels:  # the C++ attention reads blocks at random places: huge pages spare it page walks
-      _huge_pages.advise_zeroed(x for kv in self.kv_pools for x in kv)
     self.logits = jnp.zeros((self.max_slots, self.cfg.vocab_size), jnp.float32)
     if self.kv_pool_sharding is not None:  # tensor parallel: each device holds its KV heads of every block
       self.kv_pools = jax.device_put(self.kv_pools, self.kv_pool_sharding)
