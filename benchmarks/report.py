@@ -297,7 +297,7 @@ def sampler_cpu() -> str:
   m = d["machine"]
   head = (f"Measured on {machine_line(m)}, code at `{d['commit']}`; temperature {d['temperature']}, every row sampling "
           f"with the case's settings, median of {d['reps']} calls"
-          + (f", against the sampler of `{d['baseline_rev']}` (sorted logits) in the same process" if d.get(
+          + (f", against the sampler of `{d['baseline_rev']}` in the same process" if d.get(
               "baseline_rev") else "") + ":")
   vocabs = sorted({r["vocab"] for r in d["rows"]})
   cases = list(dict.fromkeys(r["case"] for r in d["rows"]))
