@@ -66,6 +66,25 @@ def test_per_block_api_composes_to_forward(overrides):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("non_uniform", [False, True])
+def test_jitted_blocks_trace_each_block_shape_once_and_give_the_same_logits(non_uniform, monkeypatch):
+  kw = {}
+  if non_uniform:  # layers 0 and 2, 1 and 3 alike: two distinct block shapes
+    kw = dict(layer_num_heads=(4, 2, 4, 2), layer_num_kv_heads=(2, 1, 2, 1), layer_intermediate_size=(96, 40, 96, 40))
+  cfg, params = tiny_model(seed=4, num_layers=4, **kw)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+  rotations = []  # one rotation of q and one of k per block traced
+  rotate = model._apply_rope
+  monkeypatch.setattr(model, "_apply_rope", lambda *a: rotations.append(1) or rotate(*a))
+  jax.clear_caches()
+  plain = jax.jit(lambda p, t: model.forward(p, cfg, t).logits)(params, tokens)
+  assert len(rotations) == 2 * cfg.num_layers
+  rotations.clear()
+  jitted = jax.jit(lambda p, t: model.forward(p, cfg, t, jit_blocks=True).logits)(params, tokens)
+  assert len(rotations) == 2 * (2 if non_uniform else 1)
+  np.testing.assert_array_equal(jitted, plain)
+
+
 def test_block_linear_inputs():
   cfg, params = tiny_model(seed=1)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.hidden_size))

@@ -98,7 +98,8 @@ def _forward_step(params, kv_pools, logits_buf, tokens, positions, meta, logits_
   if native_rows:  # every layer's attention reads the same row view: derive it once
     meta = meta.with_rows(tokens.shape[1])
   out = forward(params, cfg, tokens, positions, kv=kv_pools, attn=attn, meta=meta,
-                logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32))
+                logits_index=logits_index, rows=meta.cu_q_lens[-1], logits_rows=jnp.sum(lens > 0, dtype=jnp.int32),
+                jit_blocks=True)
   logits = out.logits[0]
   buf = jax.lax.dynamic_update_slice(logits_buf, logits.astype(logits_buf.dtype), (0, 0))
   if kv_pool_sharding is not None:
