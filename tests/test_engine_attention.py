@@ -97,6 +97,28 @@ def test_write_and_copy_blocks():
     write_kv(kp, vp, k, -k, jnp.int32([9, 22]), layout="heads")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_native_copy_blocks_equals_the_xla_copy_and_updates_in_place(dtype):
+  from jaxserve.engine import _cpu_kernels
+  if not _cpu_kernels.available():
+    pytest.skip("no C++ kernels here")
+  rng = np.random.default_rng(5)
+  pools = [tuple(jnp.asarray(rng.standard_normal((9, 2, 4, 3)), dtype) for _ in range(2)) for _ in range(2)]
+  # 3 -> 5 while 5 -> 7: block 7 gets 5's old contents (sources read first); (0, 0) pads; 1 -> 8 -> ...
+  src, dst = jnp.int32([3, 5, 0, 1, 0]), jnp.int32([5, 7, 0, 8, 0])
+  want = copy_blocks(pools, src, dst, layout="block")
+  copy = jax.jit(lambda p, s, d: copy_blocks(p, s, d, layout="block", native=True), donate_argnums=0)
+  fresh = [tuple(jnp.copy(x) for x in kv) for kv in pools]
+  pointer = fresh[0][0].unsafe_buffer_pointer()
+  got = copy(fresh, src, dst)
+  for (wk, wv), (gk, gv) in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(gk, np.float32), np.asarray(wk, np.float32))
+    np.testing.assert_array_equal(np.asarray(gv, np.float32), np.asarray(wv, np.float32))
+  assert got[0][0].unsafe_buffer_pointer() == pointer  # donated: copied in place, no new pool
+  with pytest.raises(Exception, match="outside a pool of 9 blocks"):
+    jax.block_until_ready(_cpu_kernels.copy_blocks(pools[0][0], jnp.int32([1]), jnp.int32([9])))
+
+
 def test_pallas_rejects_sliding_window():
   with pytest.raises(ValueError, match="sliding window"):
     PagedAttention(impl="pallas", sliding_window=8)

@@ -125,9 +125,17 @@ def write_kv(k_pages: Array, v_pages: Array, k: Array, v: Array, slot_mapping: A
 
 
 def copy_blocks(kv_pools: list[tuple[Array, Array]], src: Array, dst: Array,
-                layout: str = "head") -> list[tuple[Array, Array]]:
-  """Copy-on-write: block ``dst[i]`` becomes a copy of ``src[i]`` in every layer (pad with 0 -> 0)."""
+                layout: str = "head", native: bool = False) -> list[tuple[Array, Array]]:
+  """Copy-on-write: block ``dst[i]`` becomes a copy of ``src[i]`` in every layer (pad with 0 -> 0).
+
+  ``native``: the C++ copy (:func:`_cpu_kernels.copy_blocks`, ``"block"`` layout on the CPU): the same
+  result, each pool updated in place, and a program that compiles in a moment (XLA's gather and scatter
+  of 16 pools took about 0.4 s to compile per copy-count bucket).
+  """
   _check_layout(layout)
+  if native and layout == "block":
+    from jaxserve.engine import _cpu_kernels
+    return [(_cpu_kernels.copy_blocks(k, src, dst), _cpu_kernels.copy_blocks(v, src, dst)) for k, v in kv_pools]
   if layout == "block":
     return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv_pools]
   return [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv_pools]

@@ -50,6 +50,7 @@ NM_MATMUL_TARGET = "jaxserve_nm_matmul_cpu"
 BITMASK_MATMUL_TARGET = "jaxserve_bitmask_matmul_cpu"
 TARGET_BF16 = "jaxserve_paged_attention_bf16_cpu"
 WRITE_TARGET_BF16 = "jaxserve_write_paged_attention_bf16_cpu"
+COPY_BLOCKS_TARGET = "jaxserve_copy_blocks_cpu"
 MATMUL_TARGET_BF16 = "jaxserve_matmul_bf16_cpu"
 SAMPLE_TARGET = "jaxserve_sample_cpu"
 SAMPLE_VOCAB_TARGET = "jaxserve_sample_vocab_cpu"  # with [R, V] penalty and ban arrays
@@ -230,6 +231,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionCpu),
                                     platform="cpu")
         jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaxserveMatmulCpu), platform="cpu")
+        jax.ffi.register_ffi_target(COPY_BLOCKS_TARGET, jax.ffi.pycapsule(lib.JaxserveCopyBlocksCpu), platform="cpu")
         jax.ffi.register_ffi_target(TARGET_BF16, jax.ffi.pycapsule(lib.JaxservePagedAttentionBf16Cpu),
                                     platform="cpu")
         jax.ffi.register_ffi_target(WRITE_TARGET_BF16, jax.ffi.pycapsule(lib.JaxserveWritePagedAttentionBf16Cpu),
@@ -319,6 +321,21 @@ def write_paged_rows(q: jax.Array, k_new: jax.Array, v_new: jax.Array, slot_mapp
               slot_mapping.astype(jnp.int32), k_pages, v_pages, block_tables.astype(jnp.int32),
               row_seq.astype(jnp.int32), row_len.astype(jnp.int32), scale=np.float32(scale),
               num_threads=np.int64(num_threads))
+
+
+def copy_blocks(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+  """Copy-on-write in a ``[NB, ...]`` pool (blocks first): block ``dst[i]`` becomes a copy of block ``src[i]``.
+
+  The sources are read before any block is written (as ``pages.at[dst].set(pages[src])``); pairs with
+  ``src == dst`` (padding) cost nothing. The pool is aliased input to output: inside a jitted function
+  that donates it, it is updated in place. Any dtype; an index outside the pool is an error.
+  """
+  if pages.ndim < 1 or src.shape != dst.shape or src.ndim != 1:
+    raise ValueError(f"copy_blocks: need a pool [NB, ...] and src, dst [N], got {pages.shape}, {src.shape}, "
+                     f"{dst.shape}")
+  call = jax.ffi.ffi_call(COPY_BLOCKS_TARGET, jax.ShapeDtypeStruct(pages.shape, pages.dtype),
+                          input_output_aliases={0: 0})
+  return call(pages, src.astype(jnp.int32), dst.astype(jnp.int32))
 
 
 def _pool_target(f32: str, bf16: str, k_pages: jax.Array, v_pages: jax.Array) -> str:

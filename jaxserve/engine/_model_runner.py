@@ -166,7 +166,8 @@ class ModelRunner:
     # Python's full collection frees (each dropped engine then kept its programs' code mapped)
     self._forward = jax.jit(self.step_function(attention), donate_argnums=(1, 2))
     self._sample = jax.jit(functools.partial(sample, native=self.uses_cpu_kernels), static_argnums=(2,))
-    self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout), donate_argnums=(0,))
+    self._copy = jax.jit(functools.partial(copy_blocks, layout=attention.kv_layout, native=self.uses_cpu_kernels),
+                         donate_argnums=(0,))
     self._executables: dict[tuple, Any] = {}  # program key -> compiled program
     self._signatures: dict[tuple, str] = {}  # program key -> its executable-cache key
     self._compiling: dict[tuple, concurrent.futures.Future] = {}

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -782,8 +783,50 @@ auto WriteAttentionBinding() {
       .template Attr<int64_t>("num_threads");
 }
 
+// Copy-on-write of whole blocks: block dst[i] of the pool becomes a copy of block src[i] (pairs
+// with src == dst, the padding, are skipped), the sources read before any block is written (as
+// XLA's gather then scatter: a block both copied from and written reads its old contents). A block
+// is contiguous ([NB, ...] layout). An index outside the pool is an error. The pool is aliased to
+// the output (updated in place; copied over first if XLA did not alias it).
+ffi::Error CopyBlocksImpl(ffi::AnyBuffer pages, ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::S32> dst,
+                          ffi::Result<ffi::AnyBuffer> out) {
+  const auto dims = pages.dimensions();
+  const int64_t n = src.element_count();
+  if (dims.size() < 1 || src.dimensions().size() != 1 || dst.dimensions().size() != 1 || dst.element_count() != n) {
+    return ffi::Error::InvalidArgument("copy_blocks_cpu: expected a pool [NB, ...] and src, dst [N]");
+  }
+  const int64_t num_blocks = dims[0];
+  const size_t bytes = pages.size_bytes(), block = num_blocks ? bytes / num_blocks : 0;
+  char* pool = static_cast<char*>(out->untyped_data());
+  if (pool != pages.untyped_data()) std::memcpy(pool, pages.untyped_data(), bytes);
+  const int32_t* s = src.typed_data();
+  const int32_t* d = dst.typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[i] < 0 || s[i] >= num_blocks || d[i] < 0 || d[i] >= num_blocks) {
+      return ffi::Error::InvalidArgument("copy_blocks_cpu: block index " + std::to_string(i) + " (" +
+                                         std::to_string(s[i]) + " -> " + std::to_string(d[i]) +
+                                         ") outside a pool of " + std::to_string(num_blocks) + " blocks");
+    }
+  }
+  std::vector<char> staged;
+  std::vector<int64_t> moves;  // indices of the pairs that copy something
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[i] != d[i]) moves.push_back(i);
+  }
+  staged.resize(moves.size() * block);
+  for (size_t j = 0; j < moves.size(); ++j) std::memcpy(staged.data() + j * block, pool + s[moves[j]] * block, block);
+  for (size_t j = 0; j < moves.size(); ++j) std::memcpy(pool + d[moves[j]] * block, staged.data() + j * block, block);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCopyBlocksCpu, CopyBlocksImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // pool [NB, ...] (aliased to the output)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // src [N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // dst [N]
+                                  .Ret<ffi::AnyBuffer>());        // the pool
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionCpu, AttentionImpl<ffi::F32>, AttentionBinding<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionBf16Cpu, AttentionImpl<ffi::BF16>, AttentionBinding<ffi::BF16>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveWritePagedAttentionCpu, WriteAttentionImpl<ffi::F32>,
