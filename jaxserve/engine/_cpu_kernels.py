@@ -1,11 +1,11 @@
-"""C++ kernels for the CPU (paged attention, dense and sparse matmuls, the sampler), called from jitted code as XLA FFI
-custom calls.
+"""C++ kernels for the CPU (attention, block copies, matmuls, sampling), called from jitted code as FFI custom calls.
 
 A small model's decode step on a small CPU is mostly reading memory: the K/V blocks and every
 weight matrix. XLA reads gathered KV blocks at about a third of the memory bandwidth and packs
 each weight matrix again on every matmul. The attention kernel (``csrc/paged_attention_cpu.cc``)
 writes the step's K/V into their slots in place and handles every query row of a step (decodes
-and causal prefill chunks), reading each block once per pass; the matmul
+and causal prefill chunks), reading each block once per pass (the same file copies blocks in place for
+copy-on-write, :func:`copy_blocks`); the matmul
 (``csrc/matmul_cpu.cc``) reads weights packed once, at load time, into column panels
 (:class:`jaxserve.weights.PackedDense`); the sparse matmuls (``csrc/sparse_matmul_cpu.cc``, :func:`nm_matmul`,
 :func:`bitmask_matmul`) read N:M or bitmask-compressed weights, fewer bytes than dense; the sampler
