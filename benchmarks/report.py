@@ -213,7 +213,8 @@ def serving() -> str:
                  + (f" and vLLM's bfloat16 for {bf['greedy_equal_to_vllm_bfloat16']} of {d['num_requests']}"
                     if "greedy_equal_to_vllm_bfloat16" in bf else "") + ".")
     hb = d.get("transformers_bfloat16", {})
-    if "greedy_equal_to_transformers_bfloat16" in vb or "greedy_equal_to_transformers_float32" in hb:
+    if any(k in vb for k in ("greedy_equal_to_transformers_bfloat16",)) or any(
+        k in hb for k in ("greedy_equal_to_transformers_float32", "batch16_greedy_equal_to_batch1")):
       notes.append("For scale, the reference engines agree no better in bfloat16 on this random-weight model: "
                    + " and ".join(
                        (([f"vLLM's bfloat16 tokens equal transformers' bfloat16 for "
@@ -221,7 +222,10 @@ def serving() -> str:
                          if "greedy_equal_to_transformers_bfloat16" in vb else [])
                         + ([f"transformers' own bfloat16 tokens equal its float32 ones for "
                             f"{hb['greedy_equal_to_transformers_float32']} of {d['num_requests']}"]
-                           if "greedy_equal_to_transformers_float32" in hb else []))) + ".")
+                           if "greedy_equal_to_transformers_float32" in hb else [])
+                        + ([f"transformers' bfloat16 tokens in batches of 16 (left-padded) equal its own one "
+                            f"request at a time for {hb['batch16_greedy_equal_to_batch1']} of {d['num_requests']}"]
+                           if "batch16_greedy_equal_to_batch1" in hb else []))) + ".")
     if "tok_s" in vb:
       notes.append(f"jaxserve in bfloat16 made {x(bf['tok_s'] / vb['tok_s'])} vLLM's bfloat16 throughput.")
   out += "\n" + " ".join(notes) + "\n"

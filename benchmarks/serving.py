@@ -427,8 +427,17 @@ def main() -> None:
           a == b for a, b in zip(bf["tokens"], hb["tokens"]))
       res["transformers_bfloat16"] = dict(elapsed_s=hb["elapsed_s"], tok_s=out_tokens / hb["elapsed_s"], batch_size=1)
       hb_tokens = hb["tokens"]  # the other engines' bfloat16 tokens are compared with these too
+      # How far transformers agrees with itself in bfloat16 when it batches (left-padded batches of 16,
+      # as its float32 run): the bar that an engine batching requests can be held to.
+      hb16 = run_transformers(model_dir, workload, threads, dtype="bfloat16", batch_size=16)
+      res["transformers_bfloat16"]["batch16_greedy_equal_to_batch1"] = sum(
+          a == b for a, b in zip(hb16["tokens"], hb_tokens))
+      res["jaxserve_bfloat16"]["greedy_equal_to_transformers_bfloat16_batch16"] = sum(
+          a == b for a, b in zip(bf["tokens"], hb16["tokens"]))
       print(f"bfloat16 greedy tokens equal to transformers' bfloat16: "
-            f"{res['jaxserve_bfloat16']['greedy_equal_to_transformers_bfloat16']}/{len(workload)}", flush=True)
+            f"{res['jaxserve_bfloat16']['greedy_equal_to_transformers_bfloat16']}/{len(workload)}; transformers "
+            f"in batches of 16 against itself one at a time: "
+            f"{res['transformers_bfloat16']['batch16_greedy_equal_to_batch1']}/{len(workload)}", flush=True)
   if not args.skip_hf:
     hf = run_transformers(model_dir, workload, threads)
     res["transformers"] = dict(elapsed_s=hf["elapsed_s"], tok_s=out_tokens / hf["elapsed_s"],
