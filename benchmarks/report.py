@@ -193,7 +193,8 @@ def serving() -> str:
     rows.append([f"vLLM {v['version']} CPU backend, bfloat16 (threads {vb['threads_bind']})", f"{vb['tok_s']:.0f}",
                  vs_hf(vb["tok_s"])])
   m = d["machine"]
-  head = (f"Measured on {machine_line(m)}; greedy tokens equal to jaxserve's float32: "
+  head = (f"Measured on {machine_line(m)}" + (f", code of commit {d['git_commit']}" if d.get("git_commit") else "")
+          + "; greedy tokens equal to jaxserve's float32: "
           + (", ".join(f"{k} {100 * s:.0f}%" for k, s in d["greedy_match_vs_jaxserve"].items()) or "no other engine")
           + ".\n\n")
   out = head + table(["engine", "steady output tok/s", "x transformers"], rows)

@@ -355,9 +355,9 @@ def main() -> None:
   model_dir = make_model(args.model_dir, model_kw)
   workload = make_workload(args.num_requests, vocab_size=model_kw["vocab_size"])
   out_tokens = sum(w["max_tokens"] for w in workload)
-  from benchmarks._machine import cpu_model
+  from benchmarks._machine import cpu_model, git_commit
   res = dict(machine=dict(cpu=cpu_model(), platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
-                          loadavg_at_start=os.getloadavg()),
+                          loadavg_at_start=os.getloadavg()), git_commit=git_commit(),
              model=model_kw, smoke=args.smoke, num_requests=len(workload), output_tokens=out_tokens,
              prompt_tokens=sum(len(w["prompt_token_ids"]) for w in workload), max_model_len=MAX_MODEL_LEN)
   print(f"workload: {len(workload)} requests, {res['prompt_tokens']} prompt tokens, {out_tokens} output tokens",
