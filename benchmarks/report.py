@@ -214,7 +214,7 @@ def serving() -> str:
                  + (f" and vLLM's bfloat16 for {bf['greedy_equal_to_vllm_bfloat16']} of {d['num_requests']}"
                     if "greedy_equal_to_vllm_bfloat16" in bf else "") + ".")
     hb = d.get("transformers_bfloat16", {})
-    if any(k in vb for k in ("greedy_equal_to_transformers_bfloat16",)) or any(
+    if "greedy_equal_to_transformers_bfloat16" in vb or any(
         k in hb for k in ("greedy_equal_to_transformers_float32", "batch16_greedy_equal_to_batch1")):
       notes.append("For scale, the reference engines agree no better in bfloat16 on this random-weight model: "
                    + " and ".join(
