@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,9 @@ class AttentionBackend(Protocol):
 
   Shapes: q ``[B, T, H, D]``, k and v ``[B, T, KVH, D]`` (q and k already rotated);
   out ``[B, T, H, D]``. Implementations are hashable (static under ``jit``) and apply
-  the ``1/sqrt(D)`` softmax scale themselves.
+  the ``1/sqrt(D)`` softmax scale themselves. One whose result does not depend on ``layer``
+  (beyond the arrays it is given) may say so with a true class attribute ``layer_independent``:
+  ``forward(..., jit_blocks=True)`` then shares one trace among the layers of the same shape.
   """
 
   def __call__(self, layer: int, q: Array, k: Array, v: Array, layer_kv: Any, meta: Any) -> tuple[Array, Any]:
@@ -90,6 +92,7 @@ class CausalAttention:
   mask is ``k_pos <= q_pos``) so that right-padded batches stay exact.
   """
 
+  layer_independent: ClassVar[bool] = True  # see AttentionBackend
   sliding_window: int | None = None
 
   def __call__(self, layer, q, k, v, layer_kv, meta):
@@ -108,6 +111,7 @@ class ContiguousKVCache:
   prompts are exact: stale slots past a sequence's position are masked and overwritten.
   """
 
+  layer_independent: ClassVar[bool] = True  # see AttentionBackend
   sliding_window: int | None = None
 
   def __call__(self, layer, q, k, v, layer_kv, meta):
@@ -290,10 +294,11 @@ def _jitted_block(block_params, x, cos, sin, layer_kv, meta, rows, *, cfg, layer
 class Llama(nn.Module):
   """The decoder stack. Use :func:`forward` rather than calling ``apply`` directly.
 
-  ``jit_blocks``: each block runs as a nested ``jax.jit`` of its own, traced once per distinct block shape
-  instead of once per layer (XLA inlines the calls: the compiled program is the same). The engine traces
-  a step program per token bucket: the serving benchmark's 9 were traced and lowered in 0.84 s instead
-  of 1.37 s (one run each, loaded machine).
+  ``jit_blocks``: each block runs as a nested ``jax.jit`` of its own (XLA inlines the calls: the compiled
+  program is the same), traced once per distinct block shape instead of once per layer when the attention
+  backend is ``layer_independent`` (see :class:`AttentionBackend`; else once per layer, each block given its
+  own layer). The engine traces a step program per token bucket: the serving benchmark's 9 were traced and
+  lowered in 0.84 s instead of 1.37 s (one run each, loaded machine).
   """
 
   cfg: ModelConfig
@@ -313,9 +318,10 @@ class Llama(nn.Module):
       if return_layer_inputs:
         layer_inputs.append(x)
       layer_kv = None if kv is None else kv[i]
-      if jit_blocks:  # traced once per distinct block shape, not once per layer
+      if jit_blocks:  # traced once per distinct block shape where the backend cannot tell the layers apart
+        layer = _first_layer_like(cfg, i) if getattr(self.attn, "layer_independent", False) else i
         x, layer_kv = _jitted_block(self.variables["params"][f"layers_{i}"], x, cos, sin, layer_kv, meta, rows,
-                                    cfg=cfg, layer=_first_layer_like(cfg, i), attn=self.attn)
+                                    cfg=cfg, layer=layer, attn=self.attn)
       else:
         x, layer_kv = Block(cfg, i, self.attn, name=f"layers_{i}")(x, cos, sin, layer_kv, meta, rows)
       new_kv.append(layer_kv)

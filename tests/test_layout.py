@@ -1,5 +1,6 @@
 """The package boundary: jaxprune imports the model layer only, through public names, and the per-block model API."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -83,6 +84,32 @@ def test_jitted_blocks_trace_each_block_shape_once_and_give_the_same_logits(non_
   jitted = jax.jit(lambda p, t: model.forward(p, cfg, t, jit_blocks=True).logits)(params, tokens)
   assert len(rotations) == 2 * (2 if non_uniform else 1)
   np.testing.assert_array_equal(jitted, plain)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerScaledAttention:
+  """A backend whose output depends on its layer (not ``layer_independent``): causal attention times layer + 1."""
+
+  def __call__(self, layer, q, k, v, layer_kv, meta):
+    out, layer_kv = model.CausalAttention()(layer, q, k, v, layer_kv, meta)
+    return out * (layer + 1), layer_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class _FalselyIndependent(_LayerScaledAttention):
+  layer_independent = True
+
+
+def test_jitted_blocks_give_a_layer_dependent_backend_its_own_layer():
+  cfg, params = tiny_model(seed=4, num_layers=3)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 5)), jnp.int32)
+  run = jax.jit(lambda p, t, attn, jit_blocks: model.forward(p, cfg, t, attn=attn, jit_blocks=jit_blocks).logits,
+                static_argnums=(2, 3))
+  plain = run(params, tokens, _LayerScaledAttention(), False)
+  np.testing.assert_array_equal(run(params, tokens, _LayerScaledAttention(), True), plain)
+  # the check has teeth: the same backend declared layer-independent shares layer 0's trace, and the logits change
+  shared = run(params, tokens, _FalselyIndependent(), True)
+  assert not np.allclose(shared, plain)
 
 
 def test_block_linear_inputs():

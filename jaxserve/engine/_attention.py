@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -319,6 +319,7 @@ class PagedAttention:
       None: when it builds and applies; False: never.
   """
 
+  layer_independent: ClassVar[bool] = True  # blocks of one shape share a trace (model.AttentionBackend)
   impl: str = "xla"
   sliding_window: int | None = None
   q_tile: int = 32
