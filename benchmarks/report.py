@@ -258,6 +258,30 @@ def serving() -> str:
 
 
 @block
+def serving_amx() -> str:
+  d = load("serving_amx.json")
+  j, v, bf, vb = d["jaxserve"], d.get("vllm", {}), d.get("jaxserve_bfloat16", {}), d.get("vllm_bfloat16", {})
+  tl = d["timeline"]
+  parts = [f"float32 jaxserve {j['tok_s']:.0f} tok/s"]
+  if "tok_s" in v:
+    parts[-1] += f" against vLLM's {v['tok_s']:.0f} ({x(j['tok_s'] / v['tok_s'])})"
+  if "tok_s" in bf:
+    parts.append(f"bfloat16 {bf['tok_s']:.0f}" + (f" against {vb['tok_s']:.0f} ({x(bf['tok_s'] / vb['tok_s'])})"
+                                                  if "tok_s" in vb else "")
+                 + f", {x(d['bfloat16_over_float32'])} its float32")
+  if "vllm" in tl:
+    a, b = tl["jaxserve"]["construction_plus_first_s"], tl["vllm"]["construction_plus_first_s"]
+    parts.append(f"construction + first pass {a:.1f} s against {b:.1f} s ({x(a / b)})")
+  if "jaxserve_second_process" in tl:
+    parts.append(f"a second process {x(tl['jaxserve_second_process']['over_first_process'])} the first's")
+  if "greedy_equal_to_transformers_bfloat16" in bf:
+    parts.append(f"bfloat16 greedy tokens equal to transformers' bfloat16 for {bf['greedy_equal_to_transformers_bfloat16']}"
+                 f" of {d['num_requests']}")
+  return (f"The same benchmark on the Xeon VM with AMX (`benchmarks/results/serving_amx.json`: "
+          f"{machine_line(d['machine'])}, code of commit {d['git_commit']}): " + "; ".join(parts) + ".\n")
+
+
+@block
 def step_breakdown() -> str:
   cols = ["C++ kernel", "XLA loops", "no attention", "no attention, no KV write"]
   rows, tails, head = [], [], ""
@@ -386,14 +410,29 @@ def sparse_serving() -> str:
     share.append(f"{dense:.2f} ms dense, " + ", ".join(
         f"{v[k][f'step_{b}_ms'] - nb:.2f} ms {k} ({x(dense / (v[k][f'step_{b}_ms'] - nb))})" for k in v if k != "dense")
         + f" at batch {b[1:]}")
-  r = load("sparse_serving_repeat.json")
-  rep = "; ".join(f"{k} " + " / ".join(x(r["variants"][k][f]) for f in ("speedup_b1", "speedup_b8", "speedup_serving"))
-                  for k in r["variants"] if k != "dense")
   tail = (f"\nWithout the no-blocks part, the blocks' share of a decode step is {share[0]}; and {share[1]}. "
-          f"A second run (`benchmarks/results/sparse_serving_repeat.json`, "
-          f"{machine_line(r['machine'])}" + (f", commit {r['git_commit']}" if r.get("git_commit") else "")
-          + f") gave {rep} (decode batch 1 / batch 8 / serving).\n")
+          f"A second run (`benchmarks/results/sparse_serving_repeat.json`, {_sparse_run(load('sparse_serving_repeat.json'))}"
+          f") gave {_sparse_ratios(load('sparse_serving_repeat.json'))} (decode batch 1 / batch 8 / serving).\n")
   return head + t + tail
+
+
+def _sparse_ratios(r: dict[str, Any]) -> str:
+  return "; ".join(f"{k} " + " / ".join(x(r["variants"][k][f]) for f in ("speedup_b1", "speedup_b8", "speedup_serving"))
+                   for k in r["variants"] if k != "dense")
+
+
+def _sparse_run(r: dict[str, Any]) -> str:
+  return machine_line(r["machine"]) + (f", commit {r['git_commit']}" if r.get("git_commit") else "")
+
+
+@block
+def sparse_serving_amx() -> str:
+  runs = [(name, load(name)) for name in ("sparse_serving_amx.json", "sparse_serving_amx_repeat.json")]
+  return ("Two earlier runs on the Xeon VM with AMX (" + " and ".join(
+      f"`benchmarks/results/{name}`: {_sparse_run(r)}" for name, r in runs) + ") gave, decode batch 1 / batch 8 / "
+      "serving: " + " and ".join(_sparse_ratios(r) for _, r in runs) + "; kernel bytes: "
+      + ", ".join(f"{k} {x(v['kernel_bytes_vs_dense'], 3)}" for k, v in runs[0][1]["variants"].items() if k != "dense")
+      + ".\n")
 
 
 @block
