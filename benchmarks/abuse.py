@@ -29,7 +29,7 @@ from typing import Any, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._machine import cpu_model, git_commit  # noqa: E402
+from benchmarks._machine import cpu_model, git_commit, isa  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.loaders import EVAL_TEXT, load_model  # noqa: E402
 from jaxserve.server.testing import HOST, ServerProcess  # noqa: E402
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['streams_equal']:>4}/{n_streams:<5} {row['longest_gap_s']:>13.3f}  {detail}", flush=True)
     log = srv.log_text()
   result = {"benchmark": "abuse", "smoke": args.smoke, "model": MODEL, "streams": n_streams,
-            "stream_max_tokens": max_tokens, "server_args": server_args(args.smoke), "cpu": cpu_model(),
+            "stream_max_tokens": max_tokens, "server_args": server_args(args.smoke), "cpu": cpu_model(), "isa": isa(),
             "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "commit": git_commit(), "python": platform.python_version(),
             "tracebacks_in_server_log": log.count("Traceback"), "cases": rows}

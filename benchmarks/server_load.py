@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._machine import cpu_model, git_commit  # noqa: E402
+from benchmarks._machine import cpu_model, git_commit, isa  # noqa: E402
 from jaxserve.loaders import EVAL_TEXT, load_model  # noqa: E402
 from jaxserve.server.testing import ServerProcess  # noqa: E402
 
@@ -231,7 +231,7 @@ def main() -> int:
                    "sampling": "greedy, ignore_eos"},
       "server_passes": server_passes, "offline_passes": offline_passes,
       "server_vs_offline_throughput": round(srv_last["output_tokens_per_s"] / off["output_tokens_per_s"], 3),
-      "env": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+      "env": {"cpu": cpu_model(), "isa": isa(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "machine": platform.machine(), "git_commit": git_commit(), "loadavg_at_start": load_at_start,
               "loadavg_at_end": list(os.getloadavg())},
       "command": "python benchmarks/server_load.py " + " ".join(sys.argv[1:]),

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._machine import cpu_model, file_at  # noqa: E402
+from benchmarks._machine import cpu_model, file_at, isa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,7 +175,7 @@ def main() -> None:
 
   result = {
       "command": "python benchmarks/sparse_matmul_cpu.py " + " ".join(sys.argv[1:]),
-      "cpu": cpu_model(), "cores": os.cpu_count(), "calls": args.calls, "baseline_rev": args.baseline_rev,
+      "cpu": cpu_model(), "isa": isa(), "cores": os.cpu_count(), "calls": args.calls, "baseline_rev": args.baseline_rev,
       "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "jax": jax.__version__,
       "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows_out,
   }
