@@ -74,9 +74,8 @@ def machine_line(m: dict[str, Any]) -> str:
   text = f"{cpu}"
   if m.get("isa") is not None:
     have = set(m["isa"])
-    text += (" (" + ", ".join(name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"))
-                              if flag in have)
-             + (", AMX" if "amx_bf16" in have else ", no AMX") + ")")
+    names = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16")) if flag in have]
+    text += " (" + ", ".join((names or ["no AVX-512"]) + ["AMX" if "amx_bf16" in have else "no AMX"]) + ")"
   text += f", {m.get('cpus', m.get('cores', '?'))} cores"
   if load:
     text += f", load average {load[0]:.1f}" + (f" at the start, {end[0]:.1f} at the end" if end else "")

@@ -53,3 +53,13 @@ def test_no_table_of_figures_outside_a_block(report):
   numeric = [r for r in rows if any(_numeric(c) for c in r.strip("|").split("|")[1:])]
   assert not numeric, f"tables of figures outside a generated block: {numeric[:3]}"
 
+
+
+def test_machine_line_names_the_instruction_sets(report):
+  """The CI-class VM has come with and without AMX under one model name: the line says which."""
+  line = report.machine_line
+  assert line(dict(cpu="X", isa=["avx512f", "avx512_bf16", "amx_tile", "amx_bf16"], cpus=2)) == (
+      "X (AVX-512, AVX-512 BF16, AMX), 2 cores")
+  assert line(dict(cpu="X", isa=["avx2", "fma", "avx512f", "avx512_bf16"], cpus=2)) == "X (AVX-512, AVX-512 BF16, no AMX), 2 cores"
+  assert line(dict(cpu="Y", isa=["avx2", "fma"], cpus=2)) == "Y (no AVX-512, no AMX), 2 cores"
+  assert line(dict(cpu="Z", cpus=2)) == "Z, 2 cores"  # results written before the instruction sets were recorded
