@@ -230,6 +230,8 @@ def test_a_users_jax_cache_dir_is_used_not_replaced(tmp_path):
     assert len(list(user.iterdir())) >= llm.stats()["num_compiled_programs"] > 0  # the engine's programs went there
   finally:
     jax.config.update("jax_compilation_cache_dir", None)
+    from jax._src import compilation_cache as jax_cache
+    jax_cache.reset_cache()  # JAX's cache object stays bound to that directory otherwise (later tests' compiles)
   assert _compile_cache.resolve(False) is None
   with pytest.raises(ValueError, match="compilation_cache must be True, False or a directory path"):
     _compile_cache.resolve(3)
@@ -374,3 +376,33 @@ def test_loading_and_preparing_a_model_lowers_no_program(tmp_path):
   assert "qkv_proj" in params["layers_0"]["self_attn"] and "gate_up_proj" in params["layers_0"]["mlp"]
   assert weight_formats(sparse[0]).get("2:4", 0) > 0 and weight_formats(sparse[1]).get("bitmask", 0) > 0
   assert "qkv_proj" in sparse[0]["layers_0"]["self_attn"] and "gate_up_proj" in sparse[1]["layers_0"]["mlp"]
+
+
+def test_programs_jax_cache_may_have_served_are_not_stored(tmp_path):
+  """JAX's cache object stays bound after jax_compilation_cache_dir is unset (by the user's code, or by an
+  earlier test): a compile may then be a hit there, and JAX serializes such an executable without its code,
+  so the executable cache must not store it (the next process would fail with "Function ... not found")."""
+  import jax
+  from jax._src import compilation_cache as jax_cache
+  from jaxserve.engine import _compile_cache
+  jax_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "users-jax-cache"))
+  try:
+    jax.jit(lambda x: x * 7 + 1)(jax.numpy.ones(5)).block_until_ready()  # binds JAX's cache there
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert _compile_cache.jax_cache_may_serve()
+    cache = tmp_path / "mine"
+    llm = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=16, compilation_cache=str(cache))
+    runner = llm.engine.runner
+    assert runner.program_cache is not None and runner.program_cache.skipped == llm.stats()["num_compiled_programs"] > 0
+    assert not list((cache / "jaxserve-executables").glob("*.exe"))
+    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+  finally:
+    jax_cache.reset_cache()
+  assert not _compile_cache.jax_cache_may_serve()
+  stored = LLM(_tiny(), block_size=8, max_num_seqs=8, max_num_batched_tokens=16, compilation_cache=str(tmp_path / "b"))
+  assert stored.engine.runner.program_cache.skipped == 0
+  assert len(list((tmp_path / "b" / "jaxserve-executables").glob("*.exe"))) == stored.stats()["num_compiled_programs"]

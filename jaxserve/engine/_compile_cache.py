@@ -81,6 +81,14 @@ def is_users(path: str | None) -> bool:
   return bool(path and user and Path(path) == Path(user) and user not in getattr(_local, "set_here", ()))
 
 
+def jax_cache_may_serve() -> bool:
+  """Whether a compile in this process may be served from JAX's persistent cache whatever this thread's
+  settings say: JAX decides once per process that its cache is used, and a cache object bound to a
+  directory (by any compile while ``jax_compilation_cache_dir`` was set, the user's included) stays
+  bound until reset, so :func:`scope` (None) does not keep a compile from a hit there."""
+  return _jax_cache._cache is not None and bool(getattr(_jax_cache, "_cache_used", True))
+
+
 @contextlib.contextmanager
 def scope(path: str | None) -> Iterator[None]:
   """Compiles inside this context read and write JAX's persistent cache at ``path`` (None: off).

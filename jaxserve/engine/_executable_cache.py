@@ -90,6 +90,7 @@ class ExecutableCache:
     self.dir = Path(root) / SUBDIR
     self.max_bytes = max_bytes
     self.hits = 0
+    self.skipped = 0  # compiles not stored: JAX's own cache may have served them (stored, they would not run)
     self._lock = threading.Lock()
     try:
       self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

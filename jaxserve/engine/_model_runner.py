@@ -310,9 +310,17 @@ class ModelRunner:
       return self._executables[key]
     lowered = lowered or self._lower(key)
     with _compile_cache.scope(self._jax_cache_dir):  # the cache is read and written in compile()
+      # JAX serializes an executable it loaded from its own cache without its code: stored, it would
+      # fail in the next process ("Function ... not found"), so a compile JAX's cache may have served
+      # (bound by some other compile of this process) is not stored
+      served = _compile_cache.jax_cache_may_serve()
       exe = lowered.compile()
-    if self.program_cache is not None:
+      served = served or _compile_cache.jax_cache_may_serve()
+    if self.program_cache is not None and not served:
       self.program_cache.store(self._signature(key), exe)
+    elif self.program_cache is not None:
+      with self._lock:
+        self.program_cache.skipped += 1
     with self._lock:
       self._executables[key] = exe
     return exe
