@@ -172,6 +172,25 @@ def test_lone_surrogates_are_found_wherever_they_are():
     check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))
 
 
+def test_lone_surrogate_search_passes_over_what_is_never_read():
+  # a message's extra fields, tools and response_format are never read: their strings are not searched
+  # (a search through a million items of theirs held the event loop for seconds)
+  junk = [{"a": 1}] * 1000 + [[1] * 1000, ["x"] * 1000]
+  for extra in ({"messages": [{"role": "user", "content": "hi", "junk": junk, "s": "\ud800"}]},
+                {"messages": [{"role": "user", "content": "hi"}], "tools": [{"junk": junk, "s": "\ud800"}]},
+                {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "\udc00"}}):
+    raw = json.dumps(extra).encode()
+    check_unicode(raw, proto.parse_body(raw, proto.ChatCompletionRequest))
+  # what is read still is, behind lists of numbers and of valid strings
+  parts = [{"type": "text", "text": "a"}] * 300 + [{"type": "text", "text": "b\ud800"}]
+  raw = json.dumps({"messages": [{"role": "user", "content": parts}], "stop_token_ids": [1] * 500}).encode()
+  with pytest.raises(APIError, match="'messages.0.content.300.text' holds a lone UTF-16 surrogate"):
+    check_unicode(raw, proto.parse_body(raw, proto.ChatCompletionRequest))
+  raw = json.dumps({"prompt": ["a", "é", "b\ud800"], "stop": ["x", "yé"]}).encode()
+  with pytest.raises(APIError, match="'prompt.2' holds a lone UTF-16 surrogate"):
+    check_unicode(raw, proto.parse_body(raw, proto.CompletionRequest))
+
+
 class OneTokenEngine:
   """Engine double: every request ends with one token (id 7) at its first step."""
 

@@ -25,7 +25,7 @@ from jaxserve.server._chat_template import chat_prompt_ids
 from jaxserve.server._async_engine import AsyncEngine
 from jaxserve.server._errors import APIError
 from jaxserve.server._metrics import ServerMetrics
-from jaxserve.server._responses import ChunkEncoder
+from jaxserve.server._responses import ChunkEncoder, TokenText, chat_logprobs
 from jaxserve.tokenizer import load_tokenizer
 
 TOK = load_tokenizer(DEFAULT_TOKENIZER)
@@ -507,3 +507,55 @@ def test_stream_gives_up_on_a_write_blocked_past_the_stall_timeout(spec_version,
   assert "the client read nothing for 0.2 s" in caplog.text
   sent, cut, _, took = asyncio.run(run(0.1, block_at=None))  # 8 writes of 0.1 s each: 0.8 s, no write stalled
   assert len(sent) == 8 and sent[-1]["more_body"] is False and cut == [], (len(sent), cut)
+
+
+# ---------------------------------------------------------------- hostile-client findings
+def test_unknown_route_and_wrong_method_say_what_is_served():
+  with client(ScriptedEngine()) as c:
+    r = c.get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers  # RFC 9110: a 405 lists the methods
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "GET" in err["message"] and "/v1/completions" in err["message"] and "POST" in err["message"], err
+    r = c.post("/v1/embeddings", json={"input": "a"})
+    assert r.status_code == 404
+    msg = r.json()["error"]["message"]
+    assert "POST /v1/embeddings" in msg and "/v1/chat/completions" in msg and "/v1/completions" in msg, msg
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], [1, 2], 5])
+def test_tokenize_prompt_error_asks_for_a_string(prompt):
+  with client(ScriptedEngine()) as c:
+    r = c.post("/tokenize", json={"prompt": prompt})
+  err = r.json()["error"]
+  assert r.status_code == 400 and err["param"] == "prompt", err
+  assert "'prompt' must be a string, got" in err["message"] and "list" not in err["message"].split(", got")[0], err
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": [5]}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_stream_options_need_stream_true(route, body):
+  # OpenAI and vLLM refuse stream_options without "stream": true (400), rather than ignore them
+  with client(ScriptedEngine()) as c:
+    for stream in (False, None):
+      r = c.post(route, json={**body, "max_tokens": 2, "stream": stream, "stream_options": {"include_usage": True}})
+      err = r.json()["error"]
+      assert r.status_code == 400 and err["param"] == "stream_options" and "'stream': true" in err["message"], err
+    assert c.post(route, json={**body, "max_tokens": 2, "stream_options": None}).status_code == 200
+    r = c.post(route, json={**body, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and '"usage":{"prompt_tokens"' in r.text
+
+
+def test_chat_logprob_bytes_are_the_tokens_bytes():
+  # byte-fallback tokens (<0xF0> ...) decode to U+FFFD alone; their "bytes" must still be the raw byte,
+  # so that a client joining the bytes of consecutive tokens gets the character back (OpenAI's contract)
+  text = " 😀 café ☃"
+  ids = TOK.encode(text)
+  assert any(TOK.id_to_piece(t).startswith("<0x") for t in ids)
+  entries = [{t: -0.5, (t + 1) % TOK.vocab_size: -1.0} for t in ids]
+  items = chat_logprobs(TokenText(TOK), 2, ids, entries)
+  assert bytes(b for item in items for b in item["bytes"]) == text.encode("utf-8")
+  for t, item in zip(ids, items):
+    piece = TOK.id_to_piece(t)
+    if piece.startswith("<0x"):
+      assert item["bytes"] == [int(piece[3:5], 16)] and item["top_logprobs"][0]["bytes"] == item["bytes"]

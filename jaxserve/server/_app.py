@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -150,7 +151,15 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-  return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+  """Routing's 404 and 405, saying what the server serves (a 405 keeps its ``Allow`` header)."""
+  method, path, message = request.method, request.url.path, str(e.detail)
+  if e.status_code == 404:
+    routes = ", ".join(f"{'/'.join(sorted(r.methods))} {r.path_format}" for r in request.app.routes
+                       if isinstance(r, APIRoute))
+    message = f"Invalid URL ({method} {path}); this server serves {routes}"
+  elif e.status_code == 405:
+    message = f"method {method} is not allowed on {path}; use {(e.headers or {}).get('Allow', 'another method')}"
+  return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
 
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:

@@ -120,28 +120,49 @@ def check_unicode(raw: bytes, parsed: BaseModel) -> None:
 
 
 def _lone_surrogate(value: Any, path: list) -> list | None:
+  """The path of the first string (or key) under ``value`` that is not valid Unicode, or None.
+
+  Runs on the event loop, so lists of numbers or of valid strings are passed over whole, and a
+  model's ``unread`` fields (free-form, never read) are not searched."""
   if isinstance(value, str):
-    try:
-      value.encode("utf-8")
-    except UnicodeEncodeError:
-      return path
-    return None
+    return None if _is_text(value) else path
   if isinstance(value, BaseModel):
-    items = [(k, getattr(value, k)) for k in type(value).model_fields] + list((value.model_extra or {}).items())
+    unread = getattr(value, "unread", ())
+    items = [(k, getattr(value, k)) for k in type(value).model_fields if k not in unread]
   elif isinstance(value, dict):
-    items = list(value.items())
+    items = value.items()
   elif isinstance(value, (list, tuple)):
-    items = list(enumerate(value))
+    kinds = set(map(type, value))  # (at C speed: a list of a million numbers is skipped in milliseconds)
+    if kinds <= _SCALARS or (kinds == {str} and _is_text("".join(value))):
+      return None
+    items = enumerate(value)
   else:
     return None
   for k, v in items:
-    key = k.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(k, str) else k
-    if isinstance(k, str) and key != k:
-      return [*path, key]
-    found = _lone_surrogate(v, [*path, key])
-    if found is not None:
-      return found
+    if isinstance(k, str) and not _is_text(k):
+      return [*path, k.encode("utf-8", "backslashreplace").decode("utf-8")]
+    if isinstance(v, str):
+      if not _is_text(v):
+        return [*path, k]
+    elif isinstance(v, _CONTAINERS):
+      found = _lone_surrogate(v, [*path, k])
+      if found is not None:
+        return found
   return None
+
+
+_CONTAINERS = (BaseModel, dict, list, tuple)
+_SCALARS = {int, float, bool, type(None)}
+
+
+def _is_text(s: str) -> bool:
+  if s.isascii():
+    return True
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 # ---------------------------------------------------------------- prompts, before tokenizing

@@ -71,7 +71,6 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-  model_config = ConfigDict(strict=True, extra="allow")
   role: Literal["system", "developer", "user", "assistant", "tool"]
   content: str | list[TextPart] | None = None
   name: str | None = None
@@ -87,6 +86,11 @@ class ChatCompletionRequest(_SamplingFields):
   top_logprobs: int | None = None
   tools: list[Any] | None = None
   response_format: dict[str, Any] | None = None
+
+  # free-form fields whose strings the server never reads (tools are refused, a response_format is
+  # read by its "type" only): the lone-surrogate search, which may not hold the event loop over
+  # millions of items, passes them over
+  unread: ClassVar[tuple[str, ...]] = ("tools", "response_format")
 
 
 class TokenizeRequest(_Strict):
@@ -126,7 +130,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
   try:
     return model.model_validate(obj)
   except pydantic.ValidationError as e:
-    raise _validation_error(e, obj) from None
+    raise _validation_error(e, obj, model) from None
 
 
 _FIELD_HINTS = {
@@ -136,13 +140,14 @@ _FIELD_HINTS = {
 }
 
 
-def _validation_error(e: pydantic.ValidationError, obj: dict[str, Any]) -> APIError:
+def _validation_error(e: pydantic.ValidationError, obj: dict[str, Any], model: type[BaseModel]) -> APIError:
   err = e.errors()[0]
   if not err["loc"]:  # a whole-body rule
     return bad_request(err["msg"].removeprefix("Value error, "))
   field = str(err["loc"][0])
   if field in ("prompt", "stop") and err["type"] != "missing":  # unions: one message, not one per member
-    return bad_request(f"'{field}' must be {_FIELD_HINTS[field]}, got {_short(obj.get(field))}", field)
+    hint = "a string" if model is TokenizeRequest and field == "prompt" else _FIELD_HINTS[field]
+    return bad_request(f"'{field}' must be {hint}, got {_short(obj.get(field))}", field)
   path, value = _data_path(err["loc"], obj, missing=err["type"] == "missing")
   param = ".".join(str(p) for p in path)
   if err["type"] == "missing":
@@ -229,6 +234,9 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
   """Checks the sampling fields against the model and builds ``param_cls`` (``SamplingParams``)."""
   chat = isinstance(req, ChatCompletionRequest)
   _unsupported(req, chat)
+  if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM: not silently ignored
+    raise bad_request("'stream_options' is only allowed with 'stream': true; drop it or set 'stream': true",
+                      "stream_options")
   n = req.n if req.n is not None else 1
   if not 1 <= n <= MAX_SEQUENCES_PER_REQUEST:
     raise bad_request(f"'n' must be in [1, {MAX_SEQUENCES_PER_REQUEST}], got {n}", "n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 from jaxserve.server._async_engine import ChoiceDelta
@@ -19,6 +20,9 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+# A sentencepiece byte-fallback piece: one byte of a UTF-8 character the vocabulary has no piece for.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class ChunkEncoder:
@@ -61,6 +65,7 @@ class TokenText:
   def __init__(self, tokenizer: Any):
     self.tokenizer = tokenizer
     self._cache: dict[int, str] = {}
+    self._bytes: dict[int, list[int]] = {}
 
   def __call__(self, token_id: int) -> str:
     s = self._cache.get(token_id)
@@ -72,6 +77,17 @@ class TokenText:
       s = s.replace("\u2581", " ")
       self._cache[token_id] = s
     return s
+
+  def token_bytes(self, token_id: int) -> list[int]:
+    """The token's UTF-8 bytes: a byte-fallback piece (``<0xF0>``) is its one byte, not the U+FFFD
+    its text decodes to alone, so that the bytes of consecutive tokens join into the characters."""
+    b = self._bytes.get(token_id)
+    if b is None:
+      piece = getattr(self.tokenizer, "id_to_piece", None)
+      m = _BYTE_PIECE.fullmatch(piece(token_id)) if piece is not None else None
+      b = [int(m.group(1), 16)] if m else list(self(token_id).encode("utf-8"))
+      self._bytes[token_id] = b
+    return b
 
 
 def _entries(entry: Any) -> list[tuple[int, float]]:
@@ -127,9 +143,9 @@ def chat_logprobs(token_text: TokenText, top: int, token_ids: Sequence[int], ent
     pairs = _entries(entry)
     s = token_text(tid)
     out.append({"token": s, "logprob": _finite(dict(pairs).get(int(tid), float("nan"))),
-                "bytes": list(s.encode("utf-8")),
+                "bytes": token_text.token_bytes(tid),
                 "top_logprobs": [{"token": token_text(t), "logprob": _finite(lp),
-                                  "bytes": list(token_text(t).encode("utf-8"))} for t, lp in pairs[:top]]})
+                                  "bytes": token_text.token_bytes(t)} for t, lp in pairs[:top]]})
   return out
 
 
