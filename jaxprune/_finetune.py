@@ -15,6 +15,7 @@ from jaxprune._data import Windows, loss_fn_for, next_token_nll, sample_windows
 from jaxprune._masks import apply_masks
 from jaxprune._optax import prune_updates
 from jaxprune._train import TrainResult, default_optimizer, train
+from jaxprune._validate import check_int, check_real, check_token_ids
 from jaxserve.config import ModelConfig
 from jaxserve.model import forward
 
@@ -47,13 +48,19 @@ class FinetuneConfig:
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if not (callable(self.learning_rate) or self.learning_rate > 0):
-      raise ValueError(f"learning_rate must be > 0 or an optax schedule (step -> rate), got {self.learning_rate}")
-    if not 0 <= self.warmup_steps < self.steps:
-      raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-    if not 0.0 <= self.distill <= 1.0:
+      check_int(name, getattr(self, name), 1)
+    check_int("seed", self.seed, None)
+    if not callable(self.learning_rate):
+      try:
+        check_real("learning_rate", self.learning_rate, 0.0, open_lo=True)
+      except ValueError:
+        raise ValueError(f"learning_rate must be a finite number > 0 or an optax schedule (step -> rate), got "
+                         f"{self.learning_rate!r}") from None
+    check_int("warmup_steps", self.warmup_steps, 0, self.steps - 1)
+    check_real("weight_decay", self.weight_decay, 0.0)
+    if self.grad_clip is not None:
+      check_real("grad_clip", self.grad_clip, 0.0, open_lo=True)
+    if not 0.0 <= check_real("distill", self.distill, 0.0) <= 1.0:
       raise ValueError(f"distill must be in [0, 1], got {self.distill}")
 
 
@@ -122,13 +129,15 @@ def finetune(params: PyTree, cfg: ModelConfig, masks: PyTree, token_ids: Any, co
   Returns:
     ``FinetuneResult(params, losses)``.
   """
+  if not isinstance(config, FinetuneConfig):
+    raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
   if cfg.bos_token_id is None:
     raise ValueError("the model has no bos_token_id; windows start with BOS")
   if config.distill > 0 and teacher is None:
     raise ValueError(f"distill={config.distill} needs the dense model: pass teacher=params_before_pruning")
-  ids = np.asarray(token_ids, np.int32)
-  if ids.ndim != 1:
-    raise ValueError(f"token_ids must be a 1-D token stream, got shape {ids.shape}")
+  if config.seq_len > cfg.max_position_embeddings:
+    raise ValueError(f"seq_len={config.seq_len} exceeds the model's context of {cfg.max_position_embeddings} tokens")
+  ids = check_token_ids(token_ids, cfg.vocab_size, "fine-tuning token_ids")
   if len(ids) <= config.seq_len:
     raise ValueError(f"fine-tuning text has {len(ids)} tokens; need more than seq_len={config.seq_len}")
   params = apply_masks(params, masks)

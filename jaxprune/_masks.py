@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import weights
-from jaxprune._tree import leaves_with_paths, map_with_path
+from jaxprune._tree import leaves_with_paths, map_with_path, structure_diff
 from jaxprune._validate import check_masks
 
 PyTree = Any
@@ -130,6 +130,16 @@ def masks_from_params(params: PyTree, *, include: str = DEFAULT_INCLUDE, exclude
 
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:
   """Logical AND of two mask trees (None / True is the identity)."""
+  diff = structure_diff(a, b)
+  if diff is not None:
+    raise ValueError(f"the two mask trees do not match ({diff})")
+  second = dict(leaves_with_paths(b))
+  for path, x in leaves_with_paths(a):
+    y = second.get(path)
+    if x is not True and y is not None and y is not True and tuple(x.shape) != tuple(y.shape):
+      raise ValueError(f"mask leaf {path!r} has shape {tuple(x.shape)} in the first tree, "
+                       f"{tuple(y.shape)} in the second")
+
   def one(_, x, y):
     if x is None or x is True:
       return y

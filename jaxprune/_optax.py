@@ -52,6 +52,9 @@ def prune_updates(schedule: Schedule | None = None, *, score_fn: Callable[[PyTre
     ``optax.GradientTransformation``; its state is a :class:`PruningState`.
   """
   schedule = schedule or Fixed()
+  if not callable(schedule):
+    raise ValueError(f"schedule must be a schedule (OneShot, Iterative, Polynomial, Fixed: step -> (target, now)) "
+                     f"or None, got {schedule!r}")
   check_scope(scope)
   nm = parse_pattern(pattern)
   score_fn = score_fn or (lambda p: magnitude_scores(p, include=include, exclude=exclude))

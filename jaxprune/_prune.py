@@ -19,7 +19,7 @@ from jaxprune._sequential import BLOCK_LINEARS, prune_sequential
 from jaxprune._sparsegpt import sparsegpt_layer
 from jaxprune._topk import nm_compatible, nm_masks, topk_masks
 from jaxprune._tree import leaves_with_paths
-from jaxprune._validate import check_finite, check_scope, resolve_target
+from jaxprune._validate import check_finite, check_int, check_real, check_scope, resolve_target
 from jaxprune._wanda import wanda_layer
 from jaxserve.config import ModelConfig
 
@@ -87,9 +87,12 @@ class PruneConfig:
         raise ValueError(f"{self.method} prunes each layer on its own; scope must be 'layer' or None")
       if self.method == "wanda" and self.scope == "global":
         raise ValueError("wanda ranks within a layer ('output' or 'layer'); scope='global' is not supported")
-    if self.rounds < 1 or self.round_steps < 0 or self.batch_size < 1:
-      raise ValueError(f"need rounds >= 1, round_steps >= 0, batch_size >= 1, got "
-                       f"{self.rounds}, {self.round_steps}, {self.batch_size}")
+    for name, lo in (("rounds", 1), ("round_steps", 0), ("batch_size", 1), ("seed", None), ("num_probes", 1),
+                     ("blocksize", 1), ("obs_rounds", 1)):
+      check_int(name, getattr(self, name), lo)
+    check_real("percdamp", self.percdamp, 0.0)
+    if self.hessian not in ("hutchinson", "exact"):
+      raise ValueError(f"hessian must be 'hutchinson' or 'exact', got {self.hessian!r}")
     if self.rounds > 1 and self.method not in SCORE_METHODS:
       raise ValueError(f"rounds > 1 is for score methods {SCORE_METHODS}; {self.method} has its own procedure")
 
@@ -143,16 +146,25 @@ def prune(params: PyTree, cfg: ModelConfig, config: PruneConfig, calib: Windows 
   Returns:
     ``PruneResult(params, masks, report)``.
   """
+  if not isinstance(config, PruneConfig):
+    raise ValueError(f"config must be a PruneConfig, got {type(config).__name__}")
+  if not isinstance(cfg, ModelConfig):
+    raise ValueError(f"cfg must be the model's ModelConfig, got {type(cfg).__name__}")
   s, nm = config.target
   selected = prunable_paths(params, include=config.include, exclude=config.exclude)
   if not selected:
     raise ValueError(f"no parameter path matches include={config.include!r} (exclude={config.exclude!r})")
+  shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
+  dense = tuple(p for p in selected if nm is not None and not nm_compatible(shapes[p], nm[1]))
+  if dense and len(dense) == len(selected):
+    inputs = sorted({shapes[p][0] for p in selected if len(shapes[p]) == 2})
+    raise ValueError(f"pattern {nm[0]}:{nm[1]} fits none of the {len(selected)} selected leaves: an N:M leaf is 2-D "
+                     f"with its input dimension a multiple of M, and the input dimensions here are {inputs}; "
+                     "choose an M that divides them")
   if config.method in DATA_METHODS or calib is not None:
     calib = check_windows(calib, cfg, needed_by=f"method {config.method!r}")
   chosen = set(selected)
   check_finite(expand(params, {p: x for p, x in leaves_with_paths(params) if p in chosen}))
-  shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
-  dense = tuple(p for p in selected if nm is not None and not nm_compatible(shapes[p], nm[1]))
   if config.method in LAYERWISE_METHODS:
     outside = [p for p in selected if not _is_block_linear(p)]
     if outside:

@@ -11,12 +11,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxprune._validate import check_sparsity
+from jaxprune._validate import check_int, check_sparsity
+
+
+_MAX_STEP = 2**31 - 1  # steps are counted in int32 (optax's counter)
 
 
 def _check_step(name: str, value: int, minimum: int = 0) -> None:
-  if int(value) != value or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  check_int(name, value, minimum, _MAX_STEP)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,10 +84,14 @@ class Polynomial:
     check_sparsity(self.sparsity)
     check_sparsity(self.initial_sparsity, "initial_sparsity")
     _check_step("begin_step", self.begin_step)
+    _check_step("end_step", self.end_step)
     _check_step("frequency", self.frequency, 1)
     _check_step("power", self.power, 1)
     if self.end_step <= self.begin_step:
       raise ValueError(f"end_step must be > begin_step, got {self.end_step} <= {self.begin_step}")
+    if self.initial_sparsity > self.sparsity:
+      raise ValueError(f"initial_sparsity must be <= sparsity (sparsity only grows: pruned weights stay pruned), "
+                       f"got {self.initial_sparsity} > {self.sparsity}")
 
   def __call__(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     span = self.end_step - self.begin_step

@@ -13,6 +13,7 @@ from jaxprune._hessian import (LossFn, check_batches, exact_hessian_diagonal, ex
                                replace_leaves, select)
 from jaxprune._masks import DEFAULT_INCLUDE
 from jaxprune._tree import leaves_with_paths
+from jaxprune._validate import check_int
 
 PyTree = Any
 
@@ -25,7 +26,7 @@ def magnitude_scores(params: PyTree, *, include: str = DEFAULT_INCLUDE, exclude:
 def random_scores(params: PyTree, seed: int = 0, *, include: str = DEFAULT_INCLUDE,
                   exclude: str | None = None) -> PyTree:
   """Uniform random scores (seeded; leaf ``i`` in flatten order uses ``fold_in(key, i)``)."""
-  key = jax.random.PRNGKey(seed)
+  key = jax.random.PRNGKey(check_int("seed", seed, None))
   sel = select(params, include, exclude)
   return expand(params, {p: jax.random.uniform(jax.random.fold_in(key, i), x.shape)
                          for i, (p, x) in enumerate(sel.items())})

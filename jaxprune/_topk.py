@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxprune._select import prune_masks_by_count
 from jaxprune._tree import leaves_with_paths, map_with_path
-from jaxprune._validate import check_scope, check_sparsity, parse_pattern
+from jaxprune._validate import check_masks, check_scope, check_sparsity, parse_pattern
 
 PyTree = Any
 
@@ -75,8 +75,10 @@ def topk_masks(scores: PyTree, sparsity: Any, *, scope: str = "layer", masks: Py
     A mask pytree (True = keep) with None where ``scores`` is None.
   """
   check_scope(scope)
-  if not isinstance(sparsity, jax.Array):  # traced targets are checked by their schedule
+  if not isinstance(sparsity, jax.Array):
     sparsity = check_sparsity(sparsity)
+  elif not isinstance(sparsity, jax.core.Tracer):  # a traced target is checked by its schedule
+    check_sparsity(sparsity)
   old = _old_by_path(scores, masks)
   if scope == "global":
     return _global(scores, sparsity, old)
@@ -97,6 +99,7 @@ def topk_masks(scores: PyTree, sparsity: Any, *, scope: str = "layer", masks: Py
 def _old_by_path(scores: PyTree, masks: PyTree | None) -> dict[str, Any]:
   if masks is None:
     return {}
+  check_masks(scores, masks)
   return dict(leaves_with_paths(masks))
 
 
@@ -110,6 +113,12 @@ def _global(scores: PyTree, sparsity: Any, old: dict[str, Any]) -> PyTree:
   return map_with_path(lambda p, s: None if s is None else out[p], scores)
 
 
+def _required_pattern(pattern: Any) -> tuple[int, int]:
+  if pattern is None:
+    raise ValueError("an N:M pattern such as '2:4' or (2, 4) is required, got None")
+  return parse_pattern(pattern)
+
+
 def nm_compatible(shape: tuple[int, ...], m: int) -> bool:
   """Whether a leaf can carry an N:M pattern: 2-D with its input dimension (axis 0) divisible by M."""
   return len(shape) == 2 and shape[0] % m == 0
@@ -117,7 +126,7 @@ def nm_compatible(shape: tuple[int, ...], m: int) -> bool:
 
 def nm_incompatible(scores: PyTree, pattern: Any) -> list[str]:
   """Paths of scored leaves that must stay dense under an N:M pattern."""
-  _, m = parse_pattern(pattern)
+  _, m = _required_pattern(pattern)
   return [p for p, s in leaves_with_paths(scores) if not nm_compatible(tuple(s.shape), m)]
 
 
@@ -146,7 +155,7 @@ def nm_masks(scores: PyTree, pattern: Any, *, masks: PyTree | None = None) -> Py
     masks: optional current masks whose pruned entries stay pruned (a group already
       holding fewer than N survivors keeps them all).
   """
-  n, m = parse_pattern(pattern)
+  n, m = _required_pattern(pattern)
   old = _old_by_path(scores, masks)
 
   def one(path, s):

@@ -18,6 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxprune._tree import map_with_path
+from jaxprune._validate import check_int, check_real
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]  # (params, batch) -> scalar
@@ -39,13 +40,20 @@ def default_optimizer(learning_rate: float | optax.Schedule, steps: int, *, warm
     weight_decay: AdamW's decoupled weight decay.
     grad_clip: the global-norm bound, or None for no clipping.
   """
+  check_int("steps", steps, 1)
+  check_int("warmup_steps", warmup_steps, 0, steps - 1)
+  if not callable(learning_rate):
+    check_real("learning_rate", learning_rate, 0.0, open_lo=True)
+  check_real("weight_decay", weight_decay, 0.0)
+  if grad_clip is not None:
+    check_real("grad_clip", grad_clip, 0.0, open_lo=True)
   if callable(learning_rate):
     lr = learning_rate
   elif warmup_steps:
     lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, steps)
   else:
     lr = optax.cosine_decay_schedule(learning_rate, steps)
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip is not None else []
   return optax.chain(*parts, optax.adamw(lr, weight_decay=weight_decay))
 
 
@@ -121,8 +129,7 @@ def train(params: PyTree, loss_fn: LossFn, batch_fn: Callable[[int], Any], steps
   Returns:
     ``TrainResult(params, losses)``.
   """
-  if int(steps) < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+  check_int("steps", steps, 1)
   tx = tx or default_optimizer(learning_rate, steps)
   trained, frozen = split(params, trainable)
   if not jax.tree.leaves(trained):

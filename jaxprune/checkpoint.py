@@ -71,6 +71,7 @@ def save(directory: str, params: PyTree, masks: PyTree, *, cfg: ModelConfig | No
   Returns:
     The absolute directory path.
   """
+  _check_out_dir(directory)
   check_masks(params, masks)
   try:
     json.dumps(metadata or {})
@@ -82,6 +83,11 @@ def save(directory: str, params: PyTree, masks: PyTree, *, cfg: ModelConfig | No
   compressed = {p for p, x in leaves_with_paths(stored) if weights.is_typed(x)}
   dense_masks = {p: m for p, m in leaf_masks(masks).items() if p not in compressed}
   return save_native(cfg, stored, directory, tokenizer, masks=dense_masks, metadata=metadata)
+
+
+def _check_out_dir(directory: str) -> None:
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"{directory}: is a file; saving needs a directory path (new, or a checkpoint to overwrite)")
 
 
 def _check_target(saved: dict[str, list], target: PyTree, directory: str) -> None:
@@ -108,6 +114,9 @@ def restore(directory: str, target: PyTree | None = None) -> Checkpoint:
     ``Checkpoint(params, masks, metadata, cfg)``; params keep their saved dtypes.
   """
   directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise ValueError(f"{directory}: is a file, not a checkpoint directory" if os.path.exists(directory)
+                     else f"{directory}: no such checkpoint directory")
   if os.path.isfile(os.path.join(directory, LEGACY_METADATA_FILE)):
     return _restore_legacy(directory, target)
   if not os.path.isfile(os.path.join(directory, NATIVE_CONFIG)):
@@ -143,6 +152,7 @@ def export_hf(params: PyTree, cfg: ModelConfig, out_dir: str, *, masks: PyTree |
   Pruned weights are stored as exact zeros (dense tensors); ``pruning.json`` beside them
   records the metadata and achieved sparsity.
   """
+  _check_out_dir(out_dir)
   if masks is not None:
     params = apply_masks(params, masks)
   save_hf(cfg, params, out_dir, tokenizer)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._validate import check_int, check_token_ids
 from jaxserve.config import ModelConfig
 from jaxserve.model import Params, forward
 
@@ -45,10 +46,15 @@ def perplexity(params: Params, cfg: ModelConfig, token_ids: Sequence[int], seq_l
   ppl = exp(total NLL / number of predicted tokens); every window predicts all its ``seq_len``
   tokens (the first from BOS alone). The remainder shorter than a window is dropped.
   """
-  if seq_len + 1 > cfg.max_position_embeddings + 1:
+  check_int("seq_len", seq_len, 1)
+  if seq_len > cfg.max_position_embeddings:
     raise ValueError(f"seq_len={seq_len} exceeds the model's context of {cfg.max_position_embeddings} tokens")
+  check_int("batch_size", batch_size, 1)
+  if max_windows is not None:
+    check_int("max_windows", max_windows, 1)
   if cfg.bos_token_id is None:
     raise ValueError("the model has no bos_token_id; the perplexity protocol prepends BOS to each window")
+  token_ids = check_token_ids(token_ids, cfg.vocab_size, "perplexity token_ids")
   inputs, targets = make_windows(token_ids, seq_len, cfg.bos_token_id, max_windows)
   total = 0.0
   batch_size = min(batch_size, len(inputs))

@@ -198,6 +198,29 @@ def test_bad_requests_fail_alone(small_llm, hf_model, prompt, params, match):
   assert _ids(llm.generate([{"prompt_token_ids": good}], GREEDY, use_tqdm=False)) == [[want]]
 
 
+def test_prompt_containers_and_bad_engine_arguments(small_llm, hf_model):
+  """None or a number as prompts raised TypeError ('not iterable'); a numpy array of token ids was split
+  into one-token 'prompts' and refused; a bad abort id raised TypeError; enable_prefix_caching="no"
+  turned caching on, and seed="x" or block_size=True were taken."""
+  llm = small_llm
+  for bad in (None, 5, 2.5):
+    with pytest.raises(ValueError, match="prompts must be a prompt"):
+      llm.generate(bad, GREEDY, use_tqdm=False)
+  prompts = _prompts(9, (5, 5))
+  want = _ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+  assert _ids(llm.generate(np.array(prompts), GREEDY, use_tqdm=False)) == want  # [N, T]: a batch
+  assert _ids(llm.generate(np.array(prompts[0]), GREEDY, use_tqdm=False)) == want[:1]  # [T]: one prompt
+  assert _ids(llm.generate([np.int64(t) for t in prompts[0]], GREEDY, use_tqdm=False)) == want[:1]
+  for bad in (None, 5):
+    with pytest.raises(ValueError, match="request_id must be a request id string"):
+      llm.abort_request(bad)
+  for kw, match in ((dict(model={"a": 1}), "model must be a path, a LoadedModel or None"),
+                    (dict(enable_prefix_caching="no"), "enable_prefix_caching must be True or False"),
+                    (dict(seed="x"), "seed must be an int"), (dict(block_size=True), "block_size must be an int")):
+    with pytest.raises(ValueError, match=match):
+      LLM(**{"model": hf_model[1], "compile": "lazy", **kw})
+
+
 def test_bad_params_values_are_refused():
   for kw in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=1.5), dict(top_p=0.0), dict(n=0)):
     with pytest.raises(ValueError):

@@ -88,6 +88,14 @@ BAD = [
     (dict(method="magic", sparsity=0.5), "method must be one of"),
     (dict(method="sparsegpt", sparsity=0.5, scope="global"), "scope"),
     (dict(method="magnitude"), "give a sparsity"),
+    (dict(method="magnitude", sparsity="0.5"), "sparsity must be a number"),
+    (dict(method="magnitude", pattern=(2.5, 4)), "pair .* of integers"),
+    (dict(method="magnitude", sparsity=0.5, rounds=2.5), "rounds must be an int >= 1"),
+    (dict(method="magnitude", sparsity=0.5, batch_size="8"), "batch_size must be an int >= 1"),
+    (dict(method="random", sparsity=0.5, seed="x"), "seed must be an int"),
+    (dict(method="obd", sparsity=0.5, hessian="bogus"), "hessian must be"),
+    (dict(method="sparsegpt", sparsity=0.5, percdamp=float("nan")), "percdamp must be a finite number"),
+    (dict(method="sparsegpt", sparsity=0.5, blocksize=0), "blocksize must be an int >= 1"),
 ]
 
 
@@ -165,3 +173,57 @@ def test_prune_equals_scores_then_topk(model):
     res = prune(params, cfg, PruneConfig(method="magnitude", **target))
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(apply_masks(params, masks))):
       np.testing.assert_array_equal(a, b)
+
+
+def test_prune_checks_its_arguments_before_work(model):
+  """A dict config or a missing model config failed with an AttributeError; a pattern that fits no leaf
+  returned the model unpruned (every leaf dense, 0% sparsity) without a word."""
+  cfg, params = model
+  with pytest.raises(ValueError, match="config must be a PruneConfig"):
+    prune(params, cfg, {"method": "magnitude", "sparsity": 0.5})
+  with pytest.raises(ValueError, match="cfg must be the model's ModelConfig"):
+    prune(params, None, PruneConfig(method="wanda", sparsity=0.5), _windows())
+  for method in ("magnitude", "sparsegpt"):
+    with pytest.raises(ValueError, match=r"pattern 2:17 fits none of the 14 selected leaves.*\[16, 24\]"):
+      prune(params, cfg, PruneConfig(method=method, pattern="2:17"), _windows())
+
+
+def test_finetune_refuses_bad_text_and_settings(model):
+  """Token ids outside the vocabulary gave NaN losses, negative or float ids a silently wrong run, and a
+  negative grad_clip or weight_decay trained in the wrong direction."""
+  cfg, params = model
+  masks = dense_masks(params)
+  stream = np.tile(np.arange(3, 19, dtype=np.int32), 8)
+  small = dict(steps=2, batch_size=2, seq_len=8)
+  for ids, match in ((stream + 100, r"must be in \[0, 32\).*\[103, 118\]"), (-stream, r"must be in \[0, 32\)"),
+                     (stream + 0.5, "integer token ids"), ("once upon a time", "tokenize it first")):
+    with pytest.raises(ValueError, match=match):
+      finetune(params, cfg, masks, ids, FinetuneConfig(**small))
+  with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+    finetune(params, cfg, masks, np.tile(stream, 8), FinetuneConfig(steps=2, batch_size=2, seq_len=600))
+  with pytest.raises(ValueError, match="config must be a FinetuneConfig"):
+    finetune(params, cfg, masks, stream, {"steps": 2})
+  for kw, match in ((dict(grad_clip=-1.0), "grad_clip must be a finite number > 0"),
+                    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+                    (dict(learning_rate=float("inf")), "learning_rate must be a finite number > 0"),
+                    (dict(steps=2.5), "steps must be an int >= 1"), (dict(seed="x"), "seed must be an int")):
+    with pytest.raises(ValueError, match=match):
+      FinetuneConfig(**{**small, **kw})
+
+
+@pytest.mark.parametrize("ids,kw,match", [
+    (np.arange(40) + 100, {}, r"token_ids must be in \[0, 32\)"),  # was NaN
+    (-np.arange(40), {}, r"token_ids must be in \[0, 32\)"),  # was a finite, wrong perplexity
+    (np.arange(40) + 0.5, {}, "integer token ids"),  # was truncated silently
+    (np.arange(40).reshape(4, 10), {}, "1-D"),
+    ("once upon a time", {}, "tokenize it first"),
+    (np.arange(3, 30), dict(batch_size=-1), "batch_size must be an int >= 1"),  # was perplexity 1.0
+    (np.arange(3, 30), dict(batch_size=0), "batch_size must be an int >= 1"),
+    (np.arange(3, 30), dict(max_windows=-1), "max_windows must be an int >= 1"),
+    (np.arange(3, 30), dict(seq_len=2.5), "seq_len must be an int >= 1"),
+])
+def test_perplexity_refuses_bad_input(model, ids, kw, match):
+  from jaxprune import perplexity
+  cfg, params = model
+  with pytest.raises(ValueError, match=match):
+    perplexity(params, cfg, ids, **{"seq_len": 4, **kw})

@@ -75,6 +75,23 @@ def test_save_rejects_mismatched_masks(tmp_path, pruned):
   assert not os.path.exists(tmp_path / "ck")  # nothing written
 
 
+def test_paths_that_are_files_or_missing_are_clear_errors(tmp_path, pruned):
+  """save/export_hf onto a file raised FileExistsError from os.makedirs; restore of a missing
+  directory said only that it was not a checkpoint."""
+  cfg, params, masks = pruned
+  afile = tmp_path / "afile"
+  afile.write_text("hello")
+  with pytest.raises(ValueError, match="afile: is a file; saving needs a directory path"):
+    checkpoint.save(str(afile), params, masks, cfg=cfg)
+  with pytest.raises(ValueError, match="afile: is a file; saving needs a directory path"):
+    checkpoint.export_hf(params, cfg, str(afile), masks=masks)
+  assert afile.read_text() == "hello"
+  with pytest.raises(ValueError, match="afile: is a file, not a checkpoint directory"):
+    checkpoint.restore(str(afile))
+  with pytest.raises(ValueError, match="nope: no such checkpoint directory"):
+    checkpoint.restore(str(tmp_path / "nope"))
+
+
 def test_load_model_and_load_pruned_agree(tmp_path):
   m = load_model()
   masks = nm_masks(magnitude_scores(m.params), "2:4")

@@ -9,6 +9,7 @@ from torch.nn.utils import prune as tprune
 
 from jaxprune import _masks, _topk
 from jaxprune._masks import apply_masks, dense_masks, prunable_paths, sparsity
+from jaxprune._scores import magnitude_scores
 from jaxprune._topk import nm_incompatible, nm_masks, topk_masks
 
 
@@ -184,3 +185,51 @@ def test_mismatched_mask_tree_is_rejected():
   masks["layers_1"]["mlp"]["up_proj"]["kernel"] = jnp.ones((32, 48), jnp.float32)
   with pytest.raises(ValueError, match="dtype bool"):
     apply_masks(p, masks)
+
+
+@pytest.mark.parametrize("bad", [jnp.float32(1.5), jnp.float32(-0.5), jnp.float32(jnp.nan), jnp.array([0.5, 0.5])])
+def test_concrete_array_sparsity_is_checked_like_a_float(bad):
+  """A concrete jax array out of range was taken as traced and pruned everything (1.5) or nothing (NaN)."""
+  with pytest.raises(ValueError, match=r"sparsity must be"):
+    topk_masks({"w": jnp.ones((4, 4))}, bad)
+  assert sparsity(topk_masks({"w": jnp.arange(16.0).reshape(4, 4)}, jnp.float32(0.5))).total == 0.5
+
+
+def _bad_current_masks(scores):
+  good = topk_masks(scores, 0.5)
+  wrong_shape = jax.tree.map(lambda m: m, good)
+  wrong_shape["layers_1"]["mlp"]["up_proj"]["kernel"] = jnp.ones((3, 3), bool)
+  as_float = jax.tree.map(lambda m: m.astype(jnp.float32), good)
+  return [({}, "does not match"), (wrong_shape, "has shape"), (as_float, "dtype bool")]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_current_masks_that_do_not_match_the_scores_are_rejected(case):
+  """``masks=`` of another tree was ignored ({}) or failed deep in JAX (wrong shape or dtype)."""
+  scores = magnitude_scores(_params(9, shapes=((64, 32), (32, 48))))
+  masks, match = _bad_current_masks(scores)[case]
+  for fn in (lambda: topk_masks(scores, 0.5, masks=masks), lambda: topk_masks(scores, 0.5, masks=masks, scope="global"),
+             lambda: nm_masks(scores, "2:4", masks=masks)):
+    with pytest.raises(ValueError, match=match):
+      fn()
+
+
+@pytest.mark.parametrize("bad", [None, (2.5, 4), (True, 4)])
+def test_pattern_must_be_given_and_integral(bad):
+  with pytest.raises(ValueError, match=r"N:M|pattern"):
+    nm_masks({"w": jnp.ones((8, 4))}, bad)
+  with pytest.raises(ValueError, match=r"N:M|pattern"):
+    nm_incompatible({"w": jnp.ones((8, 4))}, bad)
+
+
+def test_combine_masks_of_different_trees_is_a_clear_error():
+  p = _params(10)
+  a = dense_masks(p)
+  b = dense_masks(p)
+  del b["layers_0"]
+  with pytest.raises(ValueError, match="do not match"):
+    _masks.combine_masks(a, b)
+  b = dense_masks(p)
+  b["layers_1"]["mlp"]["up_proj"]["kernel"] = jnp.ones((3, 3), bool)
+  with pytest.raises(ValueError, match=r"shape \(32, 48\) in the first tree, \(3, 3\) in the second"):
+    _masks.combine_masks(a, b)

@@ -134,3 +134,20 @@ def test_bad_inputs(setup):
   with pytest.raises(ValueError, match="N:M"):
     prune_updates(pattern="4:2")
   assert isinstance(tx.init(params), PruningState)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: OneShot(sparsity=0.5, step=None), "step must be an int"),
+    (lambda: OneShot(sparsity=0.5, step=True), "step must be an int"),
+    (lambda: Iterative(sparsity=0.5, cycles=2, period=None), "period must be an int"),
+    (lambda: Polynomial(sparsity=0.5, begin_step=0, end_step=10.5), "end_step must be an int"),
+    (lambda: Polynomial(sparsity=0.5, begin_step=0, end_step="10"), "end_step must be an int"),
+    (lambda: Polynomial(sparsity=0.5, begin_step=0, end_step=2**40), r"end_step must be an int in \[0, 2147483647\]"),
+    (lambda: Iterative(sparsity=0.5, cycles=2, period=2**40), r"period must be an int in \[1, 2147483647\]"),
+    (lambda: Polynomial(sparsity=0.5, initial_sparsity=0.9, begin_step=0, end_step=10), "initial_sparsity must be <="),
+    (lambda: prune_updates("poly"), "schedule must be"),
+])
+def test_bad_schedules_fail_at_construction(make, match):
+  """Each failed later (TypeError deep in a comparison, an int32 overflow in jit) or ran silently before."""
+  with pytest.raises(ValueError, match=match):
+    make()

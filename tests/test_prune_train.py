@@ -72,6 +72,41 @@ def test_train_updates_only_the_trainable_leaves_with_the_callers_tx():
     jaxprune.train(params, jaxprune._data.loss_fn_for(cfg), lambda step: batch, 1, trainable=lambda path: False)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(learning_rate=-1e-3), "learning_rate must be a finite number > 0"),  # trained uphill before
+    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),  # trained nothing
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),  # NaN losses
+    (dict(steps=2.7), "steps must be an int >= 1"),  # ran 2 steps
+    (dict(steps="3"), "steps must be an int >= 1"),  # a TypeError deep in optax
+])
+def test_train_refuses_bad_settings_before_a_step(kw, match):
+  cfg, params = tiny_model(seed=0, **SMALL)
+  w = _windows()
+  steps = kw.pop("steps", 2)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.train(params, jaxprune._data.loss_fn_for(cfg), lambda step: Windows(w.inputs[None], w.targets[None]),
+                   steps, **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(learning_rate=-1.0), "learning_rate must be a finite number > 0"),
+    (dict(steps=0), "steps must be an int >= 1"),
+    (dict(warmup_steps=20), r"warmup_steps must be an int in \[0, 9\]"),
+    (dict(grad_clip=-1.0), "grad_clip must be a finite number > 0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+])
+def test_default_optimizer_refuses_bad_settings(kw, match):
+  with pytest.raises(ValueError, match=match):
+    jaxprune.default_optimizer(**{"learning_rate": 1e-3, "steps": 10, **kw})
+
+
+def test_random_scores_need_an_int_seed():
+  _, params = tiny_model(seed=0, **SMALL)
+  for seed in ("x", 1.5):
+    with pytest.raises(ValueError, match="seed must be an int"):
+      jaxprune.random_scores(params, seed)
+
+
 def test_finetune_takes_a_tx_and_a_schedule_and_keeps_zeros():
   cfg, params = tiny_model(seed=0, **SMALL)
   res = prune(params, cfg, PruneConfig(method="magnitude", sparsity=0.5))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from jaxserve import weights
 from jaxserve.engine import _compile_cache, _cpu_kernels
@@ -84,10 +85,17 @@ class LLM:
                pallas_interpret: bool | None = None, tensor_parallel_size: int = 1, background_compile: bool = False,
                sparse_weights: str = "auto", compile: str = "eager", compilation_cache: bool | str | os.PathLike = True):
     from jaxserve.loaders import LoadedModel, load_model
+    if model is not None and not isinstance(model, (str, os.PathLike, LoadedModel)):
+      raise ValueError(f"model must be a path, a LoadedModel or None (the embedded stories260K), got "
+                       f"{type(model).__name__}")
     for name, value, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
-      if not isinstance(value, int) or value < lo:
+      if not isinstance(value, int) or isinstance(value, bool) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+      raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(enable_prefix_caching, bool):
+      raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
     if max_num_prefill_tokens is not None and (not isinstance(max_num_prefill_tokens, int) or
                                                not 1 <= max_num_prefill_tokens <= max_num_batched_tokens):
       raise ValueError(f"max_num_prefill_tokens must be None or an int in [1, max_num_batched_tokens="
@@ -160,12 +168,19 @@ class LLM:
                use_tqdm: bool = True) -> list[RequestOutput]:
     """Generates completions for every prompt; returns one ``RequestOutput`` per prompt, in order.
 
-    Every prompt is validated before any work starts: a bad one raises ValueError naming its
-    index and the engine is left as it was.
+    ``prompts`` is one prompt (a string, ``{"prompt_token_ids": [...]}``, or token ids as a list or a
+    1-D array) or a list of them (a 2-D array of token ids is one prompt per row). Every prompt is
+    validated before any work starts: a bad one raises ValueError naming its index and the engine
+    is left as it was.
     """
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and
-                                            isinstance(prompts[0], int)):
+    if isinstance(prompts, np.ndarray):  # token ids: [T] is one prompt, [N, T] a batch
+      prompts = prompts.tolist()
+    if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, Sequence) and prompts and
+                                               isinstance(prompts[0], (int, np.integer))):
       prompts = [prompts]
+    if not isinstance(prompts, Iterable):
+      raise ValueError(f"prompts must be a prompt (a string, {{'prompt_token_ids': [...]}} or a list of token ids) "
+                       f"or a list of prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
     if sampling_params is None:
       sampling_params = SamplingParams()
@@ -227,7 +242,10 @@ class LLM:
 
   def abort_request(self, request_id: str | Sequence[str]) -> None:
     """Stops requests and frees their KV blocks; unknown or finished ids are ignored."""
-    for rid in [request_id] if isinstance(request_id, str) else request_id:
+    ids = [request_id] if isinstance(request_id, str) else request_id
+    if not isinstance(ids, Iterable) or isinstance(ids, bytes):
+      raise ValueError(f"request_id must be a request id string or a list of them, got {type(request_id).__name__}")
+    for rid in ids:
       self.engine.abort(rid)
 
   def step(self) -> list[RequestOutput]:
