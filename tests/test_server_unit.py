@@ -559,3 +559,25 @@ def test_chat_logprob_bytes_are_the_tokens_bytes():
     piece = TOK.id_to_piece(t)
     if piece.startswith("<0x"):
       assert item["bytes"] == [int(piece[3:5], 16)] and item["top_logprobs"][0]["bytes"] == item["bytes"]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}),
+])
+def test_n_is_bounded_by_the_engines_sequences_per_step(route, body):
+  """An ``n`` the engine cannot batch is the request's error, on 'n', with the bound that holds."""
+  with client(ScriptedEngine(), max_num_seqs=4) as c:
+    r = c.post(route, json={**body, "n": 5})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "n" and "[1, 4]" in err["message"] and "got 5" in err["message"], err
+    assert c.post(route, json={**body, "n": 4}).status_code == 200
+
+
+def test_create_app_takes_the_bound_on_n_from_a_jaxserve_engine():
+  engine = ScriptedEngine()
+  engine.engine = types.SimpleNamespace(max_num_seqs=3)  # where jaxserve.LLM keeps it
+  with client(engine) as c:
+    r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "n": 4})
+  assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "[1, 3]" in r.json()["error"]["message"]

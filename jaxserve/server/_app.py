@@ -46,6 +46,8 @@ class ServerConfig:
     api_key: when set, ``/v1/*`` routes need ``Authorization: Bearer <api_key>``.
     aliases: more names the model is served under (vLLM's ``--served-model-name A B``: ``model_name``
       is A, ``aliases`` B); responses name the model as the request did.
+    max_num_seqs: the engine's sequences per step, which bounds a request's ``n`` (None: the
+      engine's own, where ``create_app`` finds it, else only the server's ``MAX_SEQUENCES_PER_REQUEST``).
   """
 
   model_name: str
@@ -53,6 +55,12 @@ class ServerConfig:
   vocab_size: int
   api_key: str | None = None
   aliases: tuple[str, ...] = ()
+  max_num_seqs: int | None = None
+
+  @property
+  def max_n(self) -> int:
+    """The largest ``n`` a request may ask for."""
+    return min(proto.MAX_SEQUENCES_PER_REQUEST, self.max_num_seqs or proto.MAX_SEQUENCES_PER_REQUEST)
 
   @property
   def served_names(self) -> tuple[str, ...]:
@@ -100,6 +108,9 @@ def create_app(llm: Any, tokenizer: Any, config: ServerConfig, sampling_params_c
   if sampling_params_cls is None:
     from jaxserve import SamplingParams as sampling_params_cls  # noqa: N813
   limits = limits or TransportLimits()
+  engine_seqs = getattr(getattr(llm, "engine", None), "max_num_seqs", None)  # jaxserve.LLM's
+  if config.max_num_seqs is None and isinstance(engine_seqs, int):
+    config = dataclasses.replace(config, max_num_seqs=engine_seqs)
   metrics = ServerMetrics(config.model_name)
   state = AppState(
       async_engine=AsyncEngine(llm, metrics, limits), tokenizer=tokenizer, config=config, limits=limits,
@@ -269,7 +280,8 @@ async def completions(request: Request) -> Response:
   config = state.config
   req: proto.CompletionRequest = await _read(state, request, proto.CompletionRequest)
   prompts = await _off_loop(state, proto.completion_prompts, req, state.tokenizer, config.vocab_size)
-  params = [proto.sampling_params(req, len(p), config.max_model_len, state.sampling_params_cls) for p in prompts]
+  params = [proto.sampling_params(req, len(p), config.max_model_len, state.sampling_params_cls,
+                                  max_n=config.max_n) for p in prompts]
   rid = f"cmpl-{uuid.uuid4().hex}"
   group = RequestGroup(state.async_engine, rid, prompts, params, arrival)
   echo = [state.tokenizer.decode(p) for p in prompts] if req.echo else None
@@ -343,7 +355,8 @@ async def chat_completions(request: Request) -> Response:
   config = state.config
   req: proto.ChatCompletionRequest = await _read(state, request, proto.ChatCompletionRequest)
   prompt = await _off_loop(state, proto.chat_prompt, req, state.tokenizer)
-  params = proto.sampling_params(req, len(prompt), config.max_model_len, state.sampling_params_cls)
+  params = proto.sampling_params(req, len(prompt), config.max_model_len, state.sampling_params_cls,
+                                 max_n=config.max_n)
   rid = f"chatcmpl-{uuid.uuid4().hex}"
   group = RequestGroup(state.async_engine, rid, [prompt], [params], arrival)
   head = {"id": rid, "object": "chat.completion", "created": int(time.time()),

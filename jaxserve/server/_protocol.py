@@ -230,16 +230,17 @@ def messages_prompt(chat: list[ChatMessage], tokenizer: Any, add_generation_prom
 
 # ---------------------------------------------------------------- sampling parameters
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_model_len: int,
-                    param_cls: type) -> Any:
-  """Checks the sampling fields against the model and builds ``param_cls`` (``SamplingParams``)."""
+                    param_cls: type, *, max_n: int = MAX_SEQUENCES_PER_REQUEST) -> Any:
+  """Checks the sampling fields against the model and builds ``param_cls`` (``SamplingParams``);
+  ``n`` may be at most ``max_n`` (the engine's sequences per step, or the server's bound)."""
   chat = isinstance(req, ChatCompletionRequest)
   _unsupported(req, chat)
   if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM: not silently ignored
     raise bad_request("'stream_options' is only allowed with 'stream': true; drop it or set 'stream': true",
                       "stream_options")
   n = req.n if req.n is not None else 1
-  if not 1 <= n <= MAX_SEQUENCES_PER_REQUEST:
-    raise bad_request(f"'n' must be in [1, {MAX_SEQUENCES_PER_REQUEST}], got {n}", "n")
+  if not 1 <= n <= max_n:
+    raise bad_request(f"'n' must be in [1, {max_n}], got {n}", "n")
   if chat:
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
