@@ -162,6 +162,46 @@ def test_output_processor_holds_back_what_a_stop_string_could_still_cut():
   assert proc.output(req).outputs[0].text == "a"
 
 
+def _finish(proc, req, tokens):
+  """Appends ``tokens`` one at a time; returns which of them finished the sequence."""
+  return [proc.append_token(req, req.seqs[0], _out([t]), 0) for t in tokens]
+
+
+@pytest.mark.parametrize("stop", [(), ("zz",)])
+def test_stop_token_text_is_left_out_of_the_text_as_vllm(stop):
+  tok = CharTokenizer()
+  proc = OutputProcessor(tok, tok.eos_id)
+  for kw, tokens, want in [(dict(stop_token_ids=[3]), (4, 5, 3), "ef"), (dict(), (4, 5, 1), "ef"),
+                           (dict(stop_token_ids=[3], include_stop_str_in_output=True), (4, 5, 3), "efd")]:
+    req = _request(SamplingParams(max_tokens=10, stop=list(stop), **kw), tokenizer=tok)
+    assert _finish(proc, req, tokens) == [False, False, True]
+    out = proc.output(req).outputs[0]
+    assert (out.text, out.token_ids, out.finish_reason) == (want, list(tokens), "stop"), kw
+
+
+def test_min_tokens_stop_string_must_end_after_the_first_min_tokens_as_vllm():
+  tok = CharTokenizer()
+  proc = OutputProcessor(tok, tok.eos_id)
+  req = _request(SamplingParams(stop=["c"], min_tokens=2, max_tokens=10), tokenizer=tok)
+  assert _finish(proc, req, (2, 2, 2)) == [False, False, True]  # "c" in tokens 1 and 2 is ignored
+  out = proc.output(req).outputs[0]
+  assert (out.text, out.token_ids, out.stop_reason) == ("cc", [2, 2, 2], "c")
+
+
+def test_logprob_decoded_token_keeps_its_leading_space_as_vllm():
+  from jaxserve.loaders import DEFAULT_TOKENIZER
+  from jaxserve.tokenizer import load_tokenizer
+  tok = load_tokenizer(DEFAULT_TOKENIZER)
+  there, nl = tok.encode("a there")[-1], tok.encode("a\n")[-1]
+  proc = OutputProcessor(tok, 2)
+  req = _request(SamplingParams(max_tokens=10, logprobs=1), tokenizer=tok)
+  out = SamplerOutput(np.asarray([there], np.int32), np.asarray([-0.5], np.float32), np.asarray([2], np.int32),
+                      np.asarray([[nl]], np.int32), np.asarray([[-0.1]], np.float32))
+  proc.append_token(req, req.seqs[0], out, 0)
+  entry = proc.output(req).outputs[0].logprobs[0]
+  assert {i: lp.decoded_token for i, lp in entry.items()} == {there: " there", nl: "\n"}
+
+
 def test_beam_score_is_vllms_length_normalised_logprob():
   p = BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=0.5)
   eos_end = Sequence(0, [3, 4, 5, 1], 2, cumulative_logprob=-2.0, finish_reason="stop")

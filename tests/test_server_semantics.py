@@ -227,7 +227,9 @@ def test_find_stop_searches_only_the_new_text_and_its_tail():
   assert find_stop(text, 1, ["ZX"]) is None  # "ZX" is not in the text at all
   assert find_stop("abcXY" + "Z", 1, ["XYZ"]) == (3, "XYZ")  # spans the old tail and the new character
   assert find_stop(text, 2, ["abc"]) is None  # ended before the new text: found (or not) earlier
-  assert find_stop(text, 6, ["XYZ", "def"]) == (6, "def")  # earliest start wins
+  assert find_stop(text, 6, ["XYZ", "def"]) == (6, "def")  # the first to complete wins
+  assert find_stop("xabcd", 4, ["abcd", "bc"]) == (2, "bc")  # ... even if another starts earlier (vLLM's rule)
+  assert find_stop("xabcd", 4, ["cd", "bcd"]) == (3, "cd")  # ties on the end go to the stop listed first
   assert find_stop(text, 0, ["XYZ"]) is None
   # against a naive search over every position whose match ends in the new text
   rng = random.Random(0)
@@ -236,7 +238,7 @@ def test_find_stop_searches_only_the_new_text_and_its_tail():
     new = rng.randint(0, len(t))
     stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
     naive = [(i, s) for s in stops for i in range(len(t)) if t.startswith(s, i) and i + len(s) > len(t) - new]
-    want = min(naive, key=lambda h: (h[0], stops.index(h[1]))) if naive else None
+    want = min(naive, key=lambda h: (h[0] + len(h[1]), stops.index(h[1]))) if naive else None
     assert find_stop(t, new, stops) == want, (t, new, stops)
 
 

@@ -67,19 +67,20 @@ class IncrementalDetokenizer:
 
 
 def find_stop(text: str, num_new_chars: int, stops: Sequence[str]) -> tuple[int, str] | None:
-  """The earliest stop string that ends in the last ``num_new_chars`` characters of ``text``.
+  """The stop string that completes first among those ending in the last ``num_new_chars`` characters of ``text``.
 
   Only the new characters and the ``len(stop) - 1`` before them are searched (earlier text was
   searched when it was new), so a step costs O(new characters + longest stop), not O(text).
-  Returns ``(start index, stop)``; ties on the start go to the stop listed first.
+  Returns ``(start index, stop)`` of the match that ends earliest, as if the text had grown one
+  character at a time (vLLM's rule); ties on the end go to the stop listed first.
   """
   if num_new_chars <= 0:
     return None
-  best = None
+  best, best_end = None, len(text) + 1
   for stop in stops:
     at = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
-    if at != -1 and (best is None or at < best[0]):
-      best = (at, stop)
+    if at != -1 and at + len(stop) < best_end:
+      best, best_end = (at, stop), at + len(stop)
   return best
 
 

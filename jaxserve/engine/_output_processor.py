@@ -20,6 +20,7 @@ class OutputProcessor:
     self.tokenizer = tokenizer
     self.eos_id = eos_id
     self._anchor = anchor_ids(tokenizer) if tokenizer is not None else ()
+    self._anchor_text = tokenizer.decode(list(self._anchor)) if self._anchor else ""
 
   # ---- per token
   def append_token(self, req: Request, seq: Sequence, out: SamplerOutput, row: int) -> bool:
@@ -31,7 +32,6 @@ class OutputProcessor:
     if p.logprobs is not None:
       seq.cumulative_logprob += float(out.logprob[row])
       seq.logprobs.append(self._logprob_entry(out, row, token, p.logprobs))
-    num_new_chars = self.detokenizer(seq).step(self.tokenizer, seq.token_ids) if p.stop else 0
     n_out = seq.num_output_tokens
     reason = None
     if n_out >= p.min_tokens:
@@ -39,7 +39,9 @@ class OutputProcessor:
         reason = ("stop", None)
       elif token in p.stop_token_ids:
         reason = ("stop", token)
-      elif p.stop:
+    if reason is None and p.stop:  # a stop token's own text is not searched (nor shown, see _text)
+      num_new_chars = self.detokenizer(seq).step(self.tokenizer, seq.token_ids)
+      if n_out > p.min_tokens:  # the stop must end in the text of a token after the first min_tokens
         reason = self._check_stop_strings(seq, p, num_new_chars)
     if reason is None and n_out >= req.max_output_tokens:
       reason = ("length", None)
@@ -49,13 +51,22 @@ class OutputProcessor:
     return True
 
   def _logprob_entry(self, out: SamplerOutput, row: int, token: int, k: int) -> dict[int, Logprob]:
-    dec = (lambda i: self.tokenizer.decode([i])) if self.tokenizer is not None else (lambda i: None)
+    dec = self._decode_token if self.tokenizer is not None else (lambda i: None)
     entry = {token: Logprob(float(out.logprob[row]), int(out.rank[row]), dec(token))}
     for j in range(k):
       tid = int(out.top_ids[row, j])
       if tid not in entry:
         entry[tid] = Logprob(float(out.top_logprobs[row, j]), j + 1, dec(tid))
     return entry
+
+  def _decode_token(self, token: int) -> str:
+    """One token's text as it reads inside a text, leading space included (decoded after the
+    anchor: sentencepiece drops the space of a decoded run's first token; vLLM restores it too)."""
+    if self._anchor:
+      full = self.tokenizer.decode([*self._anchor, token])
+      if full.startswith(self._anchor_text):
+        return full[len(self._anchor_text):]
+    return self.tokenizer.decode([token])
 
   def _check_stop_strings(self, seq: Sequence, p: SamplingParams, num_new_chars: int) -> tuple[str, str] | None:
     """Searches only the new text (and the tail a stop could span): O(new text + longest stop) per token."""
@@ -104,7 +115,9 @@ class OutputProcessor:
       return self.decode_output(seq) if seq.num_output_tokens else ""
     detok = self.detokenizer(seq)
     if seq.finish_reason is not None:
-      detok.finish(self.tokenizer, seq.token_ids)
+      # a stop token (EOS or one of stop_token_ids) is kept in token_ids but not in the text (as vLLM)
+      by_token = seq.finish_reason == "stop" and not req.params.include_stop_str_in_output
+      detok.finish(self.tokenizer, seq.token_ids[:-1] if by_token else seq.token_ids)
       return detok.text
     detok.step(self.tokenizer, seq.token_ids)
     text = detok.text

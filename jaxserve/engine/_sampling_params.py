@@ -37,17 +37,19 @@ class SamplingParams:
     presence_penalty: subtracted from the logit of every token already generated.
     frequency_penalty: subtracted once per earlier occurrence in the output.
     max_tokens: generate at most this many tokens (None: up to the model's context).
-    min_tokens: EOS, stop tokens and stop strings are ignored until this many tokens exist.
+    min_tokens: the first this many tokens are never EOS or stop tokens (those are masked), and
+      a stop string must end in the text of a later token (vLLM's rule).
     stop: strings that end the completion when they appear in its text (excluded from ``text``
       unless ``include_stop_str_in_output``).
-    stop_token_ids: token ids that end the completion (kept in ``token_ids``).
+    stop_token_ids: token ids that end the completion (kept in ``token_ids``; their text, like
+      EOS's, is left out of ``text`` unless ``include_stop_str_in_output``).
     ignore_eos: keep generating past the EOS token.
     logprobs: also return the log-probabilities of the ``logprobs`` most likely tokens at each
       step, plus the sampled one's (0: only the sampled one's). None: no logprobs, and
       ``cumulative_logprob`` stays None.
-    include_stop_str_in_output: keep the matched stop string in ``text``.
-    skip_special_tokens / detokenize: text decoding options (``detokenize=False`` leaves
-      ``text`` empty, which saves host time when only ids are needed).
+    include_stop_str_in_output: keep the matched stop string (or the stop token's text) in ``text``.
+    detokenize: ``False`` leaves ``text`` empty, which saves host time when only ids are needed
+      (special tokens are always left out of the text).
   """
 
   n: int = 1
