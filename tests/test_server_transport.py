@@ -468,15 +468,17 @@ def test_queue_bound_gives_429_with_retry_after(server):
 
 
 def test_per_request_token_cap(server):
-  r = post(server, {**OK, "n": 17, "max_tokens": 480})
+  r = post(server, {**OK, "n": 16, "max_tokens": 501})
   assert r.status_code == 400, r.text
   err = r.json()["error"]
-  assert err["param"] == "max_tokens" and "8160 tokens" in err["message"] and "8000" in err["message"]
+  assert err["param"] == "max_tokens" and "8016 tokens" in err["message"] and "8000" in err["message"], err
   r = post(server, {**OK, "prompt": ["a", "b", "c"], "n": 8, "max_tokens": 400})
   assert r.status_code == 400 and "9600 tokens" in r.json()["error"]["message"]
   assert post(server, {**OK, "n": 4, "max_tokens": 100}).status_code == 200
-  r = post(server, {**OK, "n": 21, "max_tokens": 4})  # more sequences than the server holds at once
-  assert r.status_code == 400 and "21 sequences" in r.json()["error"]["message"], r.text
+  r = post(server, {**OK, "n": 21, "max_tokens": 4})  # more than one step batches: the request's error on 'n'
+  assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "[1, 16]" in r.json()["error"]["message"]
+  r = post(server, {**OK, "prompt": ["a", "b"], "n": 11, "max_tokens": 4})  # more than the server holds at once
+  assert r.status_code == 400 and "22 sequences" in r.json()["error"]["message"], r.text
 
 
 # ---------------------------------------------------------------- 14.10: SIGTERM with hostile connections
